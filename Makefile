@@ -1,0 +1,28 @@
+# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+# Offline raw datasets (MNIST, Fashion-MNIST, Omniglot); unset -> tfds downloads them.
+RAW_DIR ?= $(firstword $(wildcard ../shared/data))
+export METACF_RAW_DIR ?= $(if $(RAW_DIR),$(abspath $(RAW_DIR)),)
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,experiments]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## the main job: knowledge distillation on real MNIST
+	$(PY) -m experiments.distill_mnist.main --config=default --workdir=runs/distill_mnist
+
+test: $(STAMP)  ## the test suite
+	$(PY) -m pytest -q
+
+bench: $(STAMP)  ## microbenchmarks; JSON lines go to benchmarks/results/
+	$(PY) -m benchmarks.bench_distill
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

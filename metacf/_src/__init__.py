@@ -1,0 +1,1 @@
+"""Private implementation of metacf. Not part of the public API."""

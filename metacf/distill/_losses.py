@@ -1,0 +1,518 @@
+"""Knowledge-distillation losses with temperature (Hinton et al. 2015) and LwF.
+
+All losses are per example (no batch reduction, like optax losses): for logits
+of shape ``[..., num_classes]`` they return shape ``[...]``. Half-precision
+inputs are computed (and returned) in float32; float64 stays float64.
+
+Numerics. The naive ``T**2 * sum(p_t * (log p_t - log p_s))`` cancels
+catastrophically at high temperature (in float32 at T = 1000 its relative
+error exceeds 100%), because each log-probability is ``-log C + O(1/T)``. We
+use the identity, with ``d = (s - t) / T`` and ``dc = d - E_t[d]``,
+
+  KL(p_t || p_s) = log E_t[exp(dc)] = log1p(E_t[exp(dc) - 1 - dc]),
+
+where ``exp(x) - 1 - x`` is evaluated by its Taylor series near 0 and every
+summand is non-negative, so the result is accurate to a few ulps at every
+temperature and is never negative. When the terms would overflow (huge
+logits, tiny T) the same quantity is evaluated as a shifted log-sum-exp.
+"""
+
+from collections.abc import Sequence
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+import optax
+
+from metacf._src import checks
+
+ArrayLike = jax.typing.ArrayLike
+
+# |x| below which exp(x) - 1 - x is summed as a Taylor series to x^10
+# (truncation error < 2e-10 relative); above it exp(x) - 1 - x loses at most
+# a factor 11 to cancellation.
+_SERIES_THRESHOLD = 0.5
+# exp() arguments are shifted so that the largest is at most this.
+_MAX_EXPONENT = 60.0
+
+
+def _compute_dtype(*xs: ArrayLike) -> jnp.dtype:
+  """float64 if any input is float64, else float32 (half precision upcasts)."""
+  for x in xs:
+    if jnp.result_type(x) == jnp.float64:
+      return jnp.dtype(jnp.float64)
+  return jnp.dtype(jnp.float32)
+
+
+def _check_temperature(temperature: ArrayLike, fn: str) -> None:
+  checks.check_positive(temperature, 'temperature', fn)
+  value = checks.static_value(temperature)
+  if value is not None and not math.isfinite(value):
+    raise ValueError(f'{fn}: temperature must be finite, got {temperature!r}.')
+
+
+def _check_logits_pair(student_logits: ArrayLike, teacher: ArrayLike,
+                       teacher_name: str, where: ArrayLike | None,
+                       fn: str) -> None:
+  checks.check_min_rank(student_logits, 1, 'student_logits', fn)
+  checks.check_same_shape(student_logits, teacher, 'student_logits',
+                          teacher_name, fn)
+  checks.check_mask_shape(where, jnp.shape(student_logits)[:-1], 'where', fn)
+
+
+def _phi_series(x: jax.Array) -> jax.Array:
+  """exp(x) - 1 - x for |x| <= 0.5, by Horner's rule on its Taylor series."""
+  acc = jnp.full_like(x, 1.0 / math.factorial(10))
+  for n in range(9, 1, -1):
+    acc = 1.0 / math.factorial(n) + x * acc
+  return x * x * acc
+
+
+class _Expectation(NamedTuple):
+  value: jax.Array    # log(sum_j exp(u_j)), shape [...]
+  weights: jax.Array  # exp(u - shift) along the last axis, shape [..., C]
+
+
+def _log_expect_exp(x: jax.Array, p: jax.Array, log_p: jax.Array,
+                    support: jax.Array | None = None,
+                    off_support_log: jax.Array | None = None) -> _Expectation:
+  """``log(sum_j p_j exp(x_j) + sum_{j off support} exp(off_support_log_j))``.
+
+  Accurate near 0. Requires ``sum p = 1`` and ``sum p x = 0`` along the last
+  axis; ``p`` is zero off ``support`` (``support=None``: all classes), where
+  ``x`` and ``log_p`` are ignored. The returned weights are proportional to
+  ``exp(u)`` with ``u = log_p + x`` (``off_support_log`` off the support).
+  """
+  u = log_p + x
+  if support is not None:
+    u = jnp.where(support, u, -jnp.inf if off_support_log is None else
+                  off_support_log)
+  shift = jnp.maximum(jnp.max(u, axis=-1, keepdims=True) - _MAX_EXPONENT, 0.0)
+  w = jnp.exp(u - shift)
+  small = jnp.abs(x) < _SERIES_THRESHOLD
+  if support is not None:
+    small = small & support
+  x_small = jnp.where(small, x, 0.0)
+  terms = jnp.where(small, p * _phi_series(x_small), w - p * (1.0 + x))
+  if support is not None:
+    terms = jnp.where(support, terms, w)
+  shift = jnp.squeeze(shift, axis=-1)
+  via_series = jnp.log1p(jnp.sum(terms, axis=-1))
+  via_lse = shift + jnp.log(jnp.sum(w, axis=-1))
+  return _Expectation(jnp.where(shift > 0.0, via_lse, via_series), w)
+
+
+def _softmax_parts(b: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(p, log p, logsumexp) of ``b`` along the last axis, one exp per entry.
+
+  Entries of ``b`` may be ``-inf`` (zero probability), not all of a row.
+  """
+  top = jax.lax.stop_gradient(jnp.max(b, axis=-1, keepdims=True))
+  e = jnp.exp(b - top)
+  total = jnp.sum(e, axis=-1, keepdims=True)
+  log_total = jnp.log(total)
+  return e / total, b - top - log_total, top + log_total
+
+
+class _KL(NamedTuple):
+  kl: jax.Array   # KL(p_t || p_s), shape [...]
+  p_s: jax.Array  # softmax(s / T), shape [..., C]
+  p_t: jax.Array  # softmax(t / T), shape [..., C]
+  dc: jax.Array   # (s - t) / T centred under p_t, shape [..., C]
+
+
+def _tempered_kl(s: jax.Array, t: jax.Array, temp: jax.Array) -> _KL:
+  """KL(softmax(t / T) || softmax(s / T)) and its parts, accurate at any T."""
+  p_t, log_p_t, _ = _softmax_parts(t / temp)
+  d = (s - t) / temp
+  dc = d - jnp.sum(p_t * d, axis=-1, keepdims=True)
+  # exp(log p_t + dc) = p_s exp(KL): the weights are p_s up to normalisation.
+  value, w = _log_expect_exp(dc, p_t, log_p_t)
+  return _KL(value, w / jnp.sum(w, axis=-1, keepdims=True), p_t, dc)
+
+
+@jax.custom_jvp
+def _hinton_loss(s: jax.Array, t: jax.Array, temp: jax.Array) -> jax.Array:
+  return temp**2 * _tempered_kl(s, t, temp).kl
+
+
+@functools.partial(_hinton_loss.defjvp, symbolic_zeros=True)
+def _hinton_loss_jvp(primals, tangents):
+  # d/ds = T (p_s - p_t);  d/dt = -T p_t dc;
+  # d/dT = 2 T KL - sum((p_s - p_t) s) + sum(p_t dc t).
+  s, t, temp = primals
+  s_dot, t_dot, temp_dot = tangents
+  parts = _tempered_kl(s, t, temp)
+  out = temp**2 * parts.kl
+  tangent = jnp.zeros_like(out)
+  # p_s - p_t = p_t expm1(dc - KL): no cancellation when p_s ~ p_t (high T).
+  log_ratio = parts.dc - parts.kl[..., None]
+  close = jnp.abs(log_ratio) < 1.0
+  diff = jnp.where(close, parts.p_t * jnp.expm1(jnp.where(close, log_ratio,
+                                                          0.0)),
+                   parts.p_s - parts.p_t)
+  if not isinstance(s_dot, SymbolicZero):
+    tangent = tangent + temp * jnp.sum(diff * s_dot, axis=-1)
+  if not isinstance(t_dot, SymbolicZero):
+    tangent = tangent - temp * jnp.sum(parts.p_t * parts.dc * t_dot, axis=-1)
+  if not isinstance(temp_dot, SymbolicZero):
+    d_temp = (2.0 * temp * parts.kl - jnp.sum(diff * s, axis=-1) +
+              jnp.sum(parts.p_t * parts.dc * t, axis=-1))
+    tangent = tangent + d_temp * temp_dot
+  return out, tangent
+
+
+class _ProbsKL:
+  """KL(temper(p, T) || softmax(s / T)) where p may have exact zeros."""
+
+  def __init__(self, s: jax.Array, log_p: jax.Array, temp: jax.Array):
+    self.support = jnp.isfinite(log_p)
+    log_p_safe = jnp.where(self.support, log_p, 0.0)
+    b = jnp.where(self.support, log_p_safe / temp, -jnp.inf)
+    self.p_t, log_p_t, self.lse_b = _softmax_parts(b)
+    self.log_p_t = jnp.where(self.support, log_p_t, 0.0)
+    self.a_s = s / temp
+    self.d = jnp.where(self.support, (s - log_p_safe) / temp, 0.0)
+    self.mean_d = jnp.sum(self.p_t * self.d, axis=-1, keepdims=True)
+    self.dc = self.d - self.mean_d
+
+  def kl(self) -> jax.Array:
+    # Off the teacher's support p_t = 0, but the student's mass there still
+    # counts: exp(u_j) = p_s_j exp(KL) = exp(a_s_j - lse(b) - E_t[d]).
+    off = self.a_s - self.lse_b - self.mean_d
+    return _log_expect_exp(self.dc, self.p_t, self.log_p_t, self.support,
+                           off).value
+
+
+def _masked(loss: jax.Array, where: ArrayLike | None) -> jax.Array:
+  return loss if where is None else jnp.where(where, loss, 0.0)
+
+
+def tempered_softmax(logits: ArrayLike, temperature: ArrayLike = 1.0,
+                     axis: int = -1) -> jax.Array:
+  r"""Softmax at temperature ``T``: :math:`\mathrm{softmax}(z / T)`.
+
+  High ``T`` softens the distribution towards uniform, ``T -> 0`` sharpens it
+  towards one-hot (Hinton et al. 2015, eq. 1).
+
+  Args:
+    logits: Unnormalised scores, shape ``[..., num_classes]``.
+    temperature: ``T > 0``.
+    axis: The class axis.
+
+  Returns:
+    Probabilities of the same shape (float32 for half-precision input).
+
+  Raises:
+    ValueError: if ``temperature <= 0``.
+
+  References:
+    Hinton et al, `Distilling the Knowledge in a Neural Network
+    <https://arxiv.org/abs/1503.02531>`_, 2015
+  """
+  fn = 'tempered_softmax'
+  _check_temperature(temperature, fn)
+  checks.check_min_rank(logits, 1, 'logits', fn)
+  dtype = _compute_dtype(logits)
+  return jax.nn.softmax(
+      jnp.asarray(logits, dtype) / jnp.asarray(temperature, dtype), axis=axis)
+
+
+def temper_probs(probs: ArrayLike, temperature: ArrayLike,
+                 axis: int = -1) -> jax.Array:
+  r"""Tempers a probability vector: :math:`p_i^{1/T} / \sum_j p_j^{1/T}`.
+
+  Computed in log space, so tiny probabilities do not underflow before the
+  power; zero probabilities stay exactly zero and gradients stay finite. For
+  ``probs = softmax(z)`` this equals ``tempered_softmax(z, T)``. A slice that is
+  all zeros maps to all zeros (no NaN).
+
+  Args:
+    probs: Non-negative weights along ``axis`` (need not be normalised).
+    temperature: ``T > 0``.
+    axis: The class axis.
+
+  Returns:
+    Tempered probabilities, same shape as ``probs``.
+
+  Raises:
+    ValueError: if ``temperature <= 0``.
+
+  References:
+    Hinton et al, `Distilling the Knowledge in a Neural Network
+    <https://arxiv.org/abs/1503.02531>`_, 2015
+  """
+  fn = 'temper_probs'
+  _check_temperature(temperature, fn)
+  checks.check_min_rank(probs, 1, 'probs', fn)
+  dtype = _compute_dtype(probs)
+  p = jnp.asarray(probs, dtype)
+  positive = p > 0
+  log_p = jnp.where(positive, jnp.log(jnp.where(positive, p, 1.0)), -jnp.inf)
+  scaled = log_p / jnp.asarray(temperature, dtype)
+  top = jnp.max(scaled, axis=axis, keepdims=True)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  e = jnp.where(positive, jnp.exp(jnp.where(positive, scaled - top, 0.0)), 0.0)
+  total = jnp.sum(e, axis=axis, keepdims=True)
+  return e / jnp.where(total > 0, total, 1.0)
+
+
+def tempered_distillation_loss(student_logits: ArrayLike,
+                               teacher_logits: ArrayLike,
+                               temperature: ArrayLike = 1.0, *,
+                               where: ArrayLike | None = None) -> jax.Array:
+  r"""Hinton distillation loss :math:`T^2\,\mathrm{KL}(p_t^T \| p_s^T)`, per example.
+
+  With :math:`p^T = \mathrm{softmax}(z / T)`. The :math:`T^2` factor keeps the
+  gradient magnitude comparable across temperatures: the gradient with respect
+  to the student logits is exactly :math:`T (p_s^T - p_t^T)`, and as
+  :math:`T \to \infty` with zero-mean logits the loss tends to
+  :math:`\sum_i (z_{s,i} - z_{t,i})^2 / (2C)` (logit matching). Accurate at
+  every temperature (see the module docstring); never negative.
+
+  Args:
+    student_logits: Student scores, shape ``[..., num_classes]``.
+    teacher_logits: Teacher scores, same shape; a constant (``stop_gradient``).
+    temperature: ``T > 0``. ``T = 1`` is plain KL. Treated as a constant.
+    where: Optional boolean mask of shape ``[...]``; masked examples give 0.
+
+  Returns:
+    Loss of shape ``[...]`` (no reduction).
+
+  Raises:
+    ValueError: if the logits shapes differ, ``where`` has the wrong shape, or
+      ``temperature <= 0``.
+
+  References:
+    Hinton et al, `Distilling the Knowledge in a Neural Network
+    <https://arxiv.org/abs/1503.02531>`_, 2015
+  """
+  fn = 'tempered_distillation_loss'
+  _check_temperature(temperature, fn)
+  _check_logits_pair(student_logits, teacher_logits, 'teacher_logits', where,
+                     fn)
+  dtype = _compute_dtype(student_logits, teacher_logits)
+  loss = _hinton_loss(
+      jnp.asarray(student_logits, dtype),
+      jax.lax.stop_gradient(jnp.asarray(teacher_logits, dtype)),
+      jax.lax.stop_gradient(jnp.asarray(temperature, dtype)))
+  return _masked(loss, where)
+
+
+def distillation_loss_from_probs(student_logits: ArrayLike,
+                                 teacher_probs: ArrayLike,
+                                 temperature: ArrayLike = 1.0, *,
+                                 where: ArrayLike | None = None) -> jax.Array:
+  r"""Distillation loss when only the teacher's probabilities are available.
+
+  :math:`T^2\,\mathrm{KL}(\mathrm{temper}(p_t, T) \| \mathrm{softmax}(s/T))`,
+  with the teacher tempered by :func:`temper_probs`. Equal to
+  :func:`tempered_distillation_loss` when ``teacher_probs`` is
+  ``softmax(teacher_logits)``. Classes of zero teacher probability contribute
+  nothing (``0 log 0 = 0``), and stay finite.
+
+  Args:
+    student_logits: Student scores, shape ``[..., num_classes]``.
+    teacher_probs: Teacher probabilities (non-negative, normalised or not),
+      same shape; a constant (``stop_gradient``).
+    temperature: ``T > 0``. Treated as a constant.
+    where: Optional boolean mask of shape ``[...]``; masked examples give 0.
+
+  Returns:
+    Loss of shape ``[...]`` (no reduction).
+
+  Raises:
+    ValueError: if the shapes differ, ``where`` has the wrong shape, or
+      ``temperature <= 0``.
+
+  References:
+    Hinton et al, `Distilling the Knowledge in a Neural Network
+    <https://arxiv.org/abs/1503.02531>`_, 2015
+  """
+  fn = 'distillation_loss_from_probs'
+  _check_temperature(temperature, fn)
+  _check_logits_pair(student_logits, teacher_probs, 'teacher_probs', where, fn)
+  dtype = _compute_dtype(student_logits, teacher_probs)
+  temp = jax.lax.stop_gradient(jnp.asarray(temperature, dtype))
+  p = jax.lax.stop_gradient(jnp.asarray(teacher_probs, dtype))
+  positive = p > 0
+  log_p = jnp.where(positive, jnp.log(jnp.where(positive, p, 1.0)), -jnp.inf)
+  kl = _ProbsKL(jnp.asarray(student_logits, dtype), log_p, temp).kl()
+  return _masked(temp**2 * kl, where)
+
+
+def logit_mse_loss(student_logits: ArrayLike, teacher_logits: ArrayLike, *,
+                   where: ArrayLike | None = None) -> jax.Array:
+  r"""Logit matching, :math:`\frac{1}{C}\sum_i (z_{s,i} - z_{t,i})^2`, per example.
+
+  Caruana's "analog labels" (Ba & Caruana 2014), the high-temperature limit of
+  the Hinton loss up to a factor (Hinton et al. 2015, §2.1).
+
+  Args:
+    student_logits: Student scores, shape ``[..., num_classes]``.
+    teacher_logits: Teacher scores, same shape; a constant (``stop_gradient``).
+    where: Optional boolean mask of shape ``[...]``; masked examples give 0.
+
+  Returns:
+    Loss of shape ``[...]`` (no reduction).
+
+  Raises:
+    ValueError: if the shapes differ or ``where`` has the wrong shape.
+
+  References:
+    Ba & Caruana, `Do Deep Nets Really Need to be Deep?
+    <https://arxiv.org/abs/1312.6184>`_, 2014
+  """
+  fn = 'logit_mse_loss'
+  _check_logits_pair(student_logits, teacher_logits, 'teacher_logits', where,
+                     fn)
+  dtype = _compute_dtype(student_logits, teacher_logits)
+  s = jnp.asarray(student_logits, dtype)
+  t = jax.lax.stop_gradient(jnp.asarray(teacher_logits, dtype))
+  return _masked(jnp.mean(jnp.square(s - t), axis=-1), where)
+
+
+def renyi_divergence_loss(student_logits: ArrayLike, teacher_logits: ArrayLike,
+                          alpha: ArrayLike, temperature: ArrayLike = 1.0, *,
+                          where: ArrayLike | None = None) -> jax.Array:
+  r"""Rényi divergence :math:`D_\alpha(p_t^T \| p_s^T)`, per example.
+
+  .. math::
+    D_\alpha(p \| q) = \frac{1}{\alpha - 1} \log \sum_i p_i^\alpha q_i^{1-\alpha}
+
+  with :math:`p^T = \mathrm{softmax}(z / T)` and no :math:`T^2` factor.
+  :math:`\alpha = 1` is the KL divergence (the limit is taken exactly), and
+  the value is continuous in :math:`\alpha` there. Computed as
+  :math:`\mathrm{KL} - M(1-\alpha)/(1-\alpha)`, with :math:`M` the cumulant
+  generating function of the centred log-ratio, accurate near 0.
+
+  Args:
+    student_logits: Student scores, shape ``[..., num_classes]``.
+    teacher_logits: Teacher scores, same shape; a constant (``stop_gradient``).
+    alpha: Order ``alpha > 0``.
+    temperature: ``T > 0``. Treated as a constant.
+    where: Optional boolean mask of shape ``[...]``; masked examples give 0.
+
+  Returns:
+    Divergence of shape ``[...]`` (no reduction).
+
+  Raises:
+    ValueError: if the shapes differ, ``where`` has the wrong shape,
+      ``alpha <= 0`` or ``temperature <= 0``.
+
+  References:
+    Rényi, On Measures of Entropy and Information, 1961;
+    van Erven & Harremoës, `Rényi Divergence and Kullback-Leibler Divergence
+    <https://arxiv.org/abs/1206.2459>`_, 2014
+  """
+  fn = 'renyi_divergence_loss'
+  _check_temperature(temperature, fn)
+  checks.check_positive(alpha, 'alpha', fn)
+  _check_logits_pair(student_logits, teacher_logits, 'teacher_logits', where,
+                     fn)
+  dtype = _compute_dtype(student_logits, teacher_logits)
+  s = jnp.asarray(student_logits, dtype)
+  t = jax.lax.stop_gradient(jnp.asarray(teacher_logits, dtype))
+  temp = jax.lax.stop_gradient(jnp.asarray(temperature, dtype))
+  parts = _tempered_kl(s, t, temp)
+  beta = 1.0 - jnp.asarray(alpha, dtype)
+  is_kl = beta == 0.0
+  safe_beta = jnp.where(is_kl, 1.0, beta)
+  # D_alpha = KL - M(beta) / beta, with M the cumulant generating function of
+  # dc under p_t (log p_s - log p_t = dc - KL).
+  _, log_p_t, _ = _softmax_parts(t / temp)
+  cgf = _log_expect_exp(safe_beta * parts.dc, parts.p_t, log_p_t).value
+  return _masked(jnp.where(is_kl, parts.kl, parts.kl - cgf / safe_beta),
+                 where)
+
+
+def _cross_entropy(logits: ArrayLike, labels: ArrayLike, fn: str) -> jax.Array:
+  checks.check_integer(labels, 'labels', fn)
+  num_classes = jnp.shape(logits)[-1]
+  if jnp.shape(labels) != jnp.shape(logits)[:-1]:
+    raise ValueError(
+        f'{fn}: labels must have shape {jnp.shape(logits)[:-1]} (new_logits '
+        f'without the class axis), got {jnp.shape(labels)}.')
+  if not checks.is_traced(labels):
+    lab = jax.device_get(labels)
+    if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
+      raise ValueError(
+          f'{fn}: labels must be in [0, {num_classes}), got values in '
+          f'[{lab.min()}, {lab.max()}].')
+  dtype = _compute_dtype(logits)
+  return optax.losses.softmax_cross_entropy_with_integer_labels(
+      jnp.asarray(logits, dtype), labels)
+
+
+def lwf_loss(new_logits: ArrayLike, labels: ArrayLike,
+             old_logits: ArrayLike | Sequence[ArrayLike],
+             recorded_old_logits: ArrayLike | Sequence[ArrayLike], *,
+             temperature: ArrayLike = 2.0, old_weight: ArrayLike = 1.0,
+             where: ArrayLike | None = None) -> jax.Array:
+  r"""Learning-without-Forgetting loss, per example.
+
+  .. math::
+    \mathrm{CE}(z_\mathrm{new}, y) + \lambda_o \sum_h T^2\,
+    \mathrm{KL}(\mathrm{softmax}(\hat z_h / T) \| \mathrm{softmax}(z_h / T))
+
+  where :math:`z_h` are the current network's logits on the old task head
+  ``h`` and :math:`\hat z_h` the logits that head produced on the same inputs
+  before training on the new task (recorded once, a constant). Li & Hoiem use
+  ``T = 2`` and :math:`\lambda_o = 1`.
+
+  Args:
+    new_logits: New-task logits, shape ``[..., num_new_classes]``.
+    labels: Integer new-task labels, shape ``[...]``, in ``[0, num_new)``.
+    old_logits: The current old-head logits ``[..., num_old_classes]``, or a
+      sequence of them (one per old head).
+    recorded_old_logits: The recorded old-head logits, matching
+      ``old_logits`` (an array, or a sequence of the same length).
+    temperature: Distillation temperature ``T > 0``.
+    old_weight: :math:`\lambda_o`, the weight of the old-task term.
+    where: Optional boolean mask of shape ``[...]``; masked examples give 0.
+
+  Returns:
+    Loss of shape ``[...]`` (no reduction).
+
+  Raises:
+    ValueError: on mismatched shapes, labels out of range (when concrete),
+      ``temperature <= 0``, or heads given as sequences of different lengths.
+    TypeError: if ``labels`` is not an integer array.
+
+  References:
+    Li & Hoiem, `Learning without Forgetting
+    <https://arxiv.org/abs/1606.09282>`_, 2017
+  """
+  fn = 'lwf_loss'
+  _check_temperature(temperature, fn)
+  checks.check_min_rank(new_logits, 1, 'new_logits', fn)
+  batch_shape = jnp.shape(new_logits)[:-1]
+  checks.check_mask_shape(where, batch_shape, 'where', fn)
+  heads_are_seq = isinstance(old_logits, (list, tuple))
+  if heads_are_seq != isinstance(recorded_old_logits, (list, tuple)):
+    raise ValueError(
+        f'{fn}: old_logits and recorded_old_logits must both be arrays or both '
+        f'be sequences of arrays, got {type(old_logits).__name__} and '
+        f'{type(recorded_old_logits).__name__}.')
+  if not heads_are_seq:
+    old_logits, recorded_old_logits = [old_logits], [recorded_old_logits]
+  if len(old_logits) != len(recorded_old_logits):
+    raise ValueError(
+        f'{fn}: old_logits and recorded_old_logits must have the same number '
+        f'of heads, got {len(old_logits)} and {len(recorded_old_logits)}.')
+  loss = _cross_entropy(new_logits, labels, fn)
+  for i, (cur, rec) in enumerate(zip(old_logits, recorded_old_logits)):
+    name = f'old_logits[{i}]' if heads_are_seq else 'old_logits'
+    rec_name = (f'recorded_old_logits[{i}]'
+                if heads_are_seq else 'recorded_old_logits')
+    checks.check_same_shape(cur, rec, name, rec_name, fn)
+    if jnp.shape(cur)[:-1] != batch_shape:
+      raise ValueError(
+          f'{fn}: {name} must have batch shape {batch_shape} like new_logits, '
+          f'got shape {jnp.shape(cur)}.')
+    distill = tempered_distillation_loss(cur, rec, temperature)
+    loss = loss + jnp.asarray(old_weight, loss.dtype) * distill
+  return _masked(loss, where)
