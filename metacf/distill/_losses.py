@@ -117,26 +117,55 @@ def _softmax_parts(b: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return e / total, b - top - log_total, top + log_total
 
 
-class _KL(NamedTuple):
-  kl: jax.Array   # KL(p_t || p_s), shape [...]
-  p_s: jax.Array  # softmax(s / T), shape [..., C]
-  p_t: jax.Array  # softmax(t / T), shape [..., C]
-  dc: jax.Array   # (s - t) / T centred under p_t, shape [..., C]
+# Above this, exp(dc) may overflow float32 and a row falls back to the plain
+# log-sum-exp difference (then KL >= 80 - log C or the row is degenerate).
+_MAX_DC = 80.0
 
 
-def _tempered_kl(s: jax.Array, t: jax.Array, temp: jax.Array) -> _KL:
-  """KL(softmax(t / T) || softmax(s / T)) and its parts, accurate at any T."""
-  p_t, log_p_t, _ = _softmax_parts(t / temp)
-  d = (s - t) / temp
-  dc = d - jnp.sum(p_t * d, axis=-1, keepdims=True)
-  # exp(log p_t + dc) = p_s exp(KL): the weights are p_s up to normalisation.
-  value, w = _log_expect_exp(dc, p_t, log_p_t)
-  return _KL(value, w / jnp.sum(w, axis=-1, keepdims=True), p_t, dc)
+class _HintonParts(NamedTuple):
+  kl: jax.Array         # KL(p_t || p_s), shape [...]
+  p_t: jax.Array        # softmax(t / T), shape [..., C]
+  dc: jax.Array         # (s - t) / T centred under p_t, shape [..., C]
+  expm1_dc: jax.Array   # expm1(min(dc, _MAX_DC)), shape [..., C]
+  p_s: jax.Array        # softmax(s / T), shape [..., C]
+  overflow: jax.Array   # rows using the log-sum-exp fallback, shape [..., 1]
+
+
+def _hinton_parts(s: jax.Array, t: jax.Array, temp: jax.Array) -> _HintonParts:
+  """KL(softmax(t/T) || softmax(s/T)) in three passes over the logits.
+
+  Pass 1 takes the row maxima, pass 2 the partition functions and E_t[d],
+  pass 3 sums p_t (exp(dc) - 1 - dc): few dependent reductions keep XLA from
+  recomputing the exponentials many times over.
+  """
+  a_t, a_s, d = t / temp, s / temp, (s - t) / temp
+  # Maxima of the raw logits (T > 0): no scaled copy is materialised for them.
+  m_t = jax.lax.stop_gradient(jnp.max(t, axis=-1, keepdims=True)) / temp
+  m_s = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)) / temp
+  min_t = jax.lax.stop_gradient(jnp.min(t, axis=-1, keepdims=True)) / temp
+  e_t, e_s = jnp.exp(a_t - m_t), jnp.exp(a_s - m_s)
+  z_t = jnp.sum(e_t, axis=-1, keepdims=True)
+  z_s = jnp.sum(e_s, axis=-1, keepdims=True)
+  c = jnp.sum(e_t * d, axis=-1, keepdims=True) / z_t
+  p_t = e_t / z_t
+  dc = d - c
+  # max(dc) <= max(a_s) - min(a_t) - c: a bound instead of one more reduction.
+  overflow = jax.lax.stop_gradient(m_s - min_t - c) > _MAX_DC
+  dc_safe = jnp.minimum(dc, _MAX_DC)
+  expm1_dc = jnp.expm1(dc_safe)
+  small = jnp.abs(dc) < _SERIES_THRESHOLD
+  phi = jnp.where(small, _phi_series(jnp.where(small, dc, 0.0)),
+                  expm1_dc - dc_safe)
+  # sum(e_t phi) / z_t rather than sum(p_t phi): one full-size array fewer.
+  kl_series = jnp.log1p(jnp.sum(e_t * phi, axis=-1, keepdims=True) / z_t)
+  kl_lse = m_s - m_t + jnp.log(z_s / z_t) - c
+  kl = jnp.squeeze(jnp.where(overflow, kl_lse, kl_series), axis=-1)
+  return _HintonParts(kl, p_t, dc, expm1_dc, e_s / z_s, overflow)
 
 
 @jax.custom_jvp
 def _hinton_loss(s: jax.Array, t: jax.Array, temp: jax.Array) -> jax.Array:
-  return temp**2 * _tempered_kl(s, t, temp).kl
+  return temp**2 * _hinton_parts(s, t, temp).kl
 
 
 @functools.partial(_hinton_loss.defjvp, symbolic_zeros=True)
@@ -145,15 +174,15 @@ def _hinton_loss_jvp(primals, tangents):
   # d/dT = 2 T KL - sum((p_s - p_t) s) + sum(p_t dc t).
   s, t, temp = primals
   s_dot, t_dot, temp_dot = tangents
-  parts = _tempered_kl(s, t, temp)
+  parts = _hinton_parts(s, t, temp)
   out = temp**2 * parts.kl
   tangent = jnp.zeros_like(out)
-  # p_s - p_t = p_t expm1(dc - KL): no cancellation when p_s ~ p_t (high T).
-  log_ratio = parts.dc - parts.kl[..., None]
-  close = jnp.abs(log_ratio) < 1.0
-  diff = jnp.where(close, parts.p_t * jnp.expm1(jnp.where(close, log_ratio,
-                                                          0.0)),
-                   parts.p_s - parts.p_t)
+  # p_s - p_t = p_t expm1(dc - KL) = p_t (expm1(dc) exp(-KL) + expm1(-KL)):
+  # no cancellation when p_s ~ p_t (high T).
+  neg_kl = -parts.kl[..., None]
+  diff = jnp.where(
+      parts.overflow, parts.p_s - parts.p_t,
+      parts.p_t * (parts.expm1_dc * jnp.exp(neg_kl) + jnp.expm1(neg_kl)))
   if not isinstance(s_dot, SymbolicZero):
     tangent = tangent + temp * jnp.sum(diff * s_dot, axis=-1)
   if not isinstance(t_dot, SymbolicZero):
@@ -417,13 +446,13 @@ def renyi_divergence_loss(student_logits: ArrayLike, teacher_logits: ArrayLike,
   s = jnp.asarray(student_logits, dtype)
   t = jax.lax.stop_gradient(jnp.asarray(teacher_logits, dtype))
   temp = jax.lax.stop_gradient(jnp.asarray(temperature, dtype))
-  parts = _tempered_kl(s, t, temp)
+  parts = _hinton_parts(s, t, temp)
   beta = 1.0 - jnp.asarray(alpha, dtype)
   is_kl = beta == 0.0
   safe_beta = jnp.where(is_kl, 1.0, beta)
   # D_alpha = KL - M(beta) / beta, with M the cumulant generating function of
   # dc under p_t (log p_s - log p_t = dc - KL).
-  _, log_p_t, _ = _softmax_parts(t / temp)
+  log_p_t = jax.nn.log_softmax(t / temp, axis=-1)
   cgf = _log_expect_exp(safe_beta * parts.dc, parts.p_t, log_p_t).value
   return _masked(jnp.where(is_kl, parts.kl, parts.kl - cgf / safe_beta),
                  where)

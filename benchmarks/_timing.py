@@ -1,0 +1,66 @@
+"""Shared timing helpers: compile apart, warm up, interleave variants, report."""
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), 'results')
+
+
+def device_description() -> str:
+  dev = jax.devices()[0]
+  kind = getattr(dev, 'device_kind', '') or platform.processor() or 'cpu'
+  return f'{jax.default_backend()}:{kind} x{jax.device_count()} ({os.cpu_count()} host cores)'
+
+
+def compile_timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+  """AOT-compiles a jitted ``fn`` for ``args``; returns (compiled, seconds)."""
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def interleaved(variants: Mapping[str, Callable[[], Any]], *, rounds: int,
+                warmup: int = 2) -> dict[str, list[float]]:
+  """Times each variant once per round, in A B A B ... order (seconds).
+
+  Interleaving spreads slow phases of a shared, noisy machine over all
+  variants instead of penalising whichever happened to run then. The first
+  ``warmup`` calls of each variant are not timed.
+  """
+  for _ in range(warmup):
+    for f in variants.values():
+      jax.block_until_ready(f())
+  times = {name: [] for name in variants}
+  for _ in range(rounds):
+    for name, f in variants.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f())
+      times[name].append(time.perf_counter() - t0)
+  return times
+
+
+def summary_ms(samples: Sequence[float]) -> dict[str, float]:
+  ms = [1e3 * s for s in samples]
+  return {'median_ms': statistics.median(ms), 'min_ms': min(ms),
+          'max_ms': max(ms)}
+
+
+def write_jsonl(bench: str, records: Sequence[dict[str, Any]]) -> str:
+  os.makedirs(RESULTS_DIR, exist_ok=True)
+  path = os.path.join(RESULTS_DIR, f'{bench}.jsonl')
+  stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec='seconds')
+  with open(path, 'a') as f:
+    for rec in records:
+      f.write(json.dumps({'bench': bench, 'date': stamp,
+                          'device': device_description(),
+                          'jax': jax.__version__, **rec}) + '\n')
+  return path
