@@ -1,11 +1,12 @@
 """metacf: pure, jitted JAX kernels for meta-learning and continual learning.
 
-Public API. Subpackages: ``metacf.distill``. ``metacf.data`` (the only module
+Public API. Subpackages: ``metacf.distill``, ``metacf.metrics``. ``metacf.data`` (the only module
 that imports tensorflow-datasets) is imported on demand, not here.
 """
 
 from metacf import distill as distill
+from metacf import metrics as metrics
 
 __version__ = '0.1.0'
 
-__all__ = ['distill']
+__all__ = ['distill', 'metrics']
