@@ -1,0 +1,252 @@
+"""Whole splits as NumPy arrays, prepared once with tfds and cached.
+
+:func:`load_arrays` prepares the dataset with the builders of
+:mod:`metacf.data._builders` (``array_record``, no TensorFlow), reads every
+example back through ``builder.as_data_source()`` and keeps the decoded split
+as a ``.npz`` file inside the prepared dataset's folder
+(``<data_dir>/metacf_<name>/<version>/arrays_<split>.v1.npz``), so the cache
+is keyed by builder version and goes away with the dataset it was read from.
+
+Measured on a 2-core CPU: decoding MNIST's 60,000 training examples through
+the data source with tfds's default decoding (Pillow) takes ~14 s; reading
+the raw records and decoding them here takes ~2 s; the cache then loads in
+~0.2 s."""
+
+import os
+import tempfile
+import types
+import zipfile
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.proto import tf_example_pb2
+
+from metacf.data import _builders
+from metacf.data import _png
+
+DATA_DIR_ENV = 'METACF_DATA_DIR'
+
+_BUILDERS: Mapping[str, type[_builders._RawFileBuilder]] = {  # pylint: disable=protected-access
+    'mnist': _builders.MetacfMnist,
+    'fashion_mnist': _builders.MetacfFashionMnist,
+    'omniglot': _builders.MetacfOmniglot,
+}
+
+SPLITS: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
+    'mnist': ('train', 'test'),
+    'fashion_mnist': ('train', 'test'),
+    'omniglot': tuple(_builders.OMNIGLOT_SPLITS),
+})
+"""Dataset names accepted by :func:`load_arrays`, with their splits."""
+
+_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
+_CACHE_FORMAT = 1  # Bump when the cached arrays change meaning.
+
+
+class DatasetArrays(NamedTuple):
+  """One split of a dataset as NumPy arrays.
+
+  Attributes:
+    images: ``[N, H, W, 1]``, uint8 in ``[0, 255]`` or float32 in ``[0, 1]``.
+      MNIST and Fashion-MNIST are 28x28 with a black (0) background; Omniglot
+      is 105x105 with a white (255, or 1.0) background and black strokes.
+    labels: ``[N]`` int32 class indices. MNIST: the digit. Fashion-MNIST: the
+      index in ``T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, Shirt,
+      Sneaker, Bag, Ankle boot``. Omniglot: the character's index inside the
+      split, ``0..num_characters - 1``, numbered in the order of Omniglot's
+      character numbers (the ``XXXX`` of ``XXXX_YY.png``), so
+      ``images.reshape(num_characters, 20, 105, 105)`` indexes
+      ``[character, drawer]``.
+    alphabets: Omniglot only (else None): ``[N]`` int32 index of the
+      alphabet among the 50 Omniglot alphabet names sorted alphabetically
+      (``metacf.data.MetacfOmniglot`` feature ``alphabet``).
+  """
+  images: np.ndarray  # shape=[N, H, W, 1], dtype=uint8 or float32.
+  labels: np.ndarray  # shape=[N], dtype=int32.
+  alphabets: np.ndarray | None = None  # shape=[N], dtype=int32.
+
+
+def _check_name(name: str, fn: str) -> None:
+  if not isinstance(name, str) or name not in _BUILDERS:
+    raise ValueError(
+        f'{fn}: name must be one of {sorted(_BUILDERS)}, got {name!r}.')
+
+
+def get_builder(
+    name: str, *, raw_dir: os.PathLike[str] | str | None = None,
+    data_dir: os.PathLike[str] | str | None = None
+) -> tfds.core.GeneratorBasedBuilder:
+  """Returns the (not yet prepared) ``array_record`` tfds builder of ``name``.
+
+  Use it for random access without loading a whole split::
+
+    builder = metacf.data.get_builder('omniglot', raw_dir='/data/raw')
+    builder.download_and_prepare()
+    source = builder.as_data_source('background')
+    example = source[0]  # {'image': uint8 [105, 105, 1], 'label': ..., ...}
+
+  Args:
+    name: One of ``'mnist'``, ``'fashion_mnist'``, ``'omniglot'``.
+    raw_dir: Folder with the raw files (``<raw_dir>/mnist/*.gz``,
+      ``<raw_dir>/fashion_mnist/*.gz``, ``<raw_dir>/omniglot/*.zip``).
+      Defaults to ``$METACF_RAW_DIR``; without either, the raw files are
+      downloaded from their original hosts and checked against their
+      registered sha256.
+    data_dir: Where tfds keeps prepared datasets. Defaults to
+      ``$METACF_DATA_DIR``, else tfds's default (``$TFDS_DATA_DIR`` or
+      ``~/tensorflow_datasets``).
+
+  Returns:
+    A ``metacf_mnist``, ``metacf_fashion_mnist`` or ``metacf_omniglot``
+    builder.
+
+  Raises:
+    ValueError: if ``name`` is unknown.
+  """
+  _check_name(name, 'get_builder')
+  if data_dir is None:
+    data_dir = os.environ.get(DATA_DIR_ENV) or None
+  return _BUILDERS[name](raw_dir=raw_dir, data_dir=data_dir,
+                         file_format='array_record')
+
+
+def _read_split(builder: tfds.core.GeneratorBasedBuilder, name: str,
+                split: str) -> dict[str, np.ndarray]:
+  """Reads a prepared split through its data source, as uint8 images."""
+  # tfds's own per-example parsing and Pillow decoding cost ~0.2 ms per
+  # example; parsing the raw `tf.train.Example` records (tfds's on-disk
+  # format) here and decoding the builders' PNGs with _png (one zlib call
+  # each) costs ~0.03 ms.
+  source = builder.as_data_source(
+      split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  features = [
+      tf_example_pb2.Example.FromString(record).features.feature
+      for record in source.__getitems__(list(range(len(source))))
+  ]
+  arrays = {
+      'images': np.stack([
+          _png.decode_gray(f['image'].bytes_list.value[0]) for f in features
+      ])[..., None],
+      'labels': np.array([f['label'].int64_list.value[0] for f in features],
+                         np.int32),
+  }
+  if name == 'omniglot':
+    # Global character numbers -> 0..num_characters-1 inside the split.
+    _, labels = np.unique(arrays['labels'], return_inverse=True)
+    arrays['labels'] = labels.astype(np.int32)
+    arrays['alphabets'] = np.array(
+        [f['alphabet'].int64_list.value[0] for f in features], np.int32)
+  return arrays
+
+
+def _write_atomically(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+  """Writes a ``.npz`` so that readers see either no file or a complete one."""
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.npz.tmp')
+  try:
+    # np.savez_compressed with zlib level 1 instead of 6: 2-4x faster to
+    # write, as fast to read; 10 MB for MNIST train, 6 MB for Omniglot
+    # background.
+    with os.fdopen(fd, 'wb') as f, zipfile.ZipFile(
+        f, 'w', zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+      for key, value in arrays.items():
+        with zf.open(f'{key}.npy', 'w', force_zip64=True) as member:
+          np.lib.format.write_array(member, value, allow_pickle=False)
+    os.chmod(tmp, 0o644)  # mkstemp creates it 0o600.
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def _read_cache(path: str, name: str) -> dict[str, np.ndarray] | None:
+  keys = ('images', 'labels') + (('alphabets',) if name == 'omniglot' else ())
+  try:
+    # Opened here: np.load(path) leaks the file if it is a truncated zip.
+    with open(path, 'rb') as f, np.load(f, allow_pickle=False) as npz:
+      return {k: npz[k] for k in keys}
+  except FileNotFoundError:
+    return None
+  except (OSError, EOFError, ValueError, KeyError, TypeError,
+          zipfile.BadZipFile):
+    return None  # Unreadable (truncated, or not ours): rebuilt by the caller.
+
+
+def load_arrays(name: str, split: str, *,
+                raw_dir: os.PathLike[str] | str | None = None,
+                data_dir: os.PathLike[str] | str | None = None,
+                dtype: type[np.generic] | np.dtype = np.uint8
+                ) -> DatasetArrays:
+  """Loads a whole split of MNIST, Fashion-MNIST or Omniglot as arrays.
+
+  The first call prepares the dataset with tfds (``array_record`` files in
+  ``data_dir``, from the raw files, no TensorFlow) and caches the decoded
+  split as ``arrays_<split>.v1.npz`` next to the prepared files; later calls
+  read the cache. Examples keep the order of the raw files (Omniglot: by
+  character number, then drawer).
+
+  Example::
+
+    train = metacf.data.load_arrays('mnist', 'train', raw_dir='/data/raw',
+                                    dtype=np.float32)
+    train.images.shape  # (60000, 28, 28, 1), float32 in [0, 1].
+
+  Args:
+    name: ``'mnist'``, ``'fashion_mnist'`` or ``'omniglot'``.
+    split: ``'train'`` or ``'test'`` for MNIST and Fashion-MNIST;
+      ``'background'``, ``'evaluation'``, ``'small1'`` or ``'small2'`` for
+      Omniglot (see :data:`SPLITS`).
+    raw_dir: Folder with the raw files, only read if the dataset is not yet
+      prepared in ``data_dir``. Defaults to ``$METACF_RAW_DIR``; without
+      either, the files are downloaded (see :func:`get_builder`).
+    data_dir: tfds data folder. Defaults to ``$METACF_DATA_DIR``, else
+      tfds's default.
+    dtype: ``np.uint8`` (values 0..255) or ``np.float32`` (the uint8 values
+      divided by 255).
+
+  Returns:
+    A :class:`DatasetArrays`.
+
+  Raises:
+    ValueError: if ``name``, ``split`` or ``dtype`` is not one of the above,
+      or a raw file is corrupt (the message names the file).
+    FileNotFoundError: if a raw file is missing from ``raw_dir``.
+
+  References:
+    LeCun et al., `Gradient-based learning applied to document recognition
+    <http://yann.lecun.com/exdb/publis/pdf/lecun-98.pdf>`_, 1998 (MNIST).
+    Xiao et al., `Fashion-MNIST: a Novel Image Dataset for Benchmarking
+    Machine Learning Algorithms <https://arxiv.org/abs/1708.07747>`_, 2017.
+    Lake et al., `Human-level concept learning through probabilistic program
+    induction <https://doi.org/10.1126/science.aab3050>`_, 2015 (Omniglot).
+  """
+  fn = 'load_arrays'
+  _check_name(name, fn)
+  if split not in SPLITS[name]:
+    raise ValueError(
+        f'{fn}: split must be one of {list(SPLITS[name])} for {name!r}, got '
+        f'{split!r}.')
+  try:
+    np_dtype = np.dtype(dtype)
+  except TypeError:
+    np_dtype = None
+  if np_dtype not in _DTYPES:
+    got = repr(dtype) if np_dtype is None else np_dtype.name
+    raise ValueError(
+        f'{fn}: dtype must be np.uint8 or np.float32, got {got}.')
+
+  builder = get_builder(name, raw_dir=raw_dir, data_dir=data_dir)
+  cache = os.path.join(builder.data_dir,
+                       f'arrays_{split}.v{_CACHE_FORMAT}.npz')
+  arrays = _read_cache(cache, name)
+  if arrays is None:
+    builder.download_and_prepare()
+    arrays = _read_split(builder, name, split)
+    _write_atomically(cache, arrays)
+  images = arrays['images']
+  if np_dtype == np.float32:
+    # One pass, same bits as `images.astype(np.float32) / 255`.
+    images = np.divide(images, np.float32(255), dtype=np.float32)
+  return DatasetArrays(images=images, labels=arrays['labels'],
+                       alphabets=arrays.get('alphabets'))
