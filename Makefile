@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 RAW_DIR ?= $(firstword $(wildcard ../shared/data))
 export METACF_RAW_DIR ?= $(if $(RAW_DIR),$(abspath $(RAW_DIR)),)
 
-.PHONY: demo test bench clean
+.PHONY: demo distill test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,experiments]'
 	touch $(STAMP)
 
-demo: $(STAMP)  ## the main job: knowledge distillation on real MNIST
+demo: $(STAMP)  ## the main job: catastrophic forgetting and its cures on Split MNIST
+	$(PY) -m experiments.forgetting.main --config=default --workdir=runs/forgetting
+
+distill: $(STAMP)  ## Hinton et al. 2015 distillation on MNIST
 	$(PY) -m experiments.distill_mnist.main --config=default --workdir=runs/distill_mnist
 
 test: $(STAMP)  ## the test suite
@@ -23,6 +26,7 @@ test: $(STAMP)  ## the test suite
 
 bench: $(STAMP)  ## microbenchmarks; JSON lines go to benchmarks/results/
 	$(PY) -m benchmarks.bench_distill
+	$(PY) -m benchmarks.bench_replay
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

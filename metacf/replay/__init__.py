@@ -9,15 +9,23 @@ Replay (DER/DER++) with no extra API. Example::
   buffer = metacf.replay.replay_buffer(capacity=500)
   state = buffer.init({'x': jnp.zeros([28, 28, 1], jnp.uint8),
                        'y': jnp.zeros([], jnp.int32)})
+  replay = buffer.sample(key0, state, batch_size)  # (batch, valid), all invalid
 
   @functools.partial(jax.jit, donate_argnums=1)
-  def train_step(key, state, params, x, y):
-    key_add, key_sample, key_mix = jax.random.split(key, 3)
-    replay, valid = buffer.sample(key_sample, state, x.shape[0])
+  def train_step(key, state, replay, params, x, y):
+    key_add, key_next, key_mix = jax.random.split(key, 3)
     batch, is_replay = metacf.replay.mix_replay(
-        key_mix, {'x': x, 'y': y}, replay, 0.5, replay_valid=valid)
+        key_mix, {'x': x, 'y': y}, replay[0], 0.5, replay_valid=replay[1])
     ...  # loss and update on batch
-    return buffer.add(key_add, state, {'x': x, 'y': y}), params
+    state = buffer.add(key_add, state, {'x': x, 'y': y})
+    return state, buffer.sample(key_next, state, x.shape[0]), params
+
+Order matters for speed: in a jitted step with the state donated, ``add``
+the new batch first and ``sample`` after it (drawing the next step's replay,
+as above: the same distribution as sampling before the add of the next
+batch). If a step samples the donated buffer and then adds to it, XLA copies
+the whole buffer to keep the sampled rows valid, so the step costs
+O(capacity) (measured on CPU: 1 ms vs 230 ms per step at capacity 200,000).
 """
 
 from metacf.replay._balanced import class_balanced_buffer

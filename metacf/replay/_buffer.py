@@ -281,24 +281,28 @@ def replay_buffer(capacity: int) -> ReplayBuffer:
                          'logits': jnp.zeros([10], jnp.float32)})
 
     @functools.partial(jax.jit, donate_argnums=1)
-    def train_step(key, state, params, x, y):
-      key_der, key_ce, key_add = jax.random.split(key, 3)
+    def train_step(key, state, replay, params, x, y):
+      # replay: two samples of the buffer drawn at the end of the last step.
+      (der, der_ok), (old, old_ok) = replay
+      key_add, key_der, key_ce = jax.random.split(key, 3)
       def loss_fn(params):
         logits = apply_fn(params, x)
         loss = jnp.mean(optax.losses
                         .softmax_cross_entropy_with_integer_labels(logits, y))
-        old, valid = buffer.sample(key_der, state, x.shape[0])   # DER term
-        mse = jnp.sum((apply_fn(params, old['x']) - old['logits'])**2, -1)
-        loss += alpha * jnp.mean(jnp.where(valid, mse, 0.0))
-        old, valid = buffer.sample(key_ce, state, x.shape[0])    # ++ term
+        mse = jnp.sum((apply_fn(params, der['x']) - der['logits'])**2, -1)
+        loss += alpha * jnp.mean(jnp.where(der_ok, mse, 0.0))   # DER term
         ce = optax.losses.softmax_cross_entropy_with_integer_labels(
             apply_fn(params, old['x']), old['y'])
-        loss += beta * jnp.mean(jnp.where(valid, ce, 0.0))
+        loss += beta * jnp.mean(jnp.where(old_ok, ce, 0.0))     # ++ term
         return loss, logits
       grads, logits = jax.grad(loss_fn, has_aux=True)(params)
       state = buffer.add(key_add, state, {
           'x': x, 'y': y, 'logits': jax.lax.stop_gradient(logits)})
-      return state, grads
+      # Sample after the add: sampling a donated buffer before adding to it
+      # makes XLA copy the whole buffer (O(capacity) per step).
+      replay = (buffer.sample(key_der, state, x.shape[0]),
+                buffer.sample(key_ce, state, x.shape[0]))
+      return state, replay, grads
 
   References:
     Vitter, `Random Sampling with a Reservoir

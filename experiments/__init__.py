@@ -1,0 +1,1 @@
+"""Experiments reproducing papers with metacf (not part of the library)."""

@@ -1,0 +1,1 @@
+"""Code shared by the experiments: models and training utilities."""

@@ -1,0 +1,1 @@
+"""Catastrophic forgetting on Split MNIST: naive, joint, ER, DER++, LwF."""

@@ -1,0 +1,329 @@
+"""Jitted training chunks and evaluation for the forgetting experiment.
+
+Everything here is vectorised over independent runs (seeds) with
+``jax.vmap``: a state leaf has shape ``[num_seeds, ...]``. One training call
+runs a whole chunk of steps of one task inside ``lax.fori_loop`` (the batch
+indices of the chunk are an argument; the training images stay on the device
+and batches are gathered from them), so Python dispatches once per chunk, not
+once per step of 10 examples. Each strategy compiles its chunk once; the
+state is donated.
+
+Example::
+
+  params = make_init_params(widths)(keys, example_image)  # keys: [S]
+  state = make_init_state(strategy)(params, example_image)
+  chunk = make_train_chunk(strategy, widths, batch_size)
+  state, loss = chunk(state, images, labels, idx, first_step, num_steps,
+                      keys, seen_classes, old_classes)
+  acc_class_il, acc_task_il = make_evaluate(widths)(
+      state['params'], test_images, test_labels, test_task, task_classes)
+"""
+
+import functools
+import jax
+import jax.numpy as jnp
+import optax
+
+from experiments.common import models
+from experiments.forgetting.configs import Strategy
+import metacf.distill
+import metacf.replay
+
+NUM_CLASSES = 10
+# Logit given to classes masked out of a softmax. Finite, so that masked
+# entries of two logit vectors cancel in differences (a KL between two masked
+# vectors ignores them); exp(-1e4 / T) is 0 in float32 for any T <= 50.
+MASKED_LOGIT = -1e4
+
+
+
+def preprocess(images: jax.typing.ArrayLike) -> jax.Array:
+  """uint8 pixels ``[batch, 28, 28, 1]`` -> float32 in ``[0, 1]``."""
+  return jnp.asarray(images).astype(jnp.float32) / 255.0
+
+
+@functools.cache
+def _model(widths: tuple[int, ...]) -> models.MLP:
+  return models.MLP(widths=widths, num_classes=NUM_CLASSES)
+
+
+def make_optimizer(strategy: Strategy) -> optax.GradientTransformation:
+  """SGD, with torch-style weight decay (added to the gradient) if any."""
+  sgd = optax.sgd(strategy.learning_rate)
+  if strategy.weight_decay:
+    return optax.chain(optax.add_decayed_weights(strategy.weight_decay), sgd)
+  return sgd
+
+
+def make_buffer(strategy: Strategy):
+  """The strategy's replay buffer, or None."""
+  if strategy.kind in ('er', 'derpp'):
+    return metacf.replay.replay_buffer(strategy.buffer_size)
+  if strategy.kind == 'class_balanced':
+    return metacf.replay.class_balanced_buffer(strategy.buffer_size,
+                                               NUM_CLASSES)
+  return None
+
+
+def example_item(strategy: Strategy, image: jax.typing.ArrayLike) -> dict:
+  """One replay item: the uint8 image, its label and (DER++) its logits."""
+  item = {'x': jnp.zeros(jnp.shape(image), jnp.uint8),
+          'y': jnp.zeros([], jnp.int32)}
+  if strategy.kind == 'derpp':
+    item['logits'] = jnp.zeros([NUM_CLASSES], jnp.float32)
+  return item
+
+
+@functools.cache
+def make_init_params(widths: tuple[int, ...]):
+  """Returns ``init_params(keys [S], image) -> params``, leaves ``[S, ...]``.
+
+  Separate from the strategies' state so that it compiles once and every
+  strategy starts from the same networks. One jitted call per seed: the
+  truncated-normal initialisers compile twice as slowly under ``vmap``.
+  """
+  model = _model(widths)
+
+  @jax.jit
+  def init_one(key, image):
+    return model.init(key, preprocess(image[None]))['params']
+
+  def init_params(keys, image):
+    per_seed = [init_one(keys[i], image) for i in range(keys.shape[0])]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *per_seed)
+
+  return init_params
+
+
+@functools.cache
+def make_init_state(strategy: Strategy):
+  """Returns the jitted ``init_state(params, image [28, 28, 1]) -> state``.
+
+  The state is a dict: ``'params'`` and ``'opt_state'``, plus ``'buffer'``
+  for replay strategies (empty) and ``'old_params'`` (the previous task's
+  network) for LwF. Every leaf has a leading axis of size ``S`` (one run per
+  seed), like ``params``. The state may hold ``params`` themselves (jit
+  forwards unchanged inputs), so pass fresh ones: the state is donated.
+  """
+  optimizer = make_optimizer(strategy)
+  buffer = make_buffer(strategy)
+
+  def init_one(params, image):
+    state = {'params': params, 'opt_state': optimizer.init(params)}
+    if buffer is not None:
+      state['buffer'] = buffer.init(example_item(strategy, image))
+    if strategy.kind == 'lwf':
+      # Unused during the first task (no old classes); train.py sets it to
+      # a copy of params at the start of each later task.
+      state['old_params'] = jax.tree.map(jnp.zeros_like, params)
+    return state
+
+  return jax.jit(jax.vmap(init_one, in_axes=(0, None)))
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def _make_step(strategy: Strategy, widths: tuple[int, ...], batch_size: int):
+  """Returns ``(draw, step)`` for one run of the strategy.
+
+  ``draw(buffer_state, key) -> replay`` samples the replayed minibatch(es)
+  that the step with key ``key`` trains on (``None`` without a buffer), and
+  ``step(state, replay, x, y, key, seen_classes, old_classes) -> (state,
+  loss)`` is one SGD step on a batch ``x`` (uint8 ``[B, 28, 28, 1]``), ``y``
+  (int32 ``[B]``) and ``replay``, after which the batch enters the buffer.
+  ``seen_classes`` and ``old_classes`` are bool masks of shape ``[10]``: the
+  classes of the tasks up to the current one, and of the tasks before it (LwF
+  only).
+
+  The replay for step ``n + 1`` is drawn at the end of step ``n``, right
+  after the buffer update. That is the buffer step ``n + 1`` starts with, so
+  the numbers are those of sampling at the start of each step; but inside a
+  loop the buffer is then read after it is written, never before, which lets
+  XLA update it in place (read-then-write in one iteration made XLA copy the
+  whole buffer every step: O(capacity) per step).
+  """
+  model = _model(widths)
+  optimizer = make_optimizer(strategy)
+  buffer = make_buffer(strategy)
+  kind = strategy.kind
+  mb = strategy.minibatch_size
+
+  def apply(params, x):
+    return model.apply({'params': params}, preprocess(x))
+
+  def draw(buffer_state, key):
+    if buffer is None:
+      return None
+    key_replay, _ = jax.random.split(key)
+    if kind == 'derpp':
+      # Two independent minibatches, as in Buzzega et al. 2020, Algorithm 1:
+      # one matches the stored logits (alpha), one the stored labels (beta).
+      key_logits, key_labels = jax.random.split(key_replay)
+      return (buffer.sample(key_logits, buffer_state, mb),
+              buffer.sample(key_labels, buffer_state, mb))
+    return buffer.sample(key_replay, buffer_state, mb)
+
+  def loss_fn(params, state, replay, x, y, seen_classes, old_classes):
+    """Returns ``(loss, logits of the current batch)``."""
+    if kind in ('naive', 'joint'):
+      logits = apply(params, x)
+      return jnp.mean(_cross_entropy(logits, y)), logits
+
+    if kind in ('er', 'class_balanced'):
+      # Mammoth's ER: the replayed minibatch is concatenated to the batch
+      # and one cross-entropy is averaged over both. Rows drawn from an
+      # empty buffer (the first step) get weight 0.
+      rows, valid = replay
+      logits = apply(params, jnp.concatenate([x, rows['x']]))
+      labels = jnp.concatenate([y, rows['y']])
+      weights = jnp.concatenate([jnp.ones([batch_size], jnp.float32),
+                                 valid.astype(jnp.float32)])
+      loss = _masked_mean(_cross_entropy(logits, labels), weights)
+      return loss, logits[:batch_size]
+
+    if kind == 'derpp':
+      (r1, valid1), (r2, valid2) = replay
+      # One forward pass over the batch and both replayed minibatches.
+      logits = apply(params, jnp.concatenate([x, r1['x'], r2['x']]))
+      new, out1, out2 = (logits[:batch_size],
+                         logits[batch_size:batch_size + mb],
+                         logits[batch_size + mb:])
+      mse = metacf.distill.logit_mse_loss(out1, r1['logits'])
+      ce_replay = _cross_entropy(out2, r2['y'])
+      loss = (jnp.mean(_cross_entropy(new, y))
+              + strategy.alpha * _masked_mean(mse, valid1.astype(jnp.float32))
+              + strategy.beta * _masked_mean(ce_replay,
+                                             valid2.astype(jnp.float32)))
+      return loss, new
+
+    if kind == 'lwf':
+      # Single head: the cross-entropy is over the classes seen so far (as
+      # mammoth's LwF), and the previous network's logits on the current
+      # inputs are distilled into the logits of the previous tasks' classes.
+      # lwf_loss has Hinton's T^2 factor; mammoth's (and Li & Hoiem's)
+      # distillation term has none, hence alpha / T^2.
+      logits = apply(params, x)
+      old_logits = jax.lax.stop_gradient(apply(state['old_params'], x))
+      loss = metacf.distill.lwf_loss(
+          jnp.where(seen_classes, logits, MASKED_LOGIT), y,
+          jnp.where(old_classes, logits, MASKED_LOGIT),
+          jnp.where(old_classes, old_logits, MASKED_LOGIT),
+          temperature=strategy.temperature,
+          old_weight=strategy.alpha / strategy.temperature**2)
+      return jnp.mean(loss), logits
+
+    raise ValueError(f'_make_step: unknown strategy kind {kind!r}.')
+
+  def step(state, replay, x, y, key, seen_classes, old_classes):
+    _, key_add = jax.random.split(key)
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state['params'], state, replay, x, y, seen_classes, old_classes)
+    updates, opt_state = optimizer.update(grads, state['opt_state'],
+                                          state['params'])
+    new_state = dict(state, params=optax.apply_updates(state['params'],
+                                                       updates),
+                     opt_state=opt_state)
+    # The batch enters the buffer after the update, with the logits the
+    # network gave it before the update (mammoth's order).
+    if kind in ('er', 'derpp'):
+      item = {'x': x, 'y': y}
+      if kind == 'derpp':
+        item['logits'] = jax.lax.stop_gradient(logits)
+      new_state['buffer'] = buffer.add(key_add, state['buffer'], item)
+    elif kind == 'class_balanced':
+      new_state['buffer'] = buffer.add(key_add, state['buffer'],
+                                       {'x': x, 'y': y}, y)
+    return new_state, loss
+
+  return draw, step
+
+
+@functools.cache
+def make_train_chunk(strategy: Strategy, widths: tuple[int, ...],
+                     batch_size: int):
+  """Returns the jitted, seed-vectorised chunk of training steps.
+
+  ``chunk(state, images, labels, idx, first_step, num_steps, keys,
+  seen_classes, old_classes) -> (state, mean_loss)``:
+
+  * ``state``: as from ``make_init_state``, leaves ``[S, ...]``; donated.
+  * ``images``, ``labels``: the whole training set on the device, uint8
+    ``[N, 28, 28, 1]`` and int32 ``[N]`` (shared by the runs).
+  * ``idx``: int32 ``[S, chunk_len, B]``, the batches of each run; only the
+    first ``num_steps`` rows are used (chunks share one shape, one compile).
+  * ``first_step``, ``num_steps``: int32 scalars; row ``i`` of ``idx`` is
+    step ``first_step + i`` of the task, ``num_steps <= chunk_len``.
+  * ``keys``: ``[S]`` PRNG keys of the task; step ``n`` of the task uses
+    ``fold_in(key, n)``, so the numbers do not depend on how a task is cut
+    into chunks.
+  * ``seen_classes``, ``old_classes``: bool ``[10]`` (see ``_make_step``).
+
+  ``mean_loss`` is float32 ``[S]``, the mean training loss over the chunk.
+  """
+  draw, step = _make_step(strategy, widths, batch_size)
+
+  def chunk_one(state, images, labels, idx, first_step, num_steps, key,
+                seen_classes, old_classes):
+    def step_key(i):
+      return jax.random.fold_in(key, first_step + i)
+
+    def body(i, carry):
+      state, replay, loss_sum = carry
+      batch = idx[i]
+      state, loss = step(state, replay, images[batch], labels[batch],
+                         step_key(i), seen_classes, old_classes)
+      replay = draw(state.get('buffer'), step_key(i + 1))
+      return state, replay, loss_sum + loss
+
+    replay = draw(state.get('buffer'), step_key(0))
+    state, _, loss_sum = jax.lax.fori_loop(
+        0, num_steps, body, (state, replay, jnp.zeros([], jnp.float32)))
+    return state, loss_sum / jnp.maximum(num_steps, 1).astype(jnp.float32)
+
+  vmapped = jax.vmap(chunk_one, in_axes=(0, None, None, 0, None, None, 0,
+                                         None, None))
+  return jax.jit(vmapped, donate_argnums=0)
+
+
+@functools.cache
+def make_evaluate(widths: tuple[int, ...]):
+  """Returns the jitted ``evaluate(params, images, labels, task_of,
+  task_classes) -> (class_il, task_il)``.
+
+  * ``params``: leaves ``[S, ...]``.
+  * ``images``: uint8 ``[N, 28, 28, 1]``; ``labels``: int32 ``[N]``;
+    ``task_of``: int32 ``[N]``, the task of each example's class.
+  * ``task_classes``: bool ``[T, 10]``, the classes of each task (pad ``T``
+    to a fixed size to share one compiled function; padded tasks have no
+    examples and accuracy 0).
+
+  Returns float32 accuracies of shape ``[S, T]`` on each task's examples:
+  class-incremental (argmax over all ten logits) and task-incremental (argmax
+  over the logits of the example's task, i.e. logits masked to the task's
+  classes as in mammoth).
+  """
+  model = _model(widths)
+
+  def evaluate_one(params, images, labels, task_of, task_classes):
+    num_tasks = task_classes.shape[0]
+    logits = model.apply({'params': params}, preprocess(images))
+    class_il = jnp.argmax(logits, axis=-1) == labels
+    masked = jnp.where(task_classes[task_of], logits, -jnp.inf)
+    task_il = jnp.argmax(masked, axis=-1) == labels
+    count = jax.ops.segment_sum(jnp.ones(labels.shape, jnp.float32), task_of,
+                                num_segments=num_tasks)
+    count = jnp.maximum(count, 1.0)
+
+    def per_task(correct):
+      return jax.ops.segment_sum(correct.astype(jnp.float32), task_of,
+                                 num_segments=num_tasks) / count
+
+    return per_task(class_il), per_task(task_il)
+
+  return jax.jit(jax.vmap(evaluate_one, in_axes=(0, None, None, None, None)))

@@ -1,0 +1,59 @@
+r"""Catastrophic forgetting on class-incremental Split MNIST.
+
+Usage, from the repository root:
+
+  python -m experiments.forgetting.main --config=default \
+      --workdir=runs/forgetting
+
+This file is intentionally kept short; the logic is in ``train.py``. Run it
+again with the same ``--workdir`` to resume an interrupted run.
+"""
+
+import argparse
+import logging
+import os
+
+from experiments.forgetting import configs
+from experiments.forgetting import train
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', default='default', choices=configs.NAMES,
+                      help='config name (configs/<name>.py)')
+  parser.add_argument('--workdir', default='runs/forgetting',
+                      help='results, figures and checkpoints go here')
+  parser.add_argument('--raw_dir', default=os.environ.get('METACF_RAW_DIR'),
+                      help='raw MNIST .gz files (default: $METACF_RAW_DIR; '
+                      'unset: tfds downloads them)')
+  parser.add_argument('--data_dir', default=None,
+                      help='tensorflow-datasets data dir (default: tfds\'s)')
+  parser.add_argument('--strategies', nargs='+', default=None,
+                      metavar='NAME',
+                      help='run only these strategies (default: all of the '
+                      'config), e.g. --strategies naive joint er_500')
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parse_args(argv)
+  # Per-task lines from train.py; library loggers keep their own levels.
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
+  log = logging.getLogger('experiments')
+  log.addHandler(handler)
+  log.setLevel(logging.INFO)
+  log.propagate = False
+  config = configs.get_config(args.config)
+  if args.strategies is not None:
+    config = train.select_strategies(config, args.strategies)
+  results = train.train_and_evaluate(config, args.workdir,
+                                     raw_dir=args.raw_dir,
+                                     data_dir=args.data_dir)
+  print(train.format_table(results))
+  print(f'{results["device"]}; this run {results["wall_time_s"]:.0f}s; '
+        f'results in {os.path.join(args.workdir, train.RESULTS_JSON)}')
+
+
+if __name__ == '__main__':
+  main()
