@@ -1,0 +1,1 @@
+"""Knowledge distillation on MNIST (Hinton, Vinyals & Dean 2015, section 3)."""

@@ -1,0 +1,46 @@
+r"""MAML on few-shot sinusoid regression (Finn et al. 2017, section 5.1).
+
+Usage, from the repository root:
+
+  python -m experiments.maml_sinusoid.main --config=default \
+      --workdir=runs/maml_sinusoid
+
+This file is intentionally kept short; the logic is in ``train.py``. Run it
+again with the same ``--workdir`` to resume an interrupted run.
+"""
+
+import argparse
+import logging
+import os
+
+from experiments.maml_sinusoid import configs
+from experiments.maml_sinusoid import train
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', default='default', choices=configs.NAMES,
+                      help='config name (configs/<name>.py)')
+  parser.add_argument('--workdir', default='runs/maml_sinusoid',
+                      help='results, figures and checkpoints go here')
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parse_args(argv)
+  # Progress lines from train.py; library loggers keep their own levels.
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
+  log = logging.getLogger('experiments')
+  log.addHandler(handler)
+  log.setLevel(logging.INFO)
+  log.propagate = False
+  results = train.train_and_evaluate(configs.get_config(args.config),
+                                     args.workdir)
+  print(train.format_table(results))
+  print(f'{results["device"]}; this run {results["wall_time_s"]:.0f}s; '
+        f'results in {os.path.join(args.workdir, train.RESULTS_JSON)}')
+
+
+if __name__ == '__main__':
+  main()
