@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import _smoke_run
 from experiments.common import models
 from experiments.common import utils
 from experiments.distill_mnist import configs
@@ -49,30 +50,11 @@ def _numbers(results):
           for name, r in results['models'].items()}
 
 
-class DistillMnistTest(parameterized.TestCase):
-  """``experiments/distill_mnist`` with ``--config=smoke``, run once."""
+class DistillMnistTest(_smoke_run.SmokeRunTestCase):
 
   @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls.workdir = tempfile.mkdtemp()
-    cls.results = _run_distill(cls.workdir)
-
-  @classmethod
-  def tearDownClass(cls):
-    shutil.rmtree(cls.workdir)
-    super().tearDownClass()
-
-  def _tempdir(self):
-    path = tempfile.mkdtemp()
-    self.addCleanup(shutil.rmtree, path)
-    return path
-
-  def _copy_of_run(self):
-    """A copy of the run's workdir, for tests that write to it."""
-    path = os.path.join(self._tempdir(), 'run')
-    shutil.copytree(self.workdir, path)
-    return path
+  def run_once(cls, workdir):
+    return _run_distill(workdir)
 
   def test_results_have_every_model_and_valid_counts(self):
     results = self.results

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import pytest
 
+import _smoke_run
 from experiments.forgetting import _plots
 from experiments.forgetting import configs
 from experiments.forgetting import main as forgetting_main
@@ -64,30 +65,12 @@ class _Killed(Exception):
   """Raised from on_task_end to stop a run as a kill would."""
 
 
-class ForgettingExperimentTest(parameterized.TestCase):
-  """``experiments/forgetting`` with the smoke config, run once."""
+class ForgettingExperimentTest(_smoke_run.SmokeRunTestCase):
 
   @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls.workdir = tempfile.mkdtemp()
+  def run_once(cls, workdir):
     cls.config = _smoke_config()
-    cls.results = _run(cls.workdir, cls.config)
-
-  @classmethod
-  def tearDownClass(cls):
-    shutil.rmtree(cls.workdir)
-    super().tearDownClass()
-
-  def _tempdir(self):
-    path = tempfile.mkdtemp()
-    self.addCleanup(shutil.rmtree, path)
-    return path
-
-  def _copy_of_run(self):
-    path = os.path.join(self._tempdir(), 'run')
-    shutil.copytree(self.workdir, path)
-    return path
+    return _run(workdir, cls.config)
 
   def _strategies(self):
     for scenario_name, scenario in self.results['scenarios'].items():

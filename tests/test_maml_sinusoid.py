@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _smoke_run
 from experiments.maml_sinusoid import configs
 from experiments.maml_sinusoid import main as sinusoid_main
 from experiments.maml_sinusoid import train
@@ -44,30 +45,12 @@ def _numbers(results):
   return out
 
 
-class MamlSinusoidSmokeTest(parameterized.TestCase):
-  """``experiments/maml_sinusoid`` with ``--config=smoke``, run once."""
+class MamlSinusoidSmokeTest(_smoke_run.SmokeRunTestCase):
 
   @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
+  def run_once(cls, workdir):
     cls.config = configs.get_config('smoke')
-    cls.workdir = tempfile.mkdtemp()
-    cls.results = train.train_and_evaluate(cls.config, cls.workdir)
-
-  @classmethod
-  def tearDownClass(cls):
-    shutil.rmtree(cls.workdir)
-    super().tearDownClass()
-
-  def _tempdir(self):
-    path = tempfile.mkdtemp()
-    self.addCleanup(shutil.rmtree, path)
-    return path
-
-  def _copy_of_run(self):
-    path = os.path.join(self._tempdir(), 'run')
-    shutil.copytree(self.workdir, path)
-    return path
+    return train.train_and_evaluate(cls.config, workdir)
 
   def test_results_are_complete_and_finite(self):
     config, results = self.config, self.results

@@ -10,27 +10,17 @@ again with the same ``--workdir`` to resume an interrupted run.
 """
 
 import argparse
-import logging
 import os
 
 from tqdm.contrib import logging as tqdm_logging
 
+from experiments.common import utils
 from experiments.distill_mnist import configs
 from experiments.distill_mnist import train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--config', default='default', choices=configs.NAMES,
-                      help='config name (configs/<name>.py)')
-  parser.add_argument('--workdir', default='runs/distill_mnist',
-                      help='results, plot and checkpoints go here')
-  parser.add_argument('--raw_dir', default=os.environ.get('METACF_RAW_DIR'),
-                      help='raw MNIST .gz files (default: $METACF_RAW_DIR; '
-                      'unset: tfds downloads them)')
-  parser.add_argument('--data_dir', default=None,
-                      help='tensorflow-datasets data dir (default: '
-                      '$METACF_DATA_DIR, else tfds\'s)')
+  parser = utils.experiment_parser(__doc__, 'runs/distill_mnist')
   return parser.parse_args(argv)
 
 
@@ -48,14 +38,7 @@ def format_table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
-  # Per-epoch lines from train.py; library loggers keep their own levels.
-  log = logging.getLogger('experiments')
-  if not log.handlers:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
+  log = utils.experiment_logger()  # progress lines from train.py
   config = configs.get_config(args.config)
   with tqdm_logging.logging_redirect_tqdm(loggers=[log]):  # Keep bars whole.
     results = train.train_and_evaluate(config, args.workdir,

@@ -10,24 +10,15 @@ again with the same ``--workdir`` to resume an interrupted run.
 """
 
 import argparse
-import logging
 import os
 
+from experiments.common import utils
 from experiments.forgetting import configs
 from experiments.forgetting import train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--config', default='default', choices=configs.NAMES,
-                      help='config name (configs/<name>.py)')
-  parser.add_argument('--workdir', default='runs/forgetting',
-                      help='results, figures and checkpoints go here')
-  parser.add_argument('--raw_dir', default=os.environ.get('METACF_RAW_DIR'),
-                      help='raw MNIST .gz files (default: $METACF_RAW_DIR; '
-                      'unset: tfds downloads them)')
-  parser.add_argument('--data_dir', default=None,
-                      help='tensorflow-datasets data dir (default: tfds\'s)')
+  parser = utils.experiment_parser(__doc__, 'runs/forgetting')
   parser.add_argument('--strategies', nargs='+', default=None,
                       metavar='NAME',
                       help='run only these strategies (default: all of the '
@@ -37,13 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
-  # Per-task lines from train.py; library loggers keep their own levels.
-  handler = logging.StreamHandler()
-  handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
-  log = logging.getLogger('experiments')
-  log.addHandler(handler)
-  log.setLevel(logging.INFO)
-  log.propagate = False
+  utils.experiment_logger()  # progress lines from train.py
   config = configs.get_config(args.config)
   if args.strategies is not None:
     config = train.select_strategies(config, args.strategies)

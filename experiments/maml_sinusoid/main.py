@@ -10,31 +10,22 @@ again with the same ``--workdir`` to resume an interrupted run.
 """
 
 import argparse
-import logging
 import os
 
+from experiments.common import utils
 from experiments.maml_sinusoid import configs
 from experiments.maml_sinusoid import train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--config', default='default', choices=configs.NAMES,
-                      help='config name (configs/<name>.py)')
-  parser.add_argument('--workdir', default='runs/maml_sinusoid',
-                      help='results, figures and checkpoints go here')
+  parser = utils.experiment_parser(__doc__, 'runs/maml_sinusoid',
+                                   data_flags=False)
   return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
-  # Progress lines from train.py; library loggers keep their own levels.
-  handler = logging.StreamHandler()
-  handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
-  log = logging.getLogger('experiments')
-  log.addHandler(handler)
-  log.setLevel(logging.INFO)
-  log.propagate = False
+  utils.experiment_logger()  # progress lines from train.py
   results = train.train_and_evaluate(configs.get_config(args.config),
                                      args.workdir)
   print(train.format_table(results))

@@ -14,9 +14,10 @@ authors' ``utils/best_args.py`` in https://github.com/aimagelab/mammoth
 """
 
 import dataclasses
-import importlib
 
-NAMES = ('default', 'smoke')
+from experiments.common import utils
+
+NAMES = utils.CONFIG_NAMES
 
 # Strategy kinds understood by train.py.
 KINDS = ('naive', 'joint', 'er', 'derpp', 'lwf', 'class_balanced')
@@ -182,12 +183,5 @@ class Config:
 
 
 def get_config(name: str) -> Config:
-  """Returns the config defined by ``configs/<name>.py``.
-
-  Raises:
-    ValueError: if ``name`` is not one of ``NAMES``.
-  """
-  if name not in NAMES:
-    raise ValueError(f'get_config: name must be one of {NAMES}, got {name!r}.')
-  module = importlib.import_module(f'{__name__}.{name}')
-  return module.get_config()
+  """Returns the config defined by ``configs/<name>.py`` (ValueError if none)."""
+  return utils.load_config(__name__, name)

@@ -12,10 +12,11 @@ is silent (weight initialisation, test protocol).
 """
 
 import dataclasses
-import importlib
 import math
 
-NAMES = ('default', 'smoke')
+from experiments.common import utils
+
+NAMES = utils.CONFIG_NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,12 +88,5 @@ class Config:
 
 
 def get_config(name: str) -> Config:
-  """Returns the config defined by ``configs/<name>.py``.
-
-  Raises:
-    ValueError: if ``name`` is not one of ``NAMES``.
-  """
-  if name not in NAMES:
-    raise ValueError(f'get_config: name must be one of {NAMES}, got {name!r}.')
-  module = importlib.import_module(f'{__name__}.{name}')
-  return module.get_config()
+  """Returns the config defined by ``configs/<name>.py`` (ValueError if none)."""
+  return utils.load_config(__name__, name)
