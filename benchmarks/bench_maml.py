@@ -8,7 +8,7 @@ fixed batch of tasks.
 
 Variants, timed interleaved (A B C A B C ...) in one process after AOT
 compilation (timed apart) and warm-up, in turns of 4 steps of which the last
-3 are timed (``_interleaved_blocks``):
+3 are timed (``_timing.interleaved(..., block=4)``):
 
 * ``metacf``: ``metacf.maml.make_meta_train_step`` (its jit, params and
   optimizer state donated).
@@ -201,29 +201,6 @@ def _check_meta_gradients(params, tasks, num_inner_steps, torch, torch_maml):
           err_msg=f'{name} meta-gradient disagrees with the plain reference')
 
 
-def _interleaved_blocks(variants, *, rounds, block=4, warmup=2):
-  """``_timing.interleaved`` in turns of ``block`` steps, the first untimed.
-
-  Rounds still alternate the variants (A B C A B C ...), but each turn
-  runs a variant ``block`` times and times all but the first: a step right
-  after another variant's runs on caches that variant evicted (measured
-  here: metacf's 0.8 ms step took 1.1 ms when it came right after a
-  torch.func step), which is not the steady state of a training loop.
-  """
-  for _ in range(warmup):
-    for f in variants.values():
-      jax.block_until_ready(f())
-  times = {name: [] for name in variants}
-  for _ in range(rounds):
-    for name, f in variants.items():
-      jax.block_until_ready(f())
-      for _ in range(block - 1):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f())
-        times[name].append(time.perf_counter() - t0)
-  return times
-
-
 def _summary(runner, samples):
   return {**_timing.summary_ms(samples), 'compile_s': runner.compile_s,
           'temp_bytes': runner.temp_bytes}
@@ -247,7 +224,7 @@ def bench_variants(inner_steps, rounds, num_tasks, shots, threads):
       runners['torch_func'] = _TorchRunner(torch, torch_maml, params, tasks,
                                            n)
     _check_meta_gradients(params, tasks, n, torch, torch_maml)
-    times = _interleaved_blocks(runners, rounds=rounds)
+    times = _timing.interleaved(runners, rounds=rounds, block=4)
     stats = {name: _summary(runners[name], t) for name, t in times.items()}
     rec = {'workload': 'A', 'kind': 'variants', 'num_inner_steps': n,
            'num_tasks': num_tasks, 'shots': shots, 'widths': list(WIDTHS),
@@ -288,7 +265,7 @@ def bench_order(inner_steps, rounds, num_tasks, shots):
         'second_order': _JaxRunner(_metacf_step(n), params, tasks),
         'first_order': _JaxRunner(_metacf_step(n, first_order=True), params,
                                   tasks)}
-    times = _interleaved_blocks(runners, rounds=rounds)
+    times = _timing.interleaved(runners, rounds=rounds, block=4)
     stats = {name: _summary(runners[name], t) for name, t in times.items()}
     rec = {'workload': 'A', 'kind': 'order', 'num_inner_steps': n,
            'num_tasks': num_tasks, 'shots': shots, 'rounds': rounds, **stats,
@@ -311,7 +288,7 @@ def bench_remat(inner_steps, rounds, num_tasks, shots):
     runners = {'remat': _JaxRunner(_metacf_step(n, remat=True), params,
                                    tasks),
                'no_remat': _JaxRunner(_metacf_step(n), params, tasks)}
-    times = _interleaved_blocks(runners, rounds=rounds)
+    times = _timing.interleaved(runners, rounds=rounds, block=4)
     stats = {name: _summary(runners[name], t) for name, t in times.items()}
     rec = {'workload': 'A', 'kind': 'remat', 'num_inner_steps': n,
            'num_tasks': num_tasks, 'shots': shots, 'rounds': rounds,

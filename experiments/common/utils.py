@@ -377,3 +377,26 @@ def experiment_logger() -> logging.Logger:
     log.setLevel(logging.INFO)
     log.propagate = False
   return log
+
+
+def load_image_splits(dataset: str, *, num_train: int | None = None,
+                      num_test: int | None = None,
+                      raw_dir: str | None = None,
+                      data_dir: str | None = None
+                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Train and test ``{'image': uint8 [N, H, W, 1], 'label': int32 [N]}``.
+
+  Real data through :func:`metacf.data.load_arrays` (imported here, so that
+  only the experiments that need a dataset import tensorflow-datasets); the
+  first ``num_train`` / ``num_test`` examples when given.
+  """
+  import metacf.data  # pylint: disable=g-import-not-at-top  # needs tfds
+  out = []
+  for split, limit in (('train', num_train), ('test', num_test)):
+    arrays = metacf.data.load_arrays(dataset, split, raw_dir=raw_dir,
+                                     data_dir=data_dir)
+    images, labels = np.asarray(arrays.images), np.asarray(arrays.labels)
+    if limit is not None:
+      images, labels = images[:limit], labels[:limit]
+    out.append({'image': images, 'label': labels.astype(np.int32)})
+  return out[0], out[1]

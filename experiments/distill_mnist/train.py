@@ -43,7 +43,6 @@ import optax
 from experiments.common import models
 from experiments.common import utils
 from experiments.distill_mnist.configs import Config
-import metacf.data
 import metacf.distill
 
 # Test errors (of 10,000) reported by Hinton et al. 2015, section 3.
@@ -450,15 +449,9 @@ def load_data(config: Config, *, raw_dir: str | None = None,
               data_dir: str | None = None
               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """Train and test ``{'image': uint8 [N, 28, 28, 1], 'label': int32 [N]}``."""
-  out = []
-  for split, limit in (('train', config.num_train), ('test', config.num_test)):
-    arrays = metacf.data.load_arrays(config.dataset, split, raw_dir=raw_dir,
-                                     data_dir=data_dir)
-    images, labels = np.asarray(arrays.images), np.asarray(arrays.labels)
-    if limit is not None:
-      images, labels = images[:limit], labels[:limit]
-    out.append({'image': images, 'label': labels.astype(np.int32)})
-  return out[0], out[1]
+  return utils.load_image_splits(config.dataset, num_train=config.num_train,
+                                 num_test=config.num_test, raw_dir=raw_dir,
+                                 data_dir=data_dir)
 
 
 def train_and_evaluate(config: Config, workdir: str, *,
