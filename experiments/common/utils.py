@@ -236,14 +236,16 @@ class Checkpointer:
         metadata=ocp.args.JsonSave(dict(metadata))))
     self._manager.wait_until_finished()
 
-  def restore(self, state_like: Any, step: int | None = None
-              ) -> tuple[Any, dict[str, Any]]:
+  def restore(self, state_like: Any, step: int | None = None, *,
+              recipe: Any = None) -> tuple[Any, dict[str, Any]]:
     """Reads a step back.
 
     Args:
       state_like: A pytree with the saved structure, shapes and dtypes (e.g.
         a freshly initialised state); its values are not used.
       step: Which step; the latest if None.
+      recipe: If given, the JSON-able description of what is being trained;
+        it must equal the ``'recipe'`` saved in the metadata.
 
     Returns:
       ``(state, metadata)``. The arrays come back committed to a device: a
@@ -252,6 +254,8 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: if there is no checkpoint to restore.
+      ValueError: if ``recipe`` differs from the saved one (a workdir reused
+        for another configuration).
     """
     step = self.latest_step if step is None else step
     if step is None:
@@ -261,7 +265,13 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract),
         metadata=ocp.args.JsonRestore()))
-    return restored.state, dict(restored.metadata)
+    metadata = dict(restored.metadata)
+    if recipe is not None and metadata.get('recipe') != jsonable(recipe):
+      raise ValueError(
+          f'Checkpointer.restore: checkpoints in {self.directory} are for '
+          f'another recipe ({metadata.get("recipe")}, now {recipe}); use a '
+          f'fresh workdir.')
+    return restored.state, metadata
 
   def close(self) -> None:
     self._manager.close()
@@ -274,6 +284,15 @@ class Checkpointer:
 
 
 # ------------------------------------------------------------------ results
+
+
+def jsonable(obj: Any) -> Any:
+  """Tuples -> lists, keys -> str, recursively: equal to its JSON round trip."""
+  if isinstance(obj, Mapping):
+    return {str(k): jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [jsonable(v) for v in obj]
+  return obj
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

@@ -366,7 +366,7 @@ def train_model(spec: ModelSpec, config: Config, key: jax.Array,
             'steps_per_epoch': steps_per_epoch,
             'learning_rate': config.learning_rate}
   del recipe['spec']['description']  # Cosmetic.
-  recipe = _jsonable(recipe)
+  recipe = utils.jsonable(recipe)
   history: list[dict[str, Any]] = []
   train_time = 0.0
   start_epoch = 0
@@ -374,11 +374,7 @@ def train_model(spec: ModelSpec, config: Config, key: jax.Array,
   with utils.Checkpointer(ckpt_dir,
                           max_to_keep=config.checkpoint_max_to_keep) as ckpt:
     if ckpt.latest_step is not None:
-      state, meta = ckpt.restore(state)
-      if meta['recipe'] != recipe:
-        raise ValueError(
-            f'train_model: checkpoints in {ckpt_dir} are for another recipe '
-            f'({meta["recipe"]}, now {recipe}); use a fresh workdir.')
+      state, meta = ckpt.restore(state, recipe=recipe)
       start_epoch, history, train_time = (
           meta['epoch'], meta['history'], meta['train_time_s'])
       logger.info('%s: resumed after epoch %d', spec.name, start_epoch)
@@ -436,15 +432,6 @@ def train_model(spec: ModelSpec, config: Config, key: jax.Array,
   return state.params, record
 
 
-def _jsonable(obj: Any) -> Any:
-  """Tuples -> lists, recursively, so a value equals its JSON round trip."""
-  if isinstance(obj, Mapping):
-    return {k: _jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_jsonable(v) for v in obj]
-  return obj
-
-
 def load_data(config: Config, *, raw_dir: str | None = None,
               data_dir: str | None = None
               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -499,7 +486,7 @@ def train_and_evaluate(config: Config, workdir: str, *,
       'experiment': 'distill_mnist',
       **utils.run_info(),
       'wall_time_s': time.perf_counter() - wall_start,
-      'config': _jsonable(dataclasses.asdict(config)),
+      'config': utils.jsonable(dataclasses.asdict(config)),
       'num_train': len(train_arrays['label']),
       'num_test': len(test_arrays['label']),
       'models': records,

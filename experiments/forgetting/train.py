@@ -180,15 +180,6 @@ def select_strategies(config: Config, names: Sequence[str]) -> Config:
   return dataclasses.replace(config, scenarios=tuple(scenarios))
 
 
-def _jsonable(obj: Any) -> Any:
-  """Tuples -> lists, recursively, so a value equals its JSON round trip."""
-  if isinstance(obj, Mapping):
-    return {k: _jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_jsonable(v) for v in obj]
-  return obj
-
-
 def _tolist(x: jax.Array) -> list:
   # float32 -> Python float is exact, and JSON round-trips Python floats
   # exactly, so a resumed run's numbers are bitwise those of a fresh run.
@@ -269,7 +260,7 @@ def train_strategy(config: Config, scenario: Scenario, strategy: Strategy,
   state = jax.device_put(state, device)
   train_chunk = _steps.make_train_chunk(strategy, config.widths,
                                         config.batch_size)
-  recipe = _jsonable({
+  recipe = utils.jsonable({
       'strategy': dataclasses.asdict(strategy), 'seeds': config.seeds,
       'classes_per_task': scenario.classes_per_task,
       'num_train': int(train['label'].shape[0]),
@@ -287,12 +278,8 @@ def train_strategy(config: Config, scenario: Scenario, strategy: Strategy,
   with utils.Checkpointer(ckpt_dir,
                           max_to_keep=config.checkpoint_max_to_keep) as ckpt:
     if ckpt.latest_step is not None:
-      state, meta = ckpt.restore(state)
+      state, meta = ckpt.restore(state, recipe=recipe)
       state = jax.device_put(state, device)
-      if meta['recipe'] != recipe:
-        raise ValueError(
-            f'train_strategy: checkpoints in {ckpt_dir} are for another '
-            f'recipe ({meta["recipe"]}, now {recipe}); use a fresh workdir.')
       record = meta['record']
       logger.info('%s: resumed after task %d', name, record['tasks_done'])
     else:
@@ -452,7 +439,7 @@ def train_and_evaluate(config: Config, workdir: str, *,
       'experiment': 'forgetting',
       **utils.run_info(),
       'wall_time_s': time.perf_counter() - wall_start,
-      'config': _jsonable(dataclasses.asdict(config)),
+      'config': utils.jsonable(dataclasses.asdict(config)),
       'num_train': int(train_np['label'].shape[0]),
       'num_test': int(test_np['label'].shape[0]),
       'scenarios': scenarios,

@@ -278,7 +278,7 @@ def train_run(kind: str, shots: int, config: Config, key: jax.Array,
   key_init, key_tasks = jax.random.split(key)
   state = _init_state(key_init, config)
   # Everything that changes the numbers; a mismatch means another recipe.
-  recipe = _jsonable({
+  recipe = utils.jsonable({
       'kind': kind, 'shots': shots, 'seed': config.seed,
       **{f: getattr(config, f) for f in (
           'num_iterations', 'meta_batch_size', 'outer_lr', 'hidden_widths',
@@ -292,11 +292,7 @@ def train_run(kind: str, shots: int, config: Config, key: jax.Array,
   with utils.Checkpointer(ckpt_dir,
                           max_to_keep=config.checkpoint_max_to_keep) as ckpt:
     if ckpt.latest_step is not None:
-      state, meta = ckpt.restore(state)
-      if meta['recipe'] != recipe:
-        raise ValueError(
-            f'train_run: checkpoints in {ckpt_dir} are for another recipe '
-            f'({meta["recipe"]}, now {recipe}); use a fresh workdir.')
+      state, meta = ckpt.restore(state, recipe=recipe)
       iteration, history, train_time, compile_time = (
           meta['iteration'], meta['history'], meta['train_time_s'],
           meta['compile_s'])
@@ -477,8 +473,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       'experiment': 'maml_sinusoid',
       **utils.run_info(),
       'wall_time_s': time.perf_counter() - wall_start,
-      'config': _jsonable(dataclasses.asdict(config)),
-      'paper': _jsonable(PAPER),
+      'config': utils.jsonable(dataclasses.asdict(config)),
+      'paper': utils.jsonable(PAPER),
       'fits_x': fits_x[:, 0].tolist(),
       'shots': per_shots,
   }
@@ -486,15 +482,6 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   plot_results(results, os.path.join(workdir, RESULTS_PNG))
   plot_fits(results, os.path.join(workdir, FITS_PNG))
   return results
-
-
-def _jsonable(obj: Any) -> Any:
-  """Tuples -> lists, int keys -> str, so a value equals its JSON round trip."""
-  if isinstance(obj, Mapping):
-    return {str(k): _jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_jsonable(v) for v in obj]
-  return obj
 
 
 def format_mse(run: Mapping[str, Any], step: int) -> str:
