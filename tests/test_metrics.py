@@ -2,6 +2,7 @@
 
 from absl.testing import parameterized
 import chex
+import jax
 import numpy as np
 
 from metacf import metrics
@@ -78,6 +79,17 @@ class MetricsTest(chex.TestCase):
   def test_integer_matrix_is_accepted(self):
     r = np.array([[90, 10], [30, 80]])
     self.assertAlmostEqual(float(metrics.backward_transfer(r)), -60.0, places=4)
+
+  def test_compiles_once(self):
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def all_metrics(r, b):
+      return (metrics.average_accuracy(r), metrics.backward_transfer(r),
+              metrics.forward_transfer(r, b), metrics.forgetting(r),
+              metrics.forgetting(r, reference='diagonal'))
+
+    for seed in range(3):
+      all_metrics(_random_matrix(seed), np.zeros(5))
 
   def test_bad_inputs(self):
     with self.assertRaisesRegex(

@@ -40,17 +40,6 @@ def check_positive(value: Any, name: str, fn: str) -> None:
     raise ValueError(f'{fn}: {name} must be > 0, got {value!r}.')
 
 
-def check_in_range(value: Any, name: str, fn: str, lo: float,
-                   hi: float) -> None:
-  """Raises ValueError if a concrete ``value`` lies outside ``[lo, hi]``."""
-  if is_traced(value):
-    return
-  arr = np.asarray(value)
-  if arr.size and not np.all((arr >= lo) & (arr <= hi)):
-    raise ValueError(
-        f'{fn}: {name} must be in [{lo}, {hi}], got {value!r}.')
-
-
 def check_same_shape(a: Any, b: Any, name_a: str, name_b: str,
                      fn: str) -> None:
   shape_a, shape_b = np.shape(a), np.shape(b)
@@ -64,13 +53,6 @@ def check_min_rank(x: Any, rank: int, name: str, fn: str) -> None:
   if np.ndim(x) < rank:
     raise ValueError(
         f'{fn}: {name} must have rank >= {rank}, got shape {np.shape(x)}.')
-
-
-def check_floating(x: Any, name: str, fn: str) -> None:
-  dtype = jax.numpy.result_type(x)
-  if not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
-    raise TypeError(
-        f'{fn}: {name} must have a floating dtype, got {dtype}.')
 
 
 def check_integer(x: Any, name: str, fn: str) -> None:
