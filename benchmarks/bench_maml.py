@@ -302,36 +302,342 @@ def bench_remat(inner_steps, rounds, num_tasks, shots):
   return records
 
 
+
+# Workload B: Conv-4 + transductive BatchNorm, 5-way 1-shot, 15 queries per
+# class, 28x28x1, one inner SGD step 0.4, second order, outer Adam 1e-3.
+WAYS, SHOTS_B, QUERIES_B, INNER_LR_B = 5, 1, 15, 0.4
+
+
+def _conv4(fast):
+  from experiments.common import models  # pylint: disable=g-import-not-at-top
+  return models.Conv4(num_classes=WAYS, fast=fast)
+
+
+def _ce_loss(model):
+  def loss_fn(params, x, y):
+    logits = model.apply({'params': params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return loss_fn
+
+
+def _conv_tasks(key, num_tasks):
+  """Random images: the step's cost does not depend on pixel values."""
+  k_s, k_q = jax.random.split(key)
+  sx = jax.random.uniform(k_s, (num_tasks, WAYS * SHOTS_B, 28, 28, 1))
+  qx = jax.random.uniform(k_q, (num_tasks, WAYS * QUERIES_B, 28, 28, 1))
+  sy = jnp.tile(jnp.repeat(jnp.arange(WAYS), SHOTS_B), (num_tasks, 1))
+  qy = jnp.tile(jnp.repeat(jnp.arange(WAYS), QUERIES_B), (num_tasks, 1))
+  return maml.Task(sx, sy, qx, qy)
+
+
+def _conv_params(key):
+  return _conv4(True).init(key, jnp.zeros((1, 28, 28, 1)))['params']
+
+
+def _conv_metacf_step(task_chunk_size, first_order=False):
+  return maml.make_meta_train_step(
+      _ce_loss(_conv4(True)), optax.adam(OUTER_LR), inner_lr=INNER_LR_B,
+      task_chunk_size=task_chunk_size, first_order=first_order)
+
+
+def _conv_plain_meta_loss():
+  """What a user writes alone: flax's Conv-4, vmap over tasks, one grad."""
+  loss_fn = _ce_loss(_conv4(False))
+
+  def task_loss(params, sx, sy, qx, qy):
+    grads = jax.grad(loss_fn)(params, sx, sy)
+    params = jax.tree.map(lambda p, g: p - INNER_LR_B * g, params, grads)
+    return loss_fn(params, qx, qy)
+
+  def meta_loss(params, tasks):
+    return jnp.mean(jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(
+        params, *tasks))
+
+  return meta_loss
+
+
+def _conv_plain_step():
+  optimizer = optax.adam(OUTER_LR)
+  meta_loss = _conv_plain_meta_loss()
+
+  def step(params, opt_state, tasks):
+    loss, grads = jax.value_and_grad(meta_loss)(params, tasks)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+class _TorchConvRunner:
+
+  def __init__(self, kind, torch, params, tasks):
+    from benchmarks import _torch_conv4  # pylint: disable=g-import-not-at-top
+    self.model = _torch_conv4.make_conv4(WAYS)
+    _torch_conv4.load_jax_params(self.model, params)
+    make = {'torchopt': _torch_conv4.make_torchopt_step,
+            'torch_func': _torch_conv4.make_func_step}[kind]
+    self.step = make(self.model, inner_lr=INNER_LR_B, outer_lr=OUTER_LR)
+    self.tasks = _torch_tasks(torch, tasks)
+    self.compile_s = None
+    self.temp_bytes = None
+
+  def __call__(self):
+    return self.step(*self.tasks)
+
+
+def _torch_tasks(torch, tasks):
+  from benchmarks import _torch_conv4  # pylint: disable=g-import-not-at-top
+  sx, sy, qx, qy = tasks
+  return (_torch_conv4.to_nchw(sx), torch.tensor(np.asarray(sy),
+                                                 dtype=torch.long),
+          _torch_conv4.to_nchw(qx), torch.tensor(np.asarray(qy),
+                                                 dtype=torch.long))
+
+
+def _from_torch(got):
+  """A torch Conv-4 gradient dict in the flax Conv-4's pytree layout."""
+  back = {}
+  for i in range(4):
+    back[f'conv{i}'] = {'kernel': got[f'{4 * i}.weight'].transpose(2, 3, 1, 0),
+                        'bias': got[f'{4 * i}.bias']}
+    back[f'bn{i}'] = {'scale': got[f'{4 * i + 1}.weight'],
+                      'bias': got[f'{4 * i + 1}.bias']}
+  back['head'] = {'kernel': got['17.weight'].T, 'bias': got['17.bias']}
+  return back
+
+
+def _check_conv_meta_gradients(params, tasks, torch, has_torchopt):
+  """Each variant's meta-gradient vs the lax.conv reference (float32).
+
+  Returns the largest error of each, relative to the largest reference entry.
+  metacf and TorchOpt must agree; torch.func + vmap is reported, not asserted:
+  on this Conv-4 with batch statistics its meta-gradient is off by about 1%
+  (the same torch.func code looped over tasks without vmap agrees with
+  TorchOpt to 3e-8), so the difference is torch.func's vmap, not the model.
+  """
+  ref = jax.grad(_conv_plain_meta_loss())(params, tasks)
+  grads = {'metacf': jax.grad(maml.maml_loss, argnums=1)(
+      _ce_loss(_conv4(True)), params, tasks, inner_lr=INNER_LR_B)}
+  if torch is not None:
+    from benchmarks import _torch_conv4  # pylint: disable=g-import-not-at-top
+    model = _torch_conv4.make_conv4(WAYS)
+    _torch_conv4.load_jax_params(model, params)
+    ttasks = _torch_tasks(torch, tasks)
+    grads['torch_func'] = _from_torch(_torch_conv4.func_meta_gradient(
+        model, INNER_LR_B, *ttasks))
+    if has_torchopt:
+      grads['torchopt'] = _from_torch(_torch_conv4.torchopt_meta_gradient(
+          model, INNER_LR_B, *ttasks))
+  # Conv biases feed a BatchNorm, so their exact gradient is 0 and what is
+  # there is float noise: errors are relative to the largest entry.
+  scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(ref))
+  errors = {}
+  for name, g in grads.items():
+    errors[name] = max(
+        float(np.max(np.abs(np.asarray(leaf) - np.asarray(_get(ref, path)))))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(g)) / scale
+    print(f'  meta-gradient vs lax.conv reference: {name} max error '
+          f'{errors[name]:.1e} (relative to the largest entry)')
+    if name != 'torch_func' and errors[name] > 1e-4:
+      raise AssertionError(f'{name} meta-gradient disagrees with the '
+                           f'lax.conv reference: {errors[name]:.2e}')
+  return errors
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree
+
+
+def bench_conv(num_tasks_list, rounds, chunk_sizes, plain_max_tasks,
+               func_max_tasks, threads):
+  """Workload B: metacf (chunked) vs plain lax.conv vs TorchOpt/torch.func."""
+  torch, _ = _torch()
+  if torch is None:
+    print('torch is not installed: skipping the PyTorch peers.')
+  else:
+    torch.set_num_threads(threads)
+  try:
+    import torchopt  # pylint: disable=g-import-not-at-top,unused-import
+    has_torchopt = torch is not None
+  except ImportError:
+    has_torchopt = False
+    print('torchopt is not installed: skipping it (pip install torchopt).')
+  params = _conv_params(jax.random.key(0))
+  records = []
+  for num_tasks in num_tasks_list:
+    tasks = _conv_tasks(jax.random.key(1), num_tasks)
+    errors = (_check_conv_meta_gradients(params, tasks, torch, has_torchopt)
+              if num_tasks <= plain_max_tasks else {})
+    runners = {}
+    for c in chunk_sizes:
+      if num_tasks % c == 0:
+        runners[f'metacf_chunk{c}'] = _JaxRunner(_conv_metacf_step(c),
+                                                 params, tasks)
+    if num_tasks <= plain_max_tasks:
+      runners['plain'] = _JaxRunner(_conv_plain_step(), params, tasks)
+    if has_torchopt:
+      runners['torchopt'] = _TorchConvRunner('torchopt', torch, params, tasks)
+    if torch is not None and num_tasks <= func_max_tasks:
+      runners['torch_func'] = _TorchConvRunner('torch_func', torch, params,
+                                               tasks)
+    times = _timing.interleaved(runners, rounds=rounds, warmup=2)
+    stats = {name: _summary(runners[name], t) for name, t in times.items()}
+    rec = {'workload': 'B', 'kind': 'variants', 'num_tasks': num_tasks,
+           'ways': WAYS, 'shots': SHOTS_B, 'queries': QUERIES_B,
+           'num_inner_steps': 1, 'second_order': True, 'rounds': rounds,
+           'meta_gradient_error': errors, **stats}
+    peers = [n for n in ('torchopt', 'torch_func') if n in stats]
+    if peers:
+      rec['torch'] = torch.__version__
+      rec['torch_threads'] = torch.get_num_threads()
+      fastest = min(peers, key=lambda n: stats[n]['median_ms'])
+      for name in stats:
+        if name.startswith('metacf'):
+          rec[f'speedup_{name}_vs_{fastest}'] = (
+              stats[fastest]['median_ms'] / stats[name]['median_ms'])
+    records.append(rec)
+    print(f'{num_tasks} tasks:')
+    for name, s in stats.items():
+      line = (f'  {name:16s} {s["median_ms"]:9.1f} ms [{s["min_ms"]:.1f}, '
+              f'{s["max_ms"]:.1f}]')
+      if s['compile_s'] is not None:
+        line += (f'  compile {s["compile_s"]:.1f}s  temp '
+                 f'{s["temp_bytes"] / 2**30:.2f} GiB')
+      print(line)
+    for key, value in rec.items():
+      if key.startswith('speedup_'):
+        print(f'  {key}: {value:.2f}x')
+  return records
+
+
+def _rss_bytes(field):
+  with open('/proc/self/status') as f:
+    for line in f:
+      if line.startswith(field + ':'):
+        return int(line.split()[1]) * 1024
+  raise RuntimeError(f'{field} not in /proc/self/status')
+
+
+def probe_memory(variant, num_tasks, threads):
+  """Peak RSS growth over 3 steps of one workload-B variant (own process).
+
+  The peak is reset (``/proc/self/clear_refs``) after set-up and compilation,
+  so the figure is the steps' working set above what was resident then.
+  """
+  torch, _ = _torch()
+  if torch is not None:
+    torch.set_num_threads(threads)
+  params = _conv_params(jax.random.key(0))
+  tasks = _conv_tasks(jax.random.key(1), num_tasks)
+  if variant.startswith('metacf_chunk'):
+    runner = _JaxRunner(
+        _conv_metacf_step(int(variant[len('metacf_chunk'):])), params, tasks)
+  elif variant == 'plain':
+    runner = _JaxRunner(_conv_plain_step(), params, tasks)
+  else:
+    runner = _TorchConvRunner(variant, torch, params, tasks)
+  jax.block_until_ready(runner())
+  with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')
+  before = _rss_bytes('VmRSS')
+  for _ in range(3):
+    jax.block_until_ready(runner())
+  peak = _rss_bytes('VmHWM')
+  return {'variant': variant, 'num_tasks': num_tasks,
+          'rss_before_bytes': before, 'peak_rss_bytes': peak,
+          'peak_growth_bytes': peak - before}
+
+
+def bench_memory(variants_by_tasks, threads):
+  """Runs ``probe_memory`` for each variant in a fresh process."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  records = []
+  for num_tasks, variants in variants_by_tasks.items():
+    for variant in variants:
+      out = subprocess.run(
+          [sys.executable, '-m', 'benchmarks.bench_maml', '--probe-memory',
+           f'{variant}:{num_tasks}', '--threads', str(threads)],
+          capture_output=True, text=True, check=True)
+      rec = json.loads(out.stdout.strip().splitlines()[-1])
+      rec.update(workload='B', kind='memory')
+      records.append(rec)
+      print(f'  {num_tasks:3d} tasks {variant:16s} peak RSS growth '
+            f'{rec["peak_growth_bytes"] / 2**30:6.2f} GiB (process peak '
+            f'{rec["peak_rss_bytes"] / 2**30:.2f} GiB)')
+  return records
+
 def _kib(num_bytes):
   return '?' if num_bytes is None else f'{num_bytes / 1024:8.1f} KiB temp'
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--workloads', nargs='+', default=['A', 'B'],
+                      choices=['A', 'B'])
   parser.add_argument('--inner-steps', type=int, nargs='+', default=[1, 5])
   parser.add_argument('--remat-steps', type=int, nargs='+',
                       default=[1, 2, 5, 10, 20])
   parser.add_argument('--num-tasks', type=int, default=25)
   parser.add_argument('--shots', type=int, default=10)
   parser.add_argument('--rounds', type=int, default=50,
-                      help='interleaved rounds; 3 timed steps each')
+                      help='workload A: interleaved rounds, 3 timed steps each')
+  parser.add_argument('--conv-tasks', type=int, nargs='+', default=[4, 32])
+  parser.add_argument('--conv-rounds', type=int, default=20,
+                      help='workload B: interleaved rounds, 1 timed step each')
+  parser.add_argument('--chunks', type=int, nargs='+', default=[1, 4],
+                      help='workload B: metacf task_chunk_size values')
+  parser.add_argument('--plain-max-tasks', type=int, default=4,
+                      help='run the lax.conv vmap reference up to this many '
+                      'tasks (it takes minutes per step beyond)')
+  parser.add_argument('--func-max-tasks', type=int, default=32)
+  parser.add_argument('--no-memory', action='store_true',
+                      help='workload B: skip the per-process peak RSS probes')
+  parser.add_argument('--probe-memory', default=None, help=argparse.SUPPRESS)
   parser.add_argument('--threads', type=int, default=os.cpu_count(),
                       help='torch.set_num_threads (default: host cores)')
   parser.add_argument('--no-save', action='store_true')
   args = parser.parse_args()
+  if args.probe_memory:
+    import json  # pylint: disable=g-import-not-at-top
+    variant, num_tasks = args.probe_memory.split(':')
+    print(json.dumps(probe_memory(variant, int(num_tasks), args.threads)))
+    return
   print(f'device: {_timing.device_description()}, jax {jax.__version__}')
   start = time.perf_counter()
-  print(f'\nworkload A: {args.num_tasks} tasks x {args.shots}+{args.shots} '
-        f'points, MLP 1-{"-".join(map(str, WIDTHS))}-1, second order, '
-        f'outer Adam; {args.rounds} interleaved rounds of 3 timed steps')
-  records = bench_variants(args.inner_steps, args.rounds, args.num_tasks,
-                           args.shots, args.threads)
-  print('\nmetacf first-order (FOMAML) vs second-order')
-  records += bench_order(args.inner_steps, args.rounds, args.num_tasks,
-                         args.shots)
-  print('\nmetacf remat=True vs False (memory: compiled temp buffers)')
-  records += bench_remat(args.remat_steps, args.rounds, args.num_tasks,
-                         args.shots)
+  records = []
+  if 'A' in args.workloads:
+    print(f'\nworkload A: {args.num_tasks} tasks x {args.shots}+{args.shots} '
+          f'points, MLP 1-{"-".join(map(str, WIDTHS))}-1, second order, '
+          f'outer Adam; {args.rounds} interleaved rounds of 3 timed steps')
+    records += bench_variants(args.inner_steps, args.rounds, args.num_tasks,
+                              args.shots, args.threads)
+    print('\nmetacf first-order (FOMAML) vs second-order')
+    records += bench_order(args.inner_steps, args.rounds, args.num_tasks,
+                           args.shots)
+    print('\nmetacf remat=True vs False (memory: compiled temp buffers)')
+    records += bench_remat(args.remat_steps, args.rounds, args.num_tasks,
+                           args.shots)
+  if 'B' in args.workloads:
+    print(f'\nworkload B: Conv-4 + BatchNorm, {WAYS}-way {SHOTS_B}-shot, '
+          f'{QUERIES_B} queries/class, 1 inner step, second order, outer '
+          f'Adam; {args.conv_rounds} interleaved rounds')
+    records += bench_conv(args.conv_tasks, args.conv_rounds, args.chunks,
+                          args.plain_max_tasks, args.func_max_tasks,
+                          args.threads)
+    if not args.no_memory:
+      print('\nworkload B peak memory (one process per variant)')
+      by_tasks = {}
+      for n in args.conv_tasks:
+        names = [f'metacf_chunk{c}' for c in args.chunks if n % c == 0]
+        names += ['plain'] if n <= args.plain_max_tasks else []
+        names += ['torchopt', 'torch_func'] if n <= args.func_max_tasks else [
+            'torchopt']
+        by_tasks[n] = names
+      records += bench_memory(by_tasks, args.threads)
   print(f'\ntotal {time.perf_counter() - start:.0f}s')
   if not args.no_save:
     print('appended to', _timing.write_jsonl('maml', records))

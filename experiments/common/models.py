@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from metacf import layers
+
 
 class MLP(nn.Module):
   """Fully connected ReLU classifier on flattened inputs.
@@ -55,3 +57,53 @@ class MLP(nn.Module):
       if self.dropout_rate > 0:
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes)(x)
+
+
+class TransductiveBatchNorm(nn.Module):
+  """BatchNorm with the statistics of the batch at hand, no running averages.
+
+  MAML's BatchNorm (Finn et al. 2017): inside ``maml_loss`` the support set's
+  statistics are used in the inner loop and the query set's in the outer
+  loss; there is no model state to thread. ``scale``/``bias`` are parameters.
+  """
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,))
+    bias = self.param('bias', nn.initializers.zeros, (features,))
+    return layers.batch_norm(x, scale, bias, epsilon=self.epsilon)
+
+
+class Conv4(nn.Module):
+  """The few-shot Conv-4 (Vinyals et al. 2016; Finn et al. 2017).
+
+  ``[conv 3x3 'SAME' -> BatchNorm (transductive) -> ReLU -> max-pool 2x2] x
+  4 -> Dense``; 28x28 inputs end at 1x1xfeatures. With ``fast=True`` the
+  convolutions and pools are :mod:`metacf.layers` (im2col + matmul, reshape
+  max-pool), which stay fast under ``vmap`` with per-task weights; with
+  ``fast=False`` they are flax's defaults (``lax.conv_general_dilated``,
+  ``reduce_window``). Both compute the same function.
+
+  Attributes:
+    num_classes: Number of output logits (the ways).
+    features: Channels of every conv layer.
+    fast: Use :mod:`metacf.layers` (default) or flax's conv and pool.
+  """
+  num_classes: int
+  features: int = 64
+  fast: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Returns logits ``[batch, num_classes]`` for images ``[batch, H, W, C]``."""
+    conv = layers.conv_general_dilated if self.fast else None
+    pool = layers.max_pool if self.fast else nn.max_pool
+    for i in range(4):
+      x = nn.Conv(self.features, (3, 3), padding='SAME',
+                  conv_general_dilated=conv, name=f'conv{i}')(x)
+      x = TransductiveBatchNorm(name=f'bn{i}')(x)
+      x = pool(nn.relu(x), (2, 2), (2, 2))
+    x = jnp.reshape(x, (x.shape[0], -1))
+    return nn.Dense(self.num_classes, name='head')(x)

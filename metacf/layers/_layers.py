@@ -1,0 +1,208 @@
+"""Layers whose per-task (vmapped) weights run fast on every backend.
+
+Under ``jax.vmap`` over tasks with per-task weights (MAML's adapted
+parameters), ``lax.conv_general_dilated`` becomes a grouped convolution (one
+group per task) whose weight gradient is a dilated convolution; XLA:CPU runs
+both on a slow generic path, superlinear in the number of tasks (4 -> 32
+tasks: 3.3 s -> 122 s per Conv-4 meta-step). Written as patches (im2col) and
+one matrix product, the same convolution becomes a batched matmul under
+``vmap``. Likewise ``lax.reduce_window`` max-pooling differentiates through
+``select_and_scatter``, slow on XLA:CPU and worse at second order, whereas a
+reshape and a ``max`` over non-overlapping windows has the same gradient
+(except on exact ties, which have measure zero) at the cost of an
+elementwise op.
+
+All functions are pure and work with any number of leading batch (vmap)
+dimensions. ``conv_general_dilated`` is a drop-in for flax's
+``nn.Conv(..., conv_general_dilated=metacf.layers.conv_general_dilated)``.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from metacf._src import checks
+
+_Padding = str | Sequence[tuple[int, int]]
+
+
+def _pads(padding: _Padding, in_shape: Sequence[int], window: Sequence[int],
+          strides: Sequence[int], dilation: Sequence[int]
+          ) -> list[tuple[int, int]]:
+  if not isinstance(padding, str):
+    return [tuple(int(v) for v in p) for p in padding]
+  effective = [(w - 1) * d + 1 for w, d in zip(window, dilation)]
+  return list(lax.padtype_to_pads(in_shape, effective, strides, padding))
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: _Padding,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+  """``lax.conv_general_dilated`` as patches (im2col) and one matmul.
+
+  Same signature and result as :func:`jax.lax.conv_general_dilated`. The
+  kernel's taps are gathered by strided slices of the padded input into a
+  ``[..., spatial_out, taps * in_features]`` patch tensor, contracted with
+  the reshaped kernel by one ``dot_general``. Under ``vmap`` with batched
+  kernels (per-task weights) that is a batched matmul, where
+  ``lax.conv_general_dilated`` would be a grouped convolution; with an
+  unbatched kernel it is one large matmul over all tasks' examples.
+
+  Input dilation (transposed convolutions), feature or batch groups are
+  delegated to ``lax.conv_general_dilated`` unchanged.
+
+  Args:
+    lhs: Input, ``[N, C, spatial...]`` by default or as ``dimension_numbers``
+      says.
+    rhs: Kernel, ``[O, I, spatial...]`` by default.
+    window_strides: Stride per spatial dimension.
+    padding: ``'SAME'``, ``'VALID'`` (also ``'SAME_LOWER'``) or one
+      ``(low, high)`` pair per spatial dimension.
+    lhs_dilation: Input dilation (delegated to lax if not all ones).
+    rhs_dilation: Kernel dilation per spatial dimension.
+    dimension_numbers: As for ``lax.conv_general_dilated``, e.g.
+      ``('NHWC', 'HWIO', 'NHWC')``.
+    feature_group_count: Delegated to lax if not 1.
+    batch_group_count: Delegated to lax if not 1.
+    precision: Passed to the matmul.
+    preferred_element_type: Passed to the matmul.
+
+  Returns:
+    The convolution, laid out as ``dimension_numbers`` says.
+  """
+  nd = lhs.ndim - 2
+  if (nd < 1 or feature_group_count != 1 or batch_group_count != 1
+      or (lhs_dilation is not None and any(d != 1 for d in lhs_dilation))):
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+        dimension_numbers, feature_group_count, batch_group_count, precision,
+        preferred_element_type)
+  if rhs.ndim != lhs.ndim:
+    raise ValueError(
+        'conv_general_dilated: rhs must have the rank of lhs '
+        f'({lhs.ndim}), got shape {rhs.shape}.')
+  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  # To channels-last: lhs [N, *spatial, C], rhs [*spatial, I, O].
+  x = jnp.transpose(lhs, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))
+  w = jnp.transpose(rhs, (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]))
+  window = w.shape[:nd]
+  strides = tuple(window_strides)
+  dilation = tuple(rhs_dilation) if rhs_dilation is not None else (1,) * nd
+  pads = _pads(padding, x.shape[1:-1], window, strides, dilation)
+  x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+  out_sizes = [
+      (size - (k - 1) * d - 1) // s + 1
+      for size, k, d, s in zip(x.shape[1:-1], window, dilation, strides)]
+  if any(n <= 0 for n in out_sizes):
+    raise ValueError(
+        'conv_general_dilated: the (dilated) kernel is larger than the padded '
+        f'input, got spatial input {tuple(x.shape[1:-1])} and window '
+        f'{tuple(window)}.')
+  taps = []
+  for offsets in np.ndindex(*window):
+    start = (0, *[o * d for o, d in zip(offsets, dilation)], 0)
+    limit = (x.shape[0],
+             *[st + (n - 1) * s + 1
+               for st, n, s in zip(start[1:-1], out_sizes, strides)],
+             x.shape[-1])
+    taps.append(lax.slice(x, start, limit, (1, *strides, 1)))
+  patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+  kernel = jnp.reshape(w, (-1, w.shape[-1]))  # [taps * I, O], tap-major.
+  out = lax.dot_general(
+      patches, kernel, (((patches.ndim - 1,), (0,)), ((), ())),
+      precision=precision, preferred_element_type=preferred_element_type)
+  # From [N, *spatial, O] back to the requested output layout.
+  out_perm = np.argsort((dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
+  return jnp.transpose(out, tuple(int(i) for i in out_perm))
+
+
+def max_pool(x: jax.Array, window_shape: Sequence[int],
+             strides: Sequence[int] | None = None,
+             padding: _Padding = 'VALID') -> jax.Array:
+  """Max-pooling over ``x``'s spatial axes, flax's layout and arguments.
+
+  ``x`` is ``[batch..., *spatial, features]`` with ``len(window_shape)``
+  spatial axes (as ``flax.linen.max_pool``). Non-overlapping windows
+  (``strides == window_shape``, ``'VALID'``) are computed as a reshape and a
+  ``max``, which differentiates (also at second order) without
+  ``select_and_scatter``; trailing rows that do not fill a window are
+  dropped, as with ``'VALID'``. Any other configuration falls back to
+  ``lax.reduce_window``.
+
+  Args:
+    x: Input array.
+    window_shape: Window size per spatial axis.
+    strides: Stride per spatial axis (default: ``window_shape``).
+    padding: ``'VALID'``, ``'SAME'`` or ``(low, high)`` pairs.
+
+  Returns:
+    The pooled array.
+  """
+  nd = len(window_shape)
+  checks.check_min_rank(x, nd + 1, 'x', 'max_pool')
+  window = tuple(int(w) for w in window_shape)
+  strides = window if strides is None else tuple(int(s) for s in strides)
+  lead = x.ndim - nd - 1
+  if strides != window or padding != 'VALID':
+    dims = (1,) * lead + window + (1,)
+    pads = (padding if isinstance(padding, str) else
+            ((0, 0),) * lead + tuple(tuple(p) for p in padding) + ((0, 0),))
+    return lax.reduce_window(x, -jnp.inf, lax.max, dims,
+                             (1,) * lead + strides + (1,), pads)
+  spatial = x.shape[lead:lead + nd]
+  out = [s // w for s, w in zip(spatial, window)]
+  if any(n == 0 for n in out):
+    raise ValueError(
+        f'max_pool: window_shape {window} is larger than the spatial shape '
+        f'{tuple(spatial)} of x.')
+  x = x[(slice(None),) * lead + tuple(slice(0, n * w)
+                                      for n, w in zip(out, window))]
+  split = [d for n, w in zip(out, window) for d in (n, w)]
+  x = jnp.reshape(x, (*x.shape[:lead], *split, x.shape[-1]))
+  return jnp.max(x, axis=tuple(lead + 2 * i + 1 for i in range(nd)))
+
+
+def batch_norm(x: jax.Array, scale: jax.Array | None = None,
+               offset: jax.Array | None = None, *, epsilon: float = 1e-5,
+               axis: int | Sequence[int] | None = None) -> jax.Array:
+  """Transductive BatchNorm: normalise with the statistics of this batch.
+
+  As MAML uses it (Finn et al. 2017): the support set's statistics in the
+  inner loop, the query set's in the outer loss, no running averages.
+  ``scale``/``offset`` (shape ``[features]``) are ordinary parameters.
+
+  Args:
+    x: ``[batch, ..., features]``.
+    scale: Optional per-feature scale.
+    offset: Optional per-feature offset.
+    epsilon: Added to the variance.
+    axis: Axes to reduce over (default: all but the last).
+
+  Returns:
+    ``(x - mean) / sqrt(var + epsilon) * scale + offset``.
+  """
+  checks.check_positive(epsilon, 'epsilon', 'batch_norm')
+  if axis is None:
+    axis = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axis=axis, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=axis, keepdims=True)
+  y = (x - mean) * lax.rsqrt(var + jnp.asarray(epsilon, x.dtype))
+  if scale is not None:
+    y = y * scale
+  if offset is not None:
+    y = y + offset
+  return y
