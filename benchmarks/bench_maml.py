@@ -407,17 +407,32 @@ def _from_torch(got):
 
 
 def _check_conv_meta_gradients(params, tasks, torch, has_torchopt):
-  """Each variant's meta-gradient vs the lax.conv reference (float32).
+  """Each variant's float32 meta-gradient vs a float64 ``lax.conv`` reference.
 
-  Returns the largest error of each, relative to the largest reference entry.
-  metacf and TorchOpt must agree; torch.func + vmap is reported, not asserted:
-  on this Conv-4 with batch statistics its meta-gradient is off by about 1%
-  (the same torch.func code looped over tasks without vmap agrees with
-  TorchOpt to 3e-8), so the difference is torch.func's vmap, not the model.
+  Returns the largest error of each, relative to the largest reference entry,
+  and raises if metacf's exceeds twice the plain float32 ``lax.conv``
+  formulation's (or 1e-4). Both JAX float32 formulations are about 2.5e-3 off,
+  all of it in the first layer's kernel and BatchNorm offset: JAX
+  differentiates BatchNorm through its mean and variance, and on 1-channel
+  inputs with mean 0.5 the backpropagated signal's zero sum cancels in float32
+  (PyTorch's hand-written BatchNorm backward centres it explicitly: TorchOpt's
+  float32 error is about 2e-6). In float64 (checked once, 2026-11-25)
+  TorchOpt's recipe matches the reference to 5e-15; torch.func + ``vmap`` is
+  off by 1.8% even in float64 (the same code looped over tasks without
+  ``vmap`` agrees with TorchOpt): an error in torch.func's batching rules on
+  this model, not float rounding. The PyTorch peers are reported, not
+  asserted.
   """
-  ref = jax.grad(_conv_plain_meta_loss())(params, tasks)
-  grads = {'metacf': jax.grad(maml.maml_loss, argnums=1)(
-      _ce_loss(_conv4(True)), params, tasks, inner_lr=INNER_LR_B)}
+  with jax.enable_x64(True):
+    to64 = lambda a: (a.astype(jnp.float64)
+                      if jnp.issubdtype(a.dtype, jnp.floating) else a)
+    ref = jax.grad(_conv_plain_meta_loss())(jax.tree.map(to64, params),
+                                            jax.tree.map(to64, tasks))
+    ref = jax.tree.map(np.asarray, ref)
+  grads = {
+      'lax.conv float32': jax.grad(_conv_plain_meta_loss())(params, tasks),
+      'metacf': jax.grad(maml.maml_loss, argnums=1)(
+          _ce_loss(_conv4(True)), params, tasks, inner_lr=INNER_LR_B)}
   if torch is not None:
     from benchmarks import _torch_conv4  # pylint: disable=g-import-not-at-top
     model = _torch_conv4.make_conv4(WAYS)
@@ -434,13 +449,13 @@ def _check_conv_meta_gradients(params, tasks, torch, has_torchopt):
   errors = {}
   for name, g in grads.items():
     errors[name] = max(
-        float(np.max(np.abs(np.asarray(leaf) - np.asarray(_get(ref, path)))))
+        float(np.max(np.abs(np.asarray(leaf) - _get(ref, path))))
         for path, leaf in jax.tree_util.tree_leaves_with_path(g)) / scale
-    print(f'  meta-gradient vs lax.conv reference: {name} max error '
-          f'{errors[name]:.1e} (relative to the largest entry)')
-    if name != 'torch_func' and errors[name] > 1e-4:
-      raise AssertionError(f'{name} meta-gradient disagrees with the '
-                           f'lax.conv reference: {errors[name]:.2e}')
+    print(f'  float32 meta-gradient vs float64 lax.conv reference: {name} '
+          f'max error {errors[name]:.1e} (relative to the largest entry)')
+  if errors['metacf'] > max(1e-4, 2 * errors['lax.conv float32']):
+    raise AssertionError('metacf meta-gradient disagrees with the float64 '
+                         f'reference: {errors["metacf"]:.2e}')
   return errors
 
 
