@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 RAW_DIR ?= $(firstword $(wildcard ../shared/data))
 export METACF_RAW_DIR ?= $(if $(RAW_DIR),$(abspath $(RAW_DIR)),)
 
-.PHONY: demo distill test bench clean
+.PHONY: demo distill forgetting-predict omniglot test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ demo: $(STAMP)  ## the main job: catastrophic forgetting and its cures on Split 
 
 distill: $(STAMP)  ## Hinton et al. 2015 distillation on MNIST
 	$(PY) -m experiments.distill_mnist.main --config=default --workdir=runs/distill_mnist
+
+forgetting-predict: $(STAMP)  ## NTK-predicted vs measured forgetting on MNIST task pairs
+	$(PY) -m experiments.predict_forgetting.main --config=default --workdir=runs/predict_forgetting
+
+omniglot: $(STAMP)  ## Finn et al. 2017 MAML on Omniglot (GPU; CPU: OMNIGLOT_FLAGS="--settings=5way1shot --time_budget_s=1500")
+	$(PY) -m experiments.maml_omniglot.main --config=default --workdir=runs/maml_omniglot $(OMNIGLOT_FLAGS)
 
 test: $(STAMP)  ## the test suite
 	$(PY) -m pytest -q
