@@ -1,0 +1,1 @@
+"""Forgetting predicted by the empirical NTK against forgetting measured."""

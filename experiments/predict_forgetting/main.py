@@ -1,0 +1,41 @@
+r"""Forgetting predicted by the empirical NTK against forgetting measured.
+
+Usage, from the repository root:
+
+  python -m experiments.predict_forgetting.main --config=default \
+      --workdir=runs/predict_forgetting
+
+This file is intentionally kept short; the logic is in ``train.py``. Run it
+again with the same ``--workdir`` to resume an interrupted run: finished
+pairs are read back, not recomputed.
+"""
+
+import argparse
+import os
+
+from tqdm.contrib import logging as tqdm_logging
+
+from experiments.common import utils
+from experiments.predict_forgetting import configs
+from experiments.predict_forgetting import train
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = utils.experiment_parser(__doc__, 'runs/predict_forgetting')
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parse_args(argv)
+  log = utils.experiment_logger()  # progress lines from train.py
+  with tqdm_logging.logging_redirect_tqdm(loggers=[log]):  # Keep bars whole.
+    results = train.train_and_evaluate(configs.get_config(args.config),
+                                       args.workdir, raw_dir=args.raw_dir,
+                                       data_dir=args.data_dir)
+  print(train.format_table(results))
+  print(f'{results["device"]}; this run {results["wall_time_s"]:.0f}s; '
+        f'results in {os.path.join(args.workdir, train.RESULTS_JSON)}')
+
+
+if __name__ == '__main__':
+  main()
