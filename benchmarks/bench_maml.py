@@ -37,6 +37,7 @@ runtimes' (about 1 GB), far above the step's working set (about 1 MB here).
 """
 
 import argparse
+import functools
 import os
 import time
 
@@ -429,10 +430,14 @@ def _check_conv_meta_gradients(params, tasks, torch, has_torchopt):
     ref = jax.grad(_conv_plain_meta_loss())(jax.tree.map(to64, params),
                                             jax.tree.map(to64, tasks))
     ref = jax.tree.map(np.asarray, ref)
+  # Jitted, as the steps run: an XLA:CPU miscompilation of an earlier
+  # max-pool formulation gave a wrong meta-gradient only under jit.
+  metacf_grad = jax.jit(jax.grad(functools.partial(
+      maml.maml_loss, _ce_loss(_conv4(True)), inner_lr=INNER_LR_B)))
   grads = {
-      'lax.conv float32': jax.grad(_conv_plain_meta_loss())(params, tasks),
-      'metacf': jax.grad(maml.maml_loss, argnums=1)(
-          _ce_loss(_conv4(True)), params, tasks, inner_lr=INNER_LR_B)}
+      'lax.conv float32': jax.jit(jax.grad(_conv_plain_meta_loss()))(
+          params, tasks),
+      'metacf': metacf_grad(params, tasks)}
   if torch is not None:
     from benchmarks import _torch_conv4  # pylint: disable=g-import-not-at-top
     model = _torch_conv4.make_conv4(WAYS)

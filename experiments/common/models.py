@@ -67,12 +67,15 @@ class TransductiveBatchNorm(nn.Module):
   loss; there is no model state to thread. ``scale``/``bias`` are parameters.
   """
   epsilon: float = 1e-5
+  param_dtype: jnp.dtype = jnp.float32  # As flax's layers (also under x64).
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     features = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (features,))
-    bias = self.param('bias', nn.initializers.zeros, (features,))
+    scale = self.param('scale', nn.initializers.ones, (features,),
+                       self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (features,),
+                      self.param_dtype)
     return layers.batch_norm(x, scale, bias, epsilon=self.epsilon)
 
 

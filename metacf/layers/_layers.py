@@ -8,9 +8,9 @@ tasks: 3.3 s -> 122 s per Conv-4 meta-step). Written as patches (im2col) and
 one matrix product, the same convolution becomes a batched matmul under
 ``vmap``. Likewise ``lax.reduce_window`` max-pooling differentiates through
 ``select_and_scatter``, slow on XLA:CPU and worse at second order, whereas a
-reshape and a ``max`` over non-overlapping windows has the same gradient
-(except on exact ties, which have measure zero) at the cost of an
-elementwise op.
+running ``where(candidate > best, candidate, best)`` over one strided slice
+per window offset has the same gradient for non-overlapping windows (the
+first maximum of a window wins ties, as with ``reduce_window``).
 
 All functions are pure and work with any number of leading batch (vmap)
 dimensions. ``conv_general_dilated`` is a drop-in for flax's
@@ -103,7 +103,9 @@ def conv_general_dilated(
   strides = tuple(window_strides)
   dilation = tuple(rhs_dilation) if rhs_dilation is not None else (1,) * nd
   pads = _pads(padding, x.shape[1:-1], window, strides, dilation)
-  x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+  # lax.pad, not jnp.pad: explicit pads may be negative (crop), as in lax.
+  x = lax.pad(x, jnp.zeros((), x.dtype),
+              [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads], (0, 0, 0)])
   out_sizes = [
       (size - (k - 1) * d - 1) // s + 1
       for size, k, d, s in zip(x.shape[1:-1], window, dilation, strides)]
@@ -137,10 +139,11 @@ def max_pool(x: jax.Array, window_shape: Sequence[int],
 
   ``x`` is ``[batch..., *spatial, features]`` with ``len(window_shape)``
   spatial axes (as ``flax.linen.max_pool``). Non-overlapping windows
-  (``strides == window_shape``, ``'VALID'``) are computed as a reshape and a
-  ``max``, which differentiates (also at second order) without
-  ``select_and_scatter``; trailing rows that do not fill a window are
-  dropped, as with ``'VALID'``. Any other configuration falls back to
+  (``strides == window_shape``, ``'VALID'``) are computed as a running
+  ``where`` over strided slices (one per window offset), which
+  differentiates (also at second order) without ``select_and_scatter``;
+  trailing rows that do not fill a window are dropped, as with ``'VALID'``.
+  NaNs propagate. Any other configuration falls back to
   ``lax.reduce_window``.
 
   Args:
@@ -169,11 +172,28 @@ def max_pool(x: jax.Array, window_shape: Sequence[int],
     raise ValueError(
         f'max_pool: window_shape {window} is larger than the spatial shape '
         f'{tuple(spatial)} of x.')
-  x = x[(slice(None),) * lead + tuple(slice(0, n * w)
-                                      for n, w in zip(out, window))]
-  split = [d for n, w in zip(out, window) for d in (n, w)]
-  x = jnp.reshape(x, (*x.shape[:lead], *split, x.shape[-1]))
-  return jnp.max(x, axis=tuple(lead + 2 * i + 1 for i in range(nd)))
+  # Not jnp.max (of a reshape) nor lax.max: their derivatives pick the
+  # maximum by exact equality `candidate == max(...)`. Under jit, XLA:CPU
+  # (jaxlib 0.10.2) gave a Conv-4 with BatchNorm a wrong (meta-)gradient with
+  # either (right in eager mode, and with XLA's algsimp or fusion pass off),
+  # apparently as it recomputes the candidates in other fusions, not bit for
+  # bit. A select on comparisons between the candidates themselves routes
+  # each window's gradient to exactly one of them.
+  best = None
+  for offsets in np.ndindex(*window):
+    start = (0,) * lead + offsets + (0,)
+    limit = (*x.shape[:lead],
+             *[o + (n - 1) * w + 1 for o, n, w in zip(offsets, out, window)],
+             x.shape[-1])
+    tap = lax.slice(x, start, limit, (1,) * lead + window + (1,))
+    best = tap if best is None else jnp.where(
+        (tap > best) | jnp.isnan(tap), tap, best)
+  return best
+
+
+def _expand_to_rank(a: jax.Array, ndim: int) -> jax.Array:
+  """Prepends unit axes to ``a`` until it has ``ndim`` dimensions."""
+  return jnp.reshape(a, (1,) * (ndim - jnp.ndim(a)) + jnp.shape(a))
 
 
 def batch_norm(x: jax.Array, scale: jax.Array | None = None,
@@ -201,8 +221,10 @@ def batch_norm(x: jax.Array, scale: jax.Array | None = None,
   mean = jnp.mean(x, axis=axis, keepdims=True)
   var = jnp.mean(jnp.square(x - mean), axis=axis, keepdims=True)
   y = (x - mean) * lax.rsqrt(var + jnp.asarray(epsilon, x.dtype))
+  # Right-aligned like NumPy broadcasting, but explicit: no implicit rank
+  # promotion (which jax_numpy_rank_promotion='raise' rejects).
   if scale is not None:
-    y = y * scale
+    y = y * _expand_to_rank(scale, y.ndim)
   if offset is not None:
-    y = y + offset
+    y = y + _expand_to_rank(offset, y.ndim)
   return y
