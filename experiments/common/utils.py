@@ -398,6 +398,14 @@ def experiment_logger() -> logging.Logger:
   return log
 
 
+def print_run_summary(table: str, results: Mapping[str, Any],
+                      results_path: str) -> None:
+  """Prints an experiment's results table and where its results went."""
+  print(table)
+  print(f'{results["device"]}; this run {results["wall_time_s"]:.0f}s; '
+        f'results in {results_path}')
+
+
 def load_image_splits(dataset: str, *, num_train: int | None = None,
                       num_test: int | None = None,
                       raw_dir: str | None = None,

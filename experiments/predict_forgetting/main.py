@@ -32,9 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     results = train.train_and_evaluate(configs.get_config(args.config),
                                        args.workdir, raw_dir=args.raw_dir,
                                        data_dir=args.data_dir)
-  print(train.format_table(results))
-  print(f'{results["device"]}; this run {results["wall_time_s"]:.0f}s; '
-        f'results in {os.path.join(args.workdir, train.RESULTS_JSON)}')
+  utils.print_run_summary(train.format_table(results), results,
+                          os.path.join(args.workdir, train.RESULTS_JSON))
 
 
 if __name__ == '__main__':
