@@ -71,3 +71,53 @@ def write_jsonl(bench: str, records: Sequence[dict[str, Any]]) -> str:
                           'device': device_description(),
                           'jax': jax.__version__, **rec}) + '\n')
   return path
+
+
+def rss_bytes(field: str = 'VmRSS') -> int:
+  """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes."""
+  with open('/proc/self/status') as f:
+    for line in f:
+      if line.startswith(field + ':'):
+        return int(line.split()[1]) * 1024
+  raise RuntimeError(f'{field} not in /proc/self/status')
+
+
+def reset_peak_rss() -> int:
+  """Resets this process's peak RSS (``VmHWM``) to its RSS; returns the RSS.
+
+  Writing 5 to ``/proc/self/clear_refs`` (Linux) resets the high-water mark,
+  so ``rss_bytes('VmHWM')`` afterwards is the peak since this call.
+  """
+  with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')
+  return rss_bytes('VmRSS')
+
+
+def peak_rss_growth(fn: Callable[[], Any]) -> dict[str, int]:
+  """Peak RSS of one blocked call of ``fn`` above the RSS before it.
+
+  Meant for a fresh process per variant, after set-up and compilation: what
+  was resident before (inputs, compiled code, runtimes) is not counted, and
+  nothing another variant freed can be reused unseen.
+  """
+  before = reset_peak_rss()
+  jax.block_until_ready(fn())
+  peak = rss_bytes('VmHWM')
+  return {'rss_before_bytes': before, 'peak_rss_bytes': peak,
+          'peak_growth_bytes': peak - before}
+
+
+def compiled_memory(compiled: Any) -> dict[str, int] | None:
+  """XLA's buffer sizes for a compiled executable (``memory_analysis()``).
+
+  ``total_bytes`` = arguments + outputs + temporaries. It leaves out memory a
+  custom call allocates itself (the LAPACK workspaces of CPU ``svd``, ``eigh``
+  and ``qr``), so it is a lower bound of what a call needs.
+  """
+  memory = compiled.memory_analysis()
+  if memory is None:
+    return None
+  sizes = {'argument_bytes': int(memory.argument_size_in_bytes),
+           'output_bytes': int(memory.output_size_in_bytes),
+           'temp_bytes': int(memory.temp_size_in_bytes)}
+  return {**sizes, 'total_bytes': sum(sizes.values())}
