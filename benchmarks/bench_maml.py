@@ -532,14 +532,6 @@ def bench_conv(num_tasks_list, rounds, chunk_sizes, plain_max_tasks,
   return records
 
 
-def _rss_bytes(field):
-  with open('/proc/self/status') as f:
-    for line in f:
-      if line.startswith(field + ':'):
-        return int(line.split()[1]) * 1024
-  raise RuntimeError(f'{field} not in /proc/self/status')
-
-
 def probe_memory(variant, num_tasks, threads):
   """Peak RSS growth over 3 steps of one workload-B variant (own process).
 
@@ -559,12 +551,10 @@ def probe_memory(variant, num_tasks, threads):
   else:
     runner = _TorchConvRunner(variant, torch, params, tasks)
   jax.block_until_ready(runner())
-  with open('/proc/self/clear_refs', 'w') as f:
-    f.write('5')
-  before = _rss_bytes('VmRSS')
+  before = _timing.reset_peak_rss()
   for _ in range(3):
     jax.block_until_ready(runner())
-  peak = _rss_bytes('VmHWM')
+  peak = _timing.rss_bytes('VmHWM')
   return {'variant': variant, 'num_tasks': num_tasks,
           'rss_before_bytes': before, 'peak_rss_bytes': peak,
           'peak_growth_bytes': peak - before}
