@@ -102,14 +102,14 @@ def _metacf_step(num_inner_steps, *, first_order=False, remat=False):
       num_inner_steps=num_inner_steps, first_order=first_order, remat=remat)
 
 
-def _plain_meta_loss(num_inner_steps):
+def _plain_meta_loss(loss_fn, inner_lr, num_inner_steps):
   """Mean query loss over ``vmap`` of an explicitly unrolled inner loop."""
 
   def task_loss(params, sx, sy, qx, qy):
     for _ in range(num_inner_steps):
-      grads = jax.grad(_mse)(params, sx, sy)
-      params = jax.tree.map(lambda p, g: p - INNER_LR * g, params, grads)
-    return _mse(params, qx, qy)
+      grads = jax.grad(loss_fn)(params, sx, sy)
+      params = jax.tree.map(lambda p, g: p - inner_lr * g, params, grads)
+    return loss_fn(params, qx, qy)
 
   def meta_loss(params, tasks):
     return jnp.mean(jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(
@@ -118,9 +118,13 @@ def _plain_meta_loss(num_inner_steps):
   return meta_loss
 
 
-def _plain_step(num_inner_steps):
+def _sinusoid_plain_meta_loss(num_inner_steps):
+  return _plain_meta_loss(_mse, INNER_LR, num_inner_steps)
+
+
+def _plain_step(meta_loss):
+  """One ``jax.jit`` (params and state donated) of ``meta_loss``'s grad + Adam."""
   optimizer = optax.adam(OUTER_LR)
-  meta_loss = _plain_meta_loss(num_inner_steps)
 
   def step(params, opt_state, tasks):
     loss, grads = jax.value_and_grad(meta_loss)(params, tasks)
@@ -180,7 +184,7 @@ class _TorchRunner:
 
 def _check_meta_gradients(params, tasks, num_inner_steps, torch, torch_maml):
   """The variants' meta-gradients agree (float32, relative to their size)."""
-  ref = jax.grad(_plain_meta_loss(num_inner_steps))(params, tasks)
+  ref = jax.grad(_sinusoid_plain_meta_loss(num_inner_steps))(params, tasks)
   grads = {'metacf': jax.grad(maml.maml_loss, argnums=1)(
       _mse, params, tasks, inner_lr=INNER_LR,
       num_inner_steps=num_inner_steps)}
@@ -220,7 +224,8 @@ def bench_variants(inner_steps, rounds, num_tasks, shots, threads):
   records = []
   for n in inner_steps:
     runners = {'metacf': _JaxRunner(_metacf_step(n), params, tasks),
-               'plain': _JaxRunner(_plain_step(n), params, tasks)}
+               'plain': _JaxRunner(
+                   _plain_step(_sinusoid_plain_meta_loss(n)), params, tasks)}
     if torch is not None:
       runners['torch_func'] = _TorchRunner(torch, torch_maml, params, tasks,
                                            n)
@@ -343,30 +348,7 @@ def _conv_metacf_step(task_chunk_size, first_order=False):
 
 def _conv_plain_meta_loss():
   """What a user writes alone: flax's Conv-4, vmap over tasks, one grad."""
-  loss_fn = _ce_loss(_conv4(False))
-
-  def task_loss(params, sx, sy, qx, qy):
-    grads = jax.grad(loss_fn)(params, sx, sy)
-    params = jax.tree.map(lambda p, g: p - INNER_LR_B * g, params, grads)
-    return loss_fn(params, qx, qy)
-
-  def meta_loss(params, tasks):
-    return jnp.mean(jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(
-        params, *tasks))
-
-  return meta_loss
-
-
-def _conv_plain_step():
-  optimizer = optax.adam(OUTER_LR)
-  meta_loss = _conv_plain_meta_loss()
-
-  def step(params, opt_state, tasks):
-    loss, grads = jax.value_and_grad(meta_loss)(params, tasks)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return jax.jit(step, donate_argnums=(0, 1))
+  return _plain_meta_loss(_ce_loss(_conv4(False)), INNER_LR_B, 1)
 
 
 class _TorchConvRunner:
@@ -496,7 +478,8 @@ def bench_conv(num_tasks_list, rounds, chunk_sizes, plain_max_tasks,
         runners[f'metacf_chunk{c}'] = _JaxRunner(_conv_metacf_step(c),
                                                  params, tasks)
     if num_tasks <= plain_max_tasks:
-      runners['plain'] = _JaxRunner(_conv_plain_step(), params, tasks)
+      runners['plain'] = _JaxRunner(_plain_step(_conv_plain_meta_loss()),
+                                    params, tasks)
     if has_torchopt:
       runners['torchopt'] = _TorchConvRunner('torchopt', torch, params, tasks)
     if torch is not None and num_tasks <= func_max_tasks:
@@ -547,7 +530,7 @@ def probe_memory(variant, num_tasks, threads):
     runner = _JaxRunner(
         _conv_metacf_step(int(variant[len('metacf_chunk'):])), params, tasks)
   elif variant == 'plain':
-    runner = _JaxRunner(_conv_plain_step(), params, tasks)
+    runner = _JaxRunner(_plain_step(_conv_plain_meta_loss()), params, tasks)
   else:
     runner = _TorchConvRunner(variant, torch, params, tasks)
   jax.block_until_ready(runner())
