@@ -1,5 +1,6 @@
 """Tests for metacf.layers against lax, flax and float64 NumPy references."""
 
+import functools
 import re
 
 from absl.testing import parameterized
@@ -428,6 +429,71 @@ class BatchNormTest(chex.TestCase):
     _assert_close(np.mean(y, axis=(0, 1, 2)), np.zeros(4), atol=1e-5)
     _assert_close(np.var(np.asarray(y, np.float64), axis=(0, 1, 2)),
                   np.ones(4), rtol=1e-4)
+
+  @parameterized.named_parameters(
+      ('default_axes', (5, 3, 2, 3), None),
+      ('batch_axis_only', (6, 2, 3), (0,)),
+      ('negative_int_axis', (4, 5, 3), -2),
+  )
+  def test_derivatives_match_autodiff_of_the_formula_float64(self, shape,
+                                                              axis):
+    # The custom_jvp rule against autodiff of the textbook formula, to third
+    # order (MAML differentiates the inner gradient once more).
+    with jax.enable_x64(True):
+      x = 0.5 + _normal(0, shape)
+      scale = 1.0 + 0.3 * _normal(1, shape[-1:])
+      offset = _normal(2, shape[-1:])
+      w = _normal(3, shape)
+      np_axis = (tuple(range(len(shape) - 1)) if axis is None else
+                 (axis % len(shape),) if isinstance(axis, int) else axis)
+
+      def formula(a, s, o):
+        mean = jnp.mean(a, axis=np_axis, keepdims=True)
+        var = jnp.mean(jnp.square(a - mean), axis=np_axis, keepdims=True)
+        bcast = (1,) * (len(shape) - 1) + (-1,)
+        return ((a - mean) / jnp.sqrt(var + 1e-3) * s.reshape(bcast)
+                + o.reshape(bcast))
+
+      def loss(norm, a, s, o):
+        return jnp.sum(w * jnp.tanh(norm(a, s, o)))
+
+      ours = functools.partial(loss, lambda a, s, o: layers.batch_norm(
+          a, s, o, epsilon=1e-3, axis=axis))
+      ref = functools.partial(loss, formula)
+      args = (x, scale, offset)
+      v = _normal(4, shape)
+
+      @functools.partial(jax.jit, static_argnums=0)
+      def derivatives(f):
+        third = jax.jvp(jax.hessian(lambda a: f(a, scale, offset)), (x,),
+                        (v,))[1]
+        return (jax.grad(f, argnums=(0, 1, 2))(*args),
+                jax.hessian(f, argnums=(0, 1, 2))(*args), third)
+
+      for got, want, tol in zip(derivatives(ours), derivatives(ref),
+                                (1e-10, 1e-9, 1e-8)):
+        _assert_trees_close(got, want, rtol=tol, atol=tol * 1e-2)
+      _check_grads_order_2(lambda a, s, o: layers.batch_norm(
+          a, s, o, epsilon=1e-3, axis=axis), args)
+
+  def test_float32_gradient_matches_float64(self):
+    # Inputs with a large common mean: the float32 input gradient agrees
+    # with float64 and its (exactly zero) per-feature sum stays at rounding
+    # level.
+    rng = np.random.default_rng(0)
+    x64 = 50.0 + rng.normal(size=(64, 8, 8, 4))
+    w64 = rng.normal(size=(64, 8, 8, 4))
+    loss = lambda a, w: jnp.sum(w * layers.batch_norm(a))
+    with jax.enable_x64(True):
+      ref = np.asarray(jax.grad(loss)(jnp.asarray(x64), jnp.asarray(w64)))
+    got = np.asarray(jax.grad(loss)(jnp.asarray(x64, jnp.float32),
+                                    jnp.asarray(w64, jnp.float32)))
+    self.assertTrue(np.all(np.isfinite(got)))
+    scale = np.max(np.abs(ref))
+    self.assertLess(np.max(np.abs(got - ref)) / scale, 1e-5)
+    self.assertLess(
+        np.max(np.abs(got.astype(np.float64).sum(axis=(0, 1, 2)))) / scale,
+        1e-3)
 
   @parameterized.named_parameters(('zero', 0.0), ('negative', -1e-5),
                                   ('nan', float('nan')))
