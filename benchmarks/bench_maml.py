@@ -393,18 +393,16 @@ def _check_conv_meta_gradients(params, tasks, torch, has_torchopt):
   """Each variant's float32 meta-gradient vs a float64 ``lax.conv`` reference.
 
   Returns the largest error of each, relative to the largest reference entry,
-  and raises if metacf's exceeds twice the plain float32 ``lax.conv``
-  formulation's (or 1e-4). Both JAX float32 formulations are about 2.5e-3 off,
-  all of it in the first layer's kernel and BatchNorm offset: JAX
-  differentiates BatchNorm through its mean and variance, and on 1-channel
-  inputs with mean 0.5 the backpropagated signal's zero sum cancels in float32
-  (PyTorch's hand-written BatchNorm backward centres it explicitly: TorchOpt's
-  float32 error is about 2e-6). In float64 (checked once, 2026-11-25)
-  TorchOpt's recipe matches the reference to 5e-15; torch.func + ``vmap`` is
-  off by 1.8% even in float64 (the same code looped over tasks without
-  ``vmap`` agrees with TorchOpt): an error in torch.func's batching rules on
-  this model, not float rounding. The PyTorch peers are reported, not
-  asserted.
+  and raises if metacf's exceeds 1e-4. The plain float32 formulation (flax's
+  conv, autodiff through BatchNorm's mean and variance) is about 2.5e-3 off,
+  all of it in the first layer: the second-order meta-gradient amplifies the
+  float32 rounding of the batch mean (xhat's mean is 4e-7 instead of 0);
+  ``metacf.layers.batch_norm`` computes the moments of shifted data and is
+  about 2e-5 off. In float64 (checked once, 2026-11-25) TorchOpt's recipe
+  matches the reference to 5e-15; torch.func + ``vmap`` is off by 1.8% even
+  in float64 (the same code looped over tasks without ``vmap`` agrees with
+  TorchOpt): an error in torch.func's batching rules on this model, not float
+  rounding. The PyTorch peers are reported, not asserted.
   """
   with jax.enable_x64(True):
     to64 = lambda a: (a.astype(jnp.float64)
@@ -440,7 +438,7 @@ def _check_conv_meta_gradients(params, tasks, torch, has_torchopt):
         for path, leaf in jax.tree_util.tree_leaves_with_path(g)) / scale
     print(f'  float32 meta-gradient vs float64 lax.conv reference: {name} '
           f'max error {errors[name]:.1e} (relative to the largest entry)')
-  if errors['metacf'] > max(1e-4, 2 * errors['lax.conv float32']):
+  if errors['metacf'] > 1e-4:
     raise AssertionError('metacf meta-gradient disagrees with the float64 '
                          f'reference: {errors["metacf"]:.2e}')
   return errors
