@@ -65,9 +65,12 @@ class TransductiveBatchNorm(nn.Module):
   MAML's BatchNorm (Finn et al. 2017): inside ``maml_loss`` the support set's
   statistics are used in the inner loop and the query set's in the outer
   loss; there is no model state to thread. ``scale``/``bias`` are parameters.
+  ``fast=False`` computes the textbook formula with ``jnp`` (autodiff through
+  the mean and variance) instead of :func:`metacf.layers.batch_norm`.
   """
   epsilon: float = 1e-5
   param_dtype: jnp.dtype = jnp.float32  # As flax's layers (also under x64).
+  fast: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -76,7 +79,15 @@ class TransductiveBatchNorm(nn.Module):
                        self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros, (features,),
                       self.param_dtype)
-    return layers.batch_norm(x, scale, bias, epsilon=self.epsilon)
+    if self.fast:
+      return layers.batch_norm(x, scale, bias, epsilon=self.epsilon)
+    # The textbook formula, differentiated by autodiff: the reference.
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
+    return ((x - mean) * jax.lax.rsqrt(var + self.epsilon)
+            * scale.reshape((1,) * (x.ndim - 1) + (-1,))
+            + bias.reshape((1,) * (x.ndim - 1) + (-1,)))
 
 
 class Conv4(nn.Module):
@@ -84,10 +95,11 @@ class Conv4(nn.Module):
 
   ``[conv 3x3 'SAME' -> BatchNorm (transductive) -> ReLU -> max-pool 2x2] x
   4 -> Dense``; 28x28 inputs end at 1x1xfeatures. With ``fast=True`` the
-  convolutions and pools are :mod:`metacf.layers` (im2col + matmul, reshape
-  max-pool), which stay fast under ``vmap`` with per-task weights; with
-  ``fast=False`` they are flax's defaults (``lax.conv_general_dilated``,
-  ``reduce_window``). Both compute the same function.
+  convolutions, BatchNorms and pools are :mod:`metacf.layers` (im2col +
+  matmul, closed-form BatchNorm derivative, max-pool by selects), which stay
+  fast under ``vmap`` with per-task weights; with ``fast=False`` they are
+  flax's defaults (``lax.conv_general_dilated``, ``reduce_window``) and the
+  textbook BatchNorm formula. Both compute the same function.
 
   Attributes:
     num_classes: Number of output logits (the ways).
@@ -106,7 +118,7 @@ class Conv4(nn.Module):
     for i in range(4):
       x = nn.Conv(self.features, (3, 3), padding='SAME',
                   conv_general_dilated=conv, name=f'conv{i}')(x)
-      x = TransductiveBatchNorm(name=f'bn{i}')(x)
+      x = TransductiveBatchNorm(fast=self.fast, name=f'bn{i}')(x)
       x = pool(nn.relu(x), (2, 2), (2, 2))
     x = jnp.reshape(x, (x.shape[0], -1))
     return nn.Dense(self.num_classes, name='head')(x)
