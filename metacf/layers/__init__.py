@@ -1,8 +1,8 @@
 """Layers for per-task weights under ``vmap`` (MAML): fast on CPU and GPU.
 
 ``conv_general_dilated`` (im2col + one matmul, a drop-in for flax's
-``nn.Conv(conv_general_dilated=...)``), reshape ``max_pool`` and transductive
-``batch_norm``. See the module docstring of ``metacf.layers._layers`` for the
+``nn.Conv(conv_general_dilated=...)``), a select-based ``max_pool`` and a
+transductive ``batch_norm`` with a closed-form, float32-accurate derivative. See the module docstring of ``metacf.layers._layers`` for the
 measurements behind them.
 """
 

