@@ -137,6 +137,20 @@ class MamlOmniglotSmokeTest(_smoke_run.SmokeRunTestCase):
     self.assertNotEqual(other['history'][0],
                         self.results['settings'][NAME]['history'][0])
 
+  def test_session_of_another_setting_keeps_earlier_results(self):
+    # `--settings=...` sessions of different settings share a workdir: the
+    # results of the settings not trained now are carried over unchanged.
+    other = dataclasses.replace(self.config.settings[0], shots=2)
+    config = dataclasses.replace(self.config, settings=(other,),
+                                 num_iterations=5, checkpoint_every=5,
+                                 eval_schedule=((5, 5),))
+    results = _run(self._copy_of_run(), config)
+    self.assertEqual(list(results['settings']), [NAME, other.name])
+    self.assertEqual(results['settings_from_earlier_sessions'], [NAME])
+    self.assertEqual(results['settings'][NAME],
+                     json.loads(json.dumps(self.results['settings'][NAME])))
+    self.assertEqual(results['settings'][other.name]['iterations'], 5)
+
   def test_other_recipe_in_same_workdir_raises(self):
     config = dataclasses.replace(self.config, outer_lr=0.5)
     with self.assertRaisesRegex(ValueError, 'another recipe'):

@@ -30,6 +30,7 @@ resumes where it stopped and gives bitwise the same numbers.
 from collections.abc import Mapping
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -49,6 +50,7 @@ from experiments.common import models
 from experiments.common import utils
 from experiments.maml_omniglot.configs import Config
 from experiments.maml_omniglot.configs import Setting
+from experiments.maml_omniglot.configs import SETTINGS
 from metacf import maml
 
 PAPER = {
@@ -646,12 +648,24 @@ def train_and_evaluate(config: Config, workdir: str, *,
         'wall_time_s': (run['train_time_s'] + run['compile_s']
                         + run['eval_time_s'] + final_eval_s),
         'session_wall_time_s': time.perf_counter() - setting_start,
+        'date': utils.run_info()['date'],
+        'device': utils.device_description(),
     }
     logger.info('%s: test accuracy %s after %d steps, %d iterations (paper: '
                 '%s)', setting.name, format_accuracy(record), steps,
                 run['iterations'], format_paper(record))
     per_setting[setting.name] = record
 
+  # A session may train only some settings (--settings): keep the latest
+  # results of the others from earlier sessions in this workdir.
+  earlier = _earlier_settings(os.path.join(workdir, RESULTS_JSON))
+  carried = [name for name in earlier if name not in per_setting]
+  for name in carried:
+    per_setting[name] = earlier[name]
+  order = [s.name for s in SETTINGS]
+  per_setting = dict(sorted(
+      per_setting.items(),
+      key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
   results = {
       'experiment': 'maml_omniglot',
       **utils.run_info(),
@@ -664,10 +678,19 @@ def train_and_evaluate(config: Config, workdir: str, *,
                                           - config.num_train_characters),
                'image_size': config.image_size},
       'settings': per_setting,
+      'settings_from_earlier_sessions': carried,
   }
   utils.write_json(os.path.join(workdir, RESULTS_JSON), results)
   plot_results(results, os.path.join(workdir, RESULTS_PNG))
   return results
+
+
+def _earlier_settings(path: str) -> dict[str, Any]:
+  """The per-setting records of an earlier ``results.json``, if any."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return dict(json.load(f).get('settings', {}))
 
 
 def format_accuracy(record: Mapping[str, Any]) -> str:
