@@ -210,7 +210,7 @@ def _normalize_impl(x: jax.Array, axis: tuple[int, ...], epsilon: float
   # the rough mean's rounding error, so xhat's mean is zero to rounding. The
   # second-order (meta-)gradient is sensitive to it: through a Conv-4 on
   # [0, 1] images, MAML's first-layer meta-gradient went from 2.5e-3 to
-  # 7e-5 off a float64 reference. Both moments of d are one fused pass.
+  # 2e-5 off a float64 reference. Both moments of d are one fused pass.
   rough = lax.stop_gradient(jnp.mean(x, axis=axis, keepdims=True))
   d = x - rough
   shift = jnp.mean(d, axis=axis, keepdims=True)
@@ -254,7 +254,10 @@ def batch_norm(x: jax.Array, scale: jax.Array | None = None,
 
   The normalisation has a closed-form derivative (``jax.custom_jvp``; Ioffe
   & Szegedy 2015), differentiable to any order, that compiles to fewer
-  passes over ``x`` than autodiff through the mean and variance.
+  passes over ``x`` than autodiff through the mean and variance. The moments
+  are those of ``x`` shifted by a first estimate of the mean, so that in
+  float32 the normalised output's mean is zero to rounding (MAML's
+  second-order meta-gradient amplifies any residual).
 
   Args:
     x: ``[batch, ..., features]``.
