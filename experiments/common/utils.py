@@ -21,7 +21,7 @@ Example (a resumable loop):
 """
 
 import argparse
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 import datetime
 import importlib
 import json
@@ -281,6 +281,18 @@ class Checkpointer:
 
   def __exit__(self, *exc_info: Any) -> None:
     self.close()
+
+
+def check_positive_multiples(config: Any, names: Sequence[str], unit: str,
+                             fn: str) -> None:
+  """Raises ValueError unless each field in ``names`` is k * ``unit``, k>0."""
+  step = getattr(config, unit)
+  for name in names:
+    value = getattr(config, name)
+    if value <= 0 or value % step:
+      raise ValueError(
+          f'{fn}: {name} must be a positive multiple of {unit} ({step}), got '
+          f'{value}.')
 
 
 # ------------------------------------------------------------------ results

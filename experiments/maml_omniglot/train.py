@@ -404,12 +404,8 @@ def check_config(config: Config) -> None:
   names = [s.name for s in config.settings]
   if len(set(names)) != len(names):
     raise ValueError(f'{fn}: settings must be distinct, got {names}.')
-  for name in ('num_iterations', 'checkpoint_every'):
-    value = getattr(config, name)
-    if value <= 0 or value % config.chunk_size:
-      raise ValueError(
-          f'{fn}: {name} must be a positive multiple of chunk_size '
-          f'({config.chunk_size}), got {value}.')
+  utils.check_positive_multiples(
+      config, ('num_iterations', 'checkpoint_every'), 'chunk_size', fn)
   until = 0
   for end, every in config.eval_schedule:
     if end <= until or every <= 0 or every % config.chunk_size:
@@ -418,12 +414,8 @@ def check_config(config: Config) -> None:
           f'increasing and every a positive multiple of chunk_size '
           f'({config.chunk_size}), got {config.eval_schedule}.')
     until = end
-  for name in ('num_curve_tasks', 'num_test_tasks'):
-    value = getattr(config, name)
-    if value <= 0 or value % config.eval_batch_size:
-      raise ValueError(
-          f'{fn}: {name} must be a positive multiple of eval_batch_size '
-          f'({config.eval_batch_size}), got {value}.')
+  utils.check_positive_multiples(
+      config, ('num_curve_tasks', 'num_test_tasks'), 'eval_batch_size', fn)
   if config.num_curve_tasks > config.num_test_tasks:
     raise ValueError(
         f'{fn}: num_curve_tasks must be <= num_test_tasks '

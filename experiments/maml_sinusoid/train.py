@@ -236,12 +236,9 @@ def compile_train_chunk(kind: str, config: Config, shots: int):
 
 def check_config(config: Config) -> None:
   """Raises ValueError on iteration counts that do not fit together."""
-  for name in ('num_iterations', 'checkpoint_every'):
-    value = getattr(config, name)
-    if value <= 0 or value % config.chunk_size:
-      raise ValueError(
-          f'check_config: {name} must be a positive multiple of chunk_size '
-          f'({config.chunk_size}), got {value}.')
+  utils.check_positive_multiples(
+      config, ('num_iterations', 'checkpoint_every'), 'chunk_size',
+      'check_config')
   if not config.shots:
     raise ValueError('check_config: shots must not be empty.')
   if config.max_eval_steps < 1:
