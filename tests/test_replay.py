@@ -6,6 +6,7 @@ test over all items at about z = 4.5.
 """
 
 import functools
+import re
 
 from absl.testing import parameterized
 import chex
@@ -211,7 +212,7 @@ class ReplayBufferTest(chex.TestCase):
     counts = np.bincount(np.asarray(batch['id']), minlength=8)
     self.assertEqual(counts[0], 0)   # never an empty slot
     _assert_inclusion(counts[1:], SAMPLES, 1 / 7)
-    chex.assert_trees_all_equal((batch, valid),
+    chex.assert_trees_all_equal(replay.ReplaySample(batch, valid),
                                 sample(jax.random.key(1), state))
     self.assertFalse(np.array_equal(batch['id'],
                                     sample(jax.random.key(2), state)[0]['id']))
@@ -657,7 +658,7 @@ class MixReplayTest(chex.TestCase):
     for fraction in (0.0, 0.25, 0.5, 1.0):
       chex.assert_trees_all_equal(mix(key, new, old, fraction),
                                   replay.mix_replay(key, new, old, fraction))
-    # Traced: clipped to [0, 1] and to replay_batch's rows.
+    # Traced: clipped to [0, 1] and to replay_sample's rows.
     self.assertEqual(int(np.sum(mix(key, new, old, 1.5)[1])), 16)
     self.assertEqual(int(np.sum(mix(key, new, old, -0.5)[1])), 0)
     small = _items(np.arange(3) + 1000)
@@ -702,28 +703,28 @@ class MixReplayTest(chex.TestCase):
   def test_bad_fraction(self, fraction):
     new, old = self._batches()
     with self.assertRaisesRegex(
-        ValueError, r'mix_replay: replay_fraction must be in \[0, 1\]'):
+        ValueError, r'mix_replay: fraction must be in \[0, 1\]'):
       replay.mix_replay(jax.random.key(0), new, old, fraction)
 
   def test_bad_inputs(self):
     new, old = self._batches()
     key = jax.random.key(0)
     with self.assertRaisesRegex(
-        TypeError, 'mix_replay: replay_fraction must be a real number'):
+        TypeError, 'mix_replay: fraction must be a real number'):
       replay.mix_replay(key, new, old, True)
     with self.assertRaisesRegex(
-        ValueError, 'mix_replay: replay_fraction must be a scalar'):
+        ValueError, 'mix_replay: fraction must be a scalar'):
       replay.mix_replay(key, new, old, np.array([0.5]))
     with self.assertRaisesRegex(
-        ValueError, r'mix_replay: replay_batch must have at least 8 rows '
-        r'\(round\(replay_fraction \* 16\)\), got 5\.'):
+        ValueError, r'mix_replay: replay_sample must have at least 8 rows '
+        r'\(round\(fraction \* 16\)\), got 5\.'):
       replay.mix_replay(key, new, _items(np.arange(5)), 0.5)
     with self.assertRaisesRegex(
-        ValueError, 'mix_replay: replay_batch must have the same pytree '
+        ValueError, 'mix_replay: replay_sample must have the same pytree '
         'structure as new_batch'):
       replay.mix_replay(key, new, {'id': old['id']}, 0.5)
     with self.assertRaisesRegex(
-        TypeError, r"mix_replay: replay_batch leaf \['x'\] must have dtype "
+        TypeError, r"mix_replay: replay_sample leaf \['x'\] must have dtype "
         'float32 like new_batch, got int32.'):
       replay.mix_replay(key, new, {**old, 'x': jnp.zeros((16, 3), jnp.int32)},
                         0.5)
@@ -732,7 +733,7 @@ class MixReplayTest(chex.TestCase):
         'batch size'):
       replay.mix_replay(key, {**new, 'x': jnp.zeros((15, 3))}, old, 0.5)
     with self.assertRaisesRegex(
-        ValueError, r'mix_replay: replay_batch leaves must share the leading '
+        ValueError, r'mix_replay: replay_sample leaves must share the leading '
         'batch size'):
       replay.mix_replay(key, new, {**old, 'x': jnp.zeros((15, 3))}, 0.5)
     with self.assertRaisesRegex(
@@ -743,3 +744,302 @@ class MixReplayTest(chex.TestCase):
         'int32'):
       replay.mix_replay(key, new, old, 0.5,
                         replay_valid=np.ones(16, np.int32))
+
+  def test_traced_nan_fraction_propagates(self):
+    # Converting a NaN fraction to a row count would give 0 replayed rows,
+    # silently; instead every floating leaf of the mixed batch is NaN.
+    new, old = self._batches()
+    key = jax.random.key(0)
+    mix = jax.jit(replay.mix_replay)
+    nan = jnp.float32(np.nan)
+    for replay_sample in (old, replay.ReplaySample(old, np.ones(16, bool)),
+                         _items(np.arange(0) + 1000)):   # also with no rows
+      mixed, is_replay = mix(key, new, replay_sample, nan)
+      self.assertTrue(np.all(np.isnan(mixed['x'])))
+      np.testing.assert_array_equal(mixed['id'], new['id'])   # integer
+      chex.assert_trees_all_equal(mixed['nested'], new['nested'])
+      np.testing.assert_array_equal(is_replay, False)
+      chex.assert_trees_all_equal_dtypes(mixed, new)
+    # A finite traced fraction leaves no NaN.
+    mixed, _ = mix(key, new, old, jnp.float32(0.5))
+    self.assertFalse(np.any(np.isnan(mixed['x'])))
+
+
+def _sample_cases():
+  return (('reservoir', lambda: replay.replay_buffer(6), False),
+          ('class_balanced', lambda: replay.class_balanced_buffer(6, 3),
+           True),
+          ('class_balanced_label_fn',
+           lambda: replay.class_balanced_buffer(6, 3, label_fn=_label_of),
+           False))
+
+
+def _label_of(batch):
+  return batch['label']
+
+
+class ReplaySampleTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*_sample_cases())
+  def test_sample_is_a_replay_sample_that_unpacks_as_a_pair(
+      self, make_buffer, explicit_labels):
+    buffer = make_buffer()
+    sample = self.variant(lambda k, s: buffer.sample(k, s, 5))
+    state = buffer.init(_example(labels=True))
+    empty = sample(jax.random.key(0), state)
+    self.assertIsInstance(empty, replay.ReplaySample)
+    self.assertEqual(replay.ReplaySample._fields, ('items', 'valid'))
+    items, valid = empty
+    self.assertIs(items, empty.items)
+    self.assertIs(valid, empty.valid)
+    self.assertEqual(valid.dtype, jnp.bool_)
+    chex.assert_shape(valid, (5,))
+    chex.assert_shape(items['x'], (5, 3))
+    np.testing.assert_array_equal(valid, False)
+    lab = np.array([0, 1, 2], np.int32)
+    batch = _items([1, 2, 3], lab)
+    if explicit_labels:
+      state = buffer.add(jax.random.key(1), state, batch, lab)
+    else:
+      state = buffer.add(jax.random.key(1), state, batch)
+    full = sample(jax.random.key(2), state)
+    self.assertIsInstance(full, replay.ReplaySample)
+    items, valid = full
+    np.testing.assert_array_equal(valid, True)
+    _assert_whole(items, items['id'])
+    self.assertTrue(set(np.asarray(items['id']).tolist()) <= {1, 2, 3})
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(('none', 0.0), ('quarter', 0.25),
+                                  ('half', 0.5), ('all', 1.0))
+  def test_mix_with_a_replay_sample_equals_explicit_valid(self, fraction):
+    mix_sample = self.variant(
+        lambda k, new, sample, f: replay.mix_replay(k, new, sample, f))
+    mix_explicit = self.variant(
+        lambda k, new, items, f, valid: replay.mix_replay(
+            k, new, items, f, replay_valid=valid))
+    new = _items(np.arange(16), np.arange(16) % 3)
+    key = jax.random.key(4)
+    # A hand-made mask with invalid rows, and real samples of both buffers,
+    # empty (all invalid) and not.
+    samples = [replay.ReplaySample(_items(np.arange(16) + 1000,
+                                          np.arange(16) % 3),
+                                   np.arange(16) % 3 != 1)]
+    lab = np.array([0, 1, 2, 0], np.int32)
+    for buffer in (replay.replay_buffer(6),
+                   replay.class_balanced_buffer(6, 3, label_fn=_label_of)):
+      state = buffer.init(_example(labels=True))
+      samples.append(buffer.sample(jax.random.key(5), state, 16))
+      state = buffer.add(jax.random.key(6), state,
+                         _items([100, 101, 102, 103], lab))
+      samples.append(buffer.sample(jax.random.key(7), state, 16))
+    for i, sample in enumerate(samples):
+      got = mix_sample(key, new, sample, fraction)
+      want = mix_explicit(key, new, sample.items, fraction, sample.valid)
+      chex.assert_trees_all_equal(got, want, custom_message=f'sample {i}')
+    # The hand-made mask is used: no row 1 of every 3 is replayed.
+    mixed, is_replay = mix_sample(key, new, samples[0], fraction)
+    ids = np.asarray(mixed['id'])[np.asarray(is_replay)]
+    self.assertTrue(np.all((ids - 1000) % 3 != 1))
+    # The empty buffers' samples give back the new batch.
+    for sample in (samples[1], samples[3]):
+      mixed, is_replay = mix_sample(key, new, sample, fraction)
+      chex.assert_trees_all_equal(mixed, new)
+      np.testing.assert_array_equal(is_replay, False)
+
+  def test_mix_replay_sample_with_replay_valid_raises(self):
+    new = _items(np.arange(16))
+    sample = replay.ReplaySample(_items(np.arange(16) + 1000),
+                                 np.ones(16, bool))
+    message = re.escape(
+        'mix_replay: replay_valid must be None when replay_sample is a '
+        'ReplaySample (its valid field is the mask), got an array of shape '
+        '(16,).')
+    with self.assertRaisesRegex(ValueError, message):
+      replay.mix_replay(jax.random.key(0), new, sample, 0.5,
+                        replay_valid=sample.valid)
+    with self.assertRaisesRegex(ValueError, message):   # at trace time
+      jax.jit(lambda s, v: replay.mix_replay(
+          jax.random.key(0), new, s, 0.5, replay_valid=v))(sample,
+                                                           sample.valid)
+
+  def test_mix_replay_sample_bad_valid(self):
+    new = _items(np.arange(16))
+    old = _items(np.arange(16) + 1000)
+    key = jax.random.key(0)
+    with self.assertRaisesRegex(ValueError, re.escape(
+        "mix_replay: replay_sample.valid must have shape [16] (replay_sample's "
+        'leading size), got (8,).')):
+      replay.mix_replay(key, new, replay.ReplaySample(old, np.ones(8, bool)),
+                        0.5)
+    with self.assertRaisesRegex(TypeError, re.escape(
+        'mix_replay: replay_sample.valid must have dtype bool, got int32.')):
+      replay.mix_replay(key, new,
+                        replay.ReplaySample(old, np.ones(16, np.int32)), 0.5)
+    with self.assertRaisesRegex(ValueError, re.escape(
+        'mix_replay: replay_sample must have the same pytree structure as '
+        'new_batch')):
+      replay.mix_replay(key, new,
+                        replay.ReplaySample({'id': old['id']},
+                                            np.ones(16, bool)), 0.5)
+
+
+class LabelFnTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_label_fn_gives_the_same_state_as_explicit_labels(self):
+    explicit = replay.class_balanced_buffer(7, 3)
+    implicit = replay.class_balanced_buffer(7, 3, label_fn=_label_of)
+    add_explicit = self.variant(explicit.add)
+    add_implicit = self.variant(implicit.add)
+    state_e = explicit.init(_example(labels=True))
+    state_i = implicit.init(_example(labels=True))
+    rng = np.random.default_rng(0)
+    for i in range(6):   # 30 items: fills, then evicts and replaces
+      lab = rng.choice(3, size=5, p=[0.6, 0.3, 0.1]).astype(np.int32)
+      batch = _items(np.arange(5 * i, 5 * i + 5), lab)
+      key = jax.random.key(i)
+      state_e = add_explicit(key, state_e, batch, lab)
+      state_i = add_implicit(key, state_i, batch)
+      chex.assert_trees_all_equal(state_e, state_i,
+                                  custom_message=f'batch {i}')
+    _check_balanced_state(state_i, 7)
+    self.assertEqual(int(state_i.num_seen), 30)
+
+  def test_label_fn_may_compute_the_labels(self):
+    # Any traceable function of the batch, e.g. a label derived from an id.
+    buffer = replay.class_balanced_buffer(
+        4, 2, label_fn=lambda batch: batch['id'] % 2)
+    state = buffer.init(_example())
+    state = jax.jit(buffer.add)(jax.random.key(0), state,
+                                _items(np.arange(6)))
+    np.testing.assert_array_equal(state.class_seen, [3, 3])
+    np.testing.assert_array_equal(state.class_end, [2, 4])
+    stored = np.asarray(state.items['id'])
+    np.testing.assert_array_equal(np.asarray(state.labels), stored % 2)
+
+  def test_missing_or_duplicate_labels(self):
+    lab = np.array([0, 1, 2], np.int32)
+    batch = _items([1, 2, 3], lab)
+    key = jax.random.key(0)
+    explicit = replay.class_balanced_buffer(4, 3)
+    with self.assertRaisesRegex(ValueError, re.escape(
+        'class_balanced_buffer.add: labels must be given when the buffer has '
+        'no label_fn (or build it with class_balanced_buffer(..., '
+        'label_fn=...)), got None.')):
+      explicit.add(key, explicit.init(_example(labels=True)), batch)
+    implicit = replay.class_balanced_buffer(4, 3, label_fn=_label_of)
+    message = re.escape(
+        'class_balanced_buffer.add: labels must not be given when the buffer '
+        'has a label_fn (the labels are label_fn(batch)), got labels of '
+        'shape (3,).')
+    with self.assertRaisesRegex(ValueError, message):
+      implicit.add(key, implicit.init(_example(labels=True)), batch, lab)
+    with self.assertRaisesRegex(ValueError, message):   # at trace time
+      jax.jit(implicit.add)(key, implicit.init(_example(labels=True)), batch,
+                            lab)
+
+  def test_bad_label_fn(self):
+    with self.assertRaisesRegex(TypeError, re.escape(
+        "class_balanced_buffer: label_fn must be callable or None, got "
+        "'label'.")):
+      replay.class_balanced_buffer(4, 3, label_fn='label')
+    key = jax.random.key(0)
+    batch = _items([1, 2, 3], [0, 1, 2])
+    cases = (
+        (lambda b: b['label'][:, None], ValueError,
+         'class_balanced_buffer.add: label_fn(batch) must have shape [3] '
+         '(the batch size), got (3, 1).'),
+        (lambda b: b['x'][:, 0], TypeError,
+         'class_balanced_buffer.add: label_fn(batch) must have an integer '
+         'dtype, got float32.'),
+        (lambda b: b['label'] + 1, ValueError,
+         'class_balanced_buffer.add: label_fn(batch) must be in [0, 3), got '
+         'values in [1, 3].'),
+    )
+    for label_fn, error, message in cases:
+      buffer = replay.class_balanced_buffer(4, 3, label_fn=label_fn)
+      with self.assertRaisesRegex(error, re.escape(message)):
+        buffer.add(key, buffer.init(_example(labels=True)), batch)
+
+
+def _train_loop(buffer, key, state, batches, fraction):
+  """A generic replay loop: any buffer whose add is add(key, state, batch).
+
+  Each step mixes the replay drawn at the end of the previous step into the
+  batch (the training itself is left out), adds the batch, then samples the
+  next step's replay. ``batches`` leaves are ``[num_steps, batch, ...]``.
+  """
+  batch_size = jax.tree.leaves(batches)[0].shape[1]
+  key, key_first = jax.random.split(key)
+  first = buffer.sample(key_first, state, batch_size)
+
+  def step(carry, batch):
+    key, state, sample = carry
+    key, key_mix, key_add, key_sample = jax.random.split(key, 4)
+    mixed, is_replay = replay.mix_replay(key_mix, batch, sample, fraction)
+    state = buffer.add(key_add, state, batch)
+    sample = buffer.sample(key_sample, state, batch_size)
+    return (key, state, sample), (mixed, is_replay)
+
+  (_, state, sample), (mixed, is_replay) = jax.lax.scan(
+      step, (key, state, first), batches)
+  return state, sample, mixed, is_replay
+
+
+class InterchangeableBuffersTest(chex.TestCase):
+
+  def test_both_buffers_in_one_jitted_train_loop(self):
+    chex.clear_trace_counter()
+    buffers = (replay.replay_buffer(6),
+               replay.class_balanced_buffer(6, 3, label_fn=_label_of))
+    # One trace per buffer (a static argument), none on new values.
+    loop = jax.jit(chex.assert_max_traces(_train_loop, n=len(buffers)),
+                   static_argnums=0)
+    steps, size = 5, 4
+
+    def batches(offset):
+      ids = np.arange(steps * size) + offset
+      items = _items(ids, ids % 3)
+      return jax.tree.map(lambda x: x.reshape((steps, size) + x.shape[1:]),
+                          items)
+
+    for buffer in buffers:
+      state = buffer.init(_example(labels=True))
+      for call in range(2):
+        key = jax.random.key(call)
+        data = batches(100 * call)
+        new_state, sample, mixed, is_replay = loop(buffer, key, state, data,
+                                                   jnp.float32(0.5))
+        self.assertIsInstance(sample, replay.ReplaySample)
+        self.assertIsInstance(new_state, type(state))
+        chex.assert_trees_all_equal_dtypes(new_state, state)
+        # The same steps, one by one in Python and not jitted.
+        want = _python_loop(buffer, key, state, data, 0.5)
+        chex.assert_trees_all_equal((new_state, sample, mixed, is_replay),
+                                    want)
+        if call == 0:   # the first step's replay is from an empty buffer
+          np.testing.assert_array_equal(is_replay[0], False)
+        self.assertEqual(int(np.sum(is_replay[1:])), 2 * (steps - 1))
+        _assert_whole(mixed, mixed['id'])
+        state = new_state
+      self.assertEqual(int(state.num_seen), 2 * steps * size)
+    # The class-balanced buffer ends balanced: 2 slots per class.
+    np.testing.assert_array_equal(state.class_end, [2, 4, 6])
+
+
+def _python_loop(buffer, key, state, batches, fraction):
+  """``_train_loop`` step by step, eagerly (the fraction is concrete)."""
+  num_steps, batch_size = jax.tree.leaves(batches)[0].shape[:2]
+  key, key_first = jax.random.split(key)
+  sample = buffer.sample(key_first, state, batch_size)
+  outputs = []
+  for t in range(num_steps):
+    batch = jax.tree.map(lambda x, t=t: x[t], batches)
+    key, key_mix, key_add, key_sample = jax.random.split(key, 4)
+    outputs.append(replay.mix_replay(key_mix, batch, sample, fraction))
+    state = buffer.add(key_add, state, batch)
+    sample = buffer.sample(key_sample, state, batch_size)
+  mixed, is_replay = jax.tree.map(lambda *xs: np.stack(xs), *outputs)
+  return state, sample, mixed, is_replay

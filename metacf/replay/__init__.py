@@ -4,21 +4,31 @@ A buffer is a factory returning a NamedTuple of pure functions
 ``(init, add, sample)`` over an explicit state, so it lives inside a jitted
 training step (donate the state for in-place updates). Items are any pytree:
 storing the network's logits next to inputs and labels gives Dark Experience
-Replay (DER/DER++) with no extra API. Example::
+Replay (DER/DER++) with no extra API. Both buffers' ``sample`` return a
+:class:`ReplaySample` ``(items, valid)``, which :func:`mix_replay` takes
+whole, and with ``label_fn`` the class-balanced buffer's ``add(key, state,
+batch)`` has the reservoir buffer's signature, so either buffer fits the same
+step. Example::
 
   buffer = metacf.replay.replay_buffer(capacity=500)
+  # or: metacf.replay.class_balanced_buffer(
+  #         capacity=500, num_classes=10, label_fn=lambda batch: batch['y'])
   state = buffer.init({'x': jnp.zeros([28, 28, 1], jnp.uint8),
                        'y': jnp.zeros([], jnp.int32)})
-  replay = buffer.sample(key0, state, batch_size)  # (batch, valid), all invalid
+  replay = buffer.sample(key0, state, batch_size)  # ReplaySample, all invalid
 
   @functools.partial(jax.jit, donate_argnums=1)
   def train_step(key, state, replay, params, x, y):
     key_add, key_next, key_mix = jax.random.split(key, 3)
     batch, is_replay = metacf.replay.mix_replay(
-        key_mix, {'x': x, 'y': y}, replay[0], 0.5, replay_valid=replay[1])
+        key_mix, {'x': x, 'y': y}, replay, 0.5)   # replay.valid is the mask
     ...  # loss and update on batch
     state = buffer.add(key_add, state, {'x': x, 'y': y})
     return state, buffer.sample(key_next, state, x.shape[0]), params
+
+A ``ReplaySample`` unpacks as a pair (``items, valid = buffer.sample(...)``),
+and ``mix_replay(key, batch, items, 0.5, replay_valid=valid)`` is the same
+mix as passing the sample whole.
 
 Order matters for speed: in a jitted step with the state donated, ``add``
 the new batch first and ``sample`` after it (drawing the next step's replay,
@@ -33,6 +43,7 @@ from metacf.replay._balanced import ClassBalancedBuffer
 from metacf.replay._balanced import ClassBalancedState
 from metacf.replay._buffer import replay_buffer
 from metacf.replay._buffer import ReplayBuffer
+from metacf.replay._buffer import ReplaySample
 from metacf.replay._buffer import ReplayState
 from metacf.replay._mixing import mix_replay
 
@@ -40,6 +51,7 @@ __all__ = [
     'ClassBalancedBuffer',
     'ClassBalancedState',
     'ReplayBuffer',
+    'ReplaySample',
     'ReplayState',
     'class_balanced_buffer',
     'mix_replay',

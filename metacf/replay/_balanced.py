@@ -5,12 +5,19 @@ sampler, but streaming: within each class it is a reservoir, so an
 imbalanced stream still gives a class-balanced buffer whose items are, class
 by class, uniform random subsets of what was seen::
 
-  buffer = metacf.replay.class_balanced_buffer(capacity=1000, num_classes=10)
+  buffer = metacf.replay.class_balanced_buffer(
+      capacity=1000, num_classes=10, label_fn=lambda batch: batch['y'])
   state = buffer.init({'x': jnp.zeros([28, 28, 1], jnp.uint8),
                        'y': jnp.zeros([], jnp.int32)})
   add = jax.jit(buffer.add, donate_argnums=1)
-  state = add(key_add, state, {'x': x, 'y': y}, y)   # balance on y
-  replay, valid = buffer.sample(key_sample, state, 32)
+  state = add(key_add, state, {'x': x, 'y': y})      # balance on batch['y']
+  replay = buffer.sample(key_sample, state, 32)      # ReplaySample
+  items, valid = replay                              # unpacks as a pair
+
+With ``label_fn``, ``add(key, state, batch)`` has the signature of
+:func:`replay_buffer`'s, so the two buffers are interchangeable in a training
+step. Without it the labels are passed explicitly:
+``add(key_add, state, {'x': x, 'y': y}, y)``.
 """
 
 from collections.abc import Callable
@@ -50,12 +57,12 @@ class ClassBalancedBuffer(NamedTuple):
   """The pure functions of :func:`class_balanced_buffer`."""
   # init(example_item) -> state
   init: Callable[[Params], ClassBalancedState]
-  # add(key, state, batch, labels) -> state
-  add: Callable[[jax.Array, ClassBalancedState, Params, ArrayLike],
+  # add(key, state, batch, labels=None) -> state; labels only without label_fn
+  add: Callable[[jax.Array, ClassBalancedState, Params, ArrayLike | None],
                 ClassBalancedState]
-  # sample(key, state, batch_size) -> (batch, valid); batch_size is static
+  # sample(key, state, batch_size) -> ReplaySample; batch_size is static
   sample: Callable[[jax.Array, ClassBalancedState, int],
-                   tuple[Params, jax.Array]]
+                   _buffer.ReplaySample]
 
 
 def _move_slot(order: jax.Array, class_end: jax.Array, q: jax.Array,
@@ -107,8 +114,10 @@ def _move_slot(order: jax.Array, class_end: jax.Array, q: jax.Array,
   return order, class_end + shift[:-1], slot
 
 
-def class_balanced_buffer(capacity: int,
-                          num_classes: int) -> ClassBalancedBuffer:
+def class_balanced_buffer(
+    capacity: int, num_classes: int, *,
+    label_fn: Callable[[Params], ArrayLike] | None = None
+) -> ClassBalancedBuffer:
   r"""A replay buffer that keeps an equal share of ``capacity`` per class.
 
   Every class seen so far gets an equal share of the slots: with :math:`K`
@@ -156,31 +165,40 @@ def class_balanced_buffer(capacity: int,
   * ``init(example_item) -> ClassBalancedState``: as for
     :func:`replay_buffer`, plus ``labels`` all -1, ``slot_order`` the identity,
     ``class_end`` and ``class_seen`` zeros.
-  * ``add(key, state, batch, labels) -> ClassBalancedState``: ``labels`` is
-    an integer array of shape ``[batch]`` with values in
-    ``[0, num_classes)``, the class used for balancing (usually also a leaf of
-    ``batch``; it is also recorded per slot in ``state.labels``). When
-    ``labels`` is concrete, out-of-range values raise ValueError; under
-    ``jit`` such items are skipped (counted in ``num_seen`` only).
-  * ``sample(key, state, batch_size) -> (batch, valid)``: exactly as
-    :func:`replay_buffer`'s (invalid rows, when empty, hold slot 0's zeros).
+  * ``add(key, state, batch, labels=None) -> ClassBalancedState``: the
+    labels are an integer array of shape ``[batch]`` with values in
+    ``[0, num_classes)``, the class used for balancing (also recorded per
+    slot in ``state.labels``). With ``label_fn`` they are
+    ``label_fn(batch)`` and ``labels`` is not passed, so that ``add(key,
+    state, batch)`` has :func:`replay_buffer`'s signature; without it they
+    are passed as ``labels`` (usually also a leaf of ``batch``). The two
+    forms give the same state. When the labels are concrete, out-of-range
+    values raise ValueError; under ``jit`` such items are skipped (counted in
+    ``num_seen`` only).
+  * ``sample(key, state, batch_size) -> ReplaySample(items, valid)``: exactly
+    as :func:`replay_buffer`'s (invalid rows, when empty, hold slot 0's
+    zeros).
 
   Counters are int32: at most ``2**31 - 1`` items in all.
 
   Args:
     capacity: Number of slots, a positive Python int (at most ``2**30``).
     num_classes: Number of classes, a positive Python int.
+    label_fn: Optional ``label_fn(batch) -> labels``, traceable (e.g.
+      ``lambda batch: batch['y']``), giving the integer labels ``[batch]`` to
+      balance on; then ``add`` takes no ``labels``.
 
   Returns:
     A :class:`ClassBalancedBuffer` ``(init, add, sample)``.
 
   Raises:
-    TypeError: if ``capacity`` or ``num_classes`` is not an int; ``add`` on a
-      batch leaf dtype different from ``example_item``'s or non-integer
-      ``labels``.
-    ValueError: if ``capacity <= 0`` or ``num_classes <= 0``; ``add`` on a
-      different pytree structure, item shapes, leading sizes, ``labels`` of
-      the wrong shape or concrete labels out of range; ``sample`` on a
+    TypeError: if ``capacity`` or ``num_classes`` is not an int or
+      ``label_fn`` is neither callable nor None; ``add`` on a batch leaf dtype
+      different from ``example_item``'s or non-integer labels.
+    ValueError: if ``capacity <= 0`` or ``num_classes <= 0``; ``add`` when
+      ``labels`` is missing without ``label_fn`` or given with one, on a
+      different pytree structure, item shapes, leading sizes, labels of the
+      wrong shape or concrete labels out of range; ``sample`` on a
       ``batch_size`` that is not a positive int.
 
   References:
@@ -202,6 +220,9 @@ def class_balanced_buffer(capacity: int,
   if num_classes > _buffer.MAX_CAPACITY:
     raise ValueError(f'{fn_factory}: num_classes must be <= 2**30, got '
                      f'{num_classes}.')
+  if label_fn is not None and not callable(label_fn):
+    raise TypeError(f'{fn_factory}: label_fn must be callable or None, got '
+                    f'{label_fn!r}.')
 
   def init(example_item: Params) -> ClassBalancedState:
     items = _buffer.zeros_like_items(example_item, capacity,
@@ -252,22 +273,37 @@ def class_balanced_buffer(capacity: int,
     return (order, class_end, class_seen), slot
 
   def add(key: jax.Array, state: ClassBalancedState, batch: Params,
-          labels: ArrayLike) -> ClassBalancedState:
+          labels: ArrayLike | None = None) -> ClassBalancedState:
     fn = 'class_balanced_buffer.add'
     _buffer.check_state_items(state.items, capacity, fn)
     size = _buffer.check_batch_like(batch, state.items, 'batch',
                                     'example_item', fn)
+    if label_fn is None:
+      if labels is None:
+        raise ValueError(
+            f'{fn}: labels must be given when the buffer has no label_fn '
+            '(or build it with class_balanced_buffer(..., label_fn=...)), '
+            'got None.')
+      name = 'labels'
+    else:
+      if labels is not None:
+        raise ValueError(
+            f'{fn}: labels must not be given when the buffer has a label_fn '
+            '(the labels are label_fn(batch)), got labels of shape '
+            f'{_buffer.shape_dtype(labels)[0]}.')
+      labels = label_fn(batch)
+      name = 'label_fn(batch)'
     label_shape, _ = _buffer.shape_dtype(labels)
     if label_shape != (size,):
       raise ValueError(
-          f'{fn}: labels must have shape [{size}] (the batch size), got '
+          f'{fn}: {name} must have shape [{size}] (the batch size), got '
           f'{label_shape}.')
-    checks.check_integer(labels, 'labels', fn)
+    checks.check_integer(labels, name, fn)
     if not checks.is_traced(labels) and size:
       values = np.asarray(labels)
       if values.min() < 0 or values.max() >= num_classes:
         raise ValueError(
-            f'{fn}: labels must be in [0, {num_classes}), got values in '
+            f'{fn}: {name} must be in [0, {num_classes}), got values in '
             f'[{values.min()}, {values.max()}].')
     if size == 0:
       return state
@@ -287,7 +323,7 @@ def class_balanced_buffer(capacity: int,
         num_seen=state.num_seen + size)
 
   def sample(key: jax.Array, state: ClassBalancedState,
-             batch_size: int) -> tuple[Params, jax.Array]:
+             batch_size: int) -> _buffer.ReplaySample:
     fn = 'class_balanced_buffer.sample'
     batch_size = _buffer.check_size(batch_size, 'batch_size', fn)
     _buffer.check_state_items(state.items, capacity, fn)

@@ -1,6 +1,7 @@
 """Fixed-capacity reservoir replay buffer (Vitter's Algorithm R), O(batch) add.
 
-Also the eager checks and row helpers shared by ``_balanced`` and ``_mixing``.
+Also :class:`ReplaySample`, what the ``sample`` of every buffer returns, and
+the eager checks and row helpers shared by ``_balanced`` and ``_mixing``.
 """
 
 import operator
@@ -25,14 +26,26 @@ class ReplayState(NamedTuple):
   num_seen: jax.Array  # shape=(), dtype=int32: items offered so far
 
 
+class ReplaySample(NamedTuple):
+  """Rows drawn by a buffer's ``sample``, and which of them are real items.
+
+  Returned by the ``sample`` of both :func:`replay_buffer` and
+  :func:`class_balanced_buffer`; it unpacks as a pair
+  (``items, valid = buffer.sample(key, state, batch_size)``) and can be passed
+  whole to :func:`mix_replay`, which then takes the mask from it.
+  """
+  items: Params     # pytree like example_item, every leaf [batch_size, ...]
+  valid: jax.Array  # shape=[batch_size], dtype=bool: row is a stored item
+
+
 class ReplayBuffer(NamedTuple):
   """The pure functions of a reservoir buffer (see :func:`replay_buffer`)."""
   # init(example_item) -> state
   init: Callable[[Params], ReplayState]
   # add(key, state, batch) -> state
   add: Callable[[jax.Array, ReplayState, Params], ReplayState]
-  # sample(key, state, batch_size) -> (batch, valid); batch_size is static
-  sample: Callable[[jax.Array, ReplayState, int], tuple[Params, jax.Array]]
+  # sample(key, state, batch_size) -> ReplaySample; batch_size is static
+  sample: Callable[[jax.Array, ReplayState, int], ReplaySample]
 
 
 # ---------------------------------------------------------------------------
@@ -199,7 +212,7 @@ def gather_rows(items: Params, index: jax.Array) -> Params:
 def sample_stored(key: jax.Array, items: Params, num_stored: jax.Array,
                   batch_size: int,
                   slot_of: Callable[[jax.Array], jax.Array] | None = None
-                  ) -> tuple[Params, jax.Array]:
+                  ) -> ReplaySample:
   """Uniform draws with replacement among ``num_stored`` stored items."""
   bits = jax.random.bits(key, [2, batch_size], jnp.uint32)
   index = uniform_below(bits, jnp.broadcast_to(jnp.maximum(num_stored, 1),
@@ -207,7 +220,7 @@ def sample_stored(key: jax.Array, items: Params, num_stored: jax.Array,
   if slot_of is not None:
     index = slot_of(index)
   valid = jnp.broadcast_to(num_stored > 0, [batch_size])
-  return gather_rows(items, index), valid
+  return ReplaySample(items=gather_rows(items, index), valid=valid)
 
 
 # ---------------------------------------------------------------------------
@@ -245,13 +258,15 @@ def replay_buffer(capacity: int) -> ReplayBuffer:
   * ``add(key, state, batch) -> ReplayState``: ``batch`` has the structure
     and leaf dtypes of ``example_item`` with a leading batch axis on every
     leaf (the same size for all). Compiles once per batch shape.
-  * ``sample(key, state, batch_size) -> (batch, valid)``: ``batch_size``
-    items drawn uniformly with replacement among the
-    ``min(num_seen, capacity)`` stored ones; ``valid`` is a bool
+  * ``sample(key, state, batch_size) -> ReplaySample(items, valid)``:
+    ``items`` are ``batch_size`` items drawn uniformly with replacement among
+    the ``min(num_seen, capacity)`` stored ones; ``valid`` is a bool
     ``[batch_size]`` mask, all True once something is stored and all False
     while the buffer is empty. Invalid rows hold slot 0's zeros: mask them out
-    of the loss (or pass ``valid`` to :func:`mix_replay`). ``batch_size`` is
-    static (``jax.jit(sample, static_argnums=2)``).
+    of the loss, or pass the whole :class:`ReplaySample` to
+    :func:`mix_replay`. It unpacks as a pair:
+    ``items, valid = sample(...)``. ``batch_size`` is static
+    (``jax.jit(sample, static_argnums=2)``).
 
   ``num_seen`` is int32: a stream may offer at most ``2**31 - 1`` items in
   all; beyond that the counter wraps and the inclusion probabilities are
@@ -261,7 +276,10 @@ def replay_buffer(capacity: int) -> ReplayBuffer:
     capacity: Number of slots, a positive Python int (at most ``2**30``).
 
   Returns:
-    A :class:`ReplayBuffer` ``(init, add, sample)``.
+    A :class:`ReplayBuffer` ``(init, add, sample)``. Its ``add(key, state,
+    batch)`` and ``sample`` have the same signatures as those of a
+    :func:`class_balanced_buffer` built with ``label_fn``, so either buffer
+    can be passed to one training step.
 
   Raises:
     TypeError: if ``capacity`` is not an int. ``add`` raises TypeError when a
@@ -282,7 +300,8 @@ def replay_buffer(capacity: int) -> ReplayBuffer:
 
     @functools.partial(jax.jit, donate_argnums=1)
     def train_step(key, state, replay, params, x, y):
-      # replay: two samples of the buffer drawn at the end of the last step.
+      # replay: two ReplaySamples of the buffer drawn at the end of the last
+      # step (each unpacks as items, valid).
       (der, der_ok), (old, old_ok) = replay
       key_add, key_der, key_ce = jax.random.split(key, 3)
       def loss_fn(params):
@@ -339,7 +358,7 @@ def replay_buffer(capacity: int) -> ReplayBuffer:
     return ReplayState(items=items, num_seen=state.num_seen + size)
 
   def sample(key: jax.Array, state: ReplayState,
-             batch_size: int) -> tuple[Params, jax.Array]:
+             batch_size: int) -> ReplaySample:
     fn = 'replay_buffer.sample'
     batch_size = check_size(batch_size, 'batch_size', fn)
     check_state_items(state.items, capacity, fn)
