@@ -167,6 +167,12 @@ class JacobianTest(chex.TestCase):
     with self.assertRaisesRegex(ValueError,
                                 'jacobian: chunk_size must be >= 1, got 0'):
       jac.jacobian(_mlp_apply, params, x, chunk_size=0)
+    with self.assertRaisesRegex(TypeError, 'jacobian: chunk_size must be a '
+                                r'Python int, got True\.'):
+      jac.jacobian(_mlp_apply, params, x, chunk_size=True)
+    with self.assertRaisesRegex(ValueError, "jacobian: mode must be one of "
+                                "'rev', 'fwd', got 1"):
+      jac.jacobian(_mlp_apply, params, x, mode=1)
     with self.assertRaisesRegex(ValueError, "jacobian: mode must be one of "
                                 "'rev', 'fwd', got 'reverse'"):
       jac.jacobian(_mlp_apply, params, x, mode='reverse')
@@ -456,8 +462,39 @@ class SubspaceOverlapTest(chex.TestCase):
       np.testing.assert_allclose(jac.subspace_overlap(svd_a, svd_a), 1.0,
                                  rtol=1e-12)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_nan_inputs_propagate(self):
+    with jax.enable_x64(True):
+      overlap = self.variant(jac.subspace_overlap)
+      weighted = self.variant(jac.weighted_subspace_overlap)
+      cosines = self.variant(jac.principal_angle_cosines)
+      b = _svd(self.vb, self.sb)
+      va_nan = self.va.copy()
+      va_nan[1, 4] = np.nan
+      nan_vt = _svd(va_nan, self.sa)
+      for a in (nan_vt, _svd(self.va, np.full(3, np.nan)),
+                _svd(self.va, self.sa * np.array([1.0, np.nan, 1.0]))):
+        for first, second in ((a, b), (b, a)):
+          self.assertTrue(np.isnan(weighted(first, second)))
+      for first, second in ((nan_vt, b), (b, nan_vt)):
+        self.assertTrue(np.isnan(overlap(first, second)))
+        self.assertTrue(np.isnan(cosines(first, second)).any())
+      # A genuinely all-zero spectrum gives exactly 0, unless the other has
+      # a NaN.
+      zero = _svd(self.va, np.zeros(3))
+      self.assertEqual(float(weighted(zero, b)), 0.0)
+      self.assertEqual(float(weighted(b, zero)), 0.0)
+      self.assertEqual(float(weighted(zero, zero)), 0.0)
+      nan_b = _svd(self.vb, self.sb * np.array([np.nan, 1.0, 1.0, 1.0]))
+      self.assertTrue(np.isnan(weighted(zero, nan_b)))
+
   def test_bad_inputs(self):
     a, b = _svd(self.va, self.sa), _svd(self.vb, self.sb)
+    for k in (1.0, True):
+      with self.assertRaisesRegex(
+          TypeError, 'subspace_overlap: k must be a Python int or None, got '
+          rf'{k!r}\.'):
+        jac.subspace_overlap(a, b, k)
     for k in (0, 4):
       with self.assertRaisesRegex(
           ValueError, r'subspace_overlap: k must satisfy 1 <= k <= min\(rank '
@@ -687,6 +724,9 @@ class PredictedForgettingTest(chex.TestCase):
     with self.assertRaisesRegex(TypeError, 'predicted_forgetting: num_steps '
                                 'must be a Python int'):
       call((x, y), (x, y), lr=0.1, num_steps=2.0)
+    with self.assertRaisesRegex(ValueError, 'predicted_forgetting: num_steps '
+                                'must be >= 0, got -2'):  # NumPy ints pass.
+      call((x, y), (x, y), lr=0.1, num_steps=np.int64(-2))
     with self.assertRaisesRegex(
         ValueError, r"predicted_forgetting: task_b targets y must have the "
         r"outputs' shape \[N, C\] = \(4, 3\) for loss='mse', got \(4,\)"):

@@ -6,6 +6,7 @@ branches on data inside ``jit``. Messages follow
 ``<function>: <arg> must <expectation>, got <actual>.``
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -38,6 +39,53 @@ def check_positive(value: Any, name: str, fn: str) -> None:
     raise TypeError(f'{fn}: {name} must be a real number, got {value!r}.')
   if arr.size and not np.all(arr > 0):
     raise ValueError(f'{fn}: {name} must be > 0, got {value!r}.')
+
+
+def check_int(value: Any, name: str, fn: str, *,
+              min_value: int | None = None,
+              optional: bool = False) -> int | None:
+  """Returns ``value`` as an ``int`` after checking it is a static integer.
+
+  Accepts Python and NumPy integers, not ``bool`` and not arrays (so a traced
+  value is rejected too: static arguments must be Python values).
+
+  Args:
+    value: The argument to check.
+    name: Its name, for the message.
+    fn: The calling function's name, for the message.
+    min_value: If given, ``value`` must be ``>= min_value``.
+    optional: If True, ``None`` is accepted and returned as is.
+
+  Returns:
+    ``int(value)``, or None when ``optional`` and ``value`` is None.
+
+  Raises:
+    TypeError: ``'<fn>: <name> must be a Python int[ or None], got <value>.'``
+    ValueError: ``'<fn>: <name> must be >= <min_value>, got <value>.'``
+  """
+  if optional and value is None:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    expected = 'a Python int or None' if optional else 'a Python int'
+    raise TypeError(f'{fn}: {name} must be {expected}, got {value!r}.')
+  if min_value is not None and value < min_value:
+    raise ValueError(f'{fn}: {name} must be >= {min_value}, got {value}.')
+  return int(value)
+
+
+def check_choice(value: Any, choices: Sequence[str], name: str,
+                 fn: str) -> str:
+  """Returns ``value`` after checking it is one of the strings ``choices``.
+
+  Raises:
+    ValueError: ``"<fn>: <name> must be one of 'a', 'b', got <value>."``, also
+      for a value that is not a string.
+  """
+  if not isinstance(value, str) or value not in choices:
+    raise ValueError(
+        f'{fn}: {name} must be one of '
+        f'{", ".join(repr(c) for c in choices)}, got {value!r}.')
+  return value
 
 
 def check_same_shape(a: Any, b: Any, name_a: str, name_b: str,

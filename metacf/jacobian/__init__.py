@@ -1,4 +1,4 @@
-"""Jacobians, empirical NTKs, their top-k SVDs and NTK-predicted forgetting.
+r"""Jacobians, empirical NTKs, their top-k SVDs and NTK-predicted forgetting.
 
 Example::
 
@@ -9,18 +9,46 @@ Example::
   overlap = jac.subspace_overlap(svd_a, svd_b)          # in [0, 1]
   delta = jac.predicted_forgetting(apply_fn, params, (x_a, y_a), (x_b, y_b),
                                    lr=0.1, num_steps=100)  # > 0: forgetting
+
+Conventions. ``apply_fn(params, x)`` maps a batch of ``N`` examples to outputs
+of shape ``[N, C]``. A Jacobian :math:`J = \partial f / \partial \theta` has
+one row per (example, output) pair in row-major order (row ``n * C + c``) and
+one column per parameter in ``jax.flatten_util.ravel_pytree(params)`` order:
+shape ``[N * C, P]``. The empirical neural tangent kernel is
+:math:`\Theta(x_1, x_2) = J(x_1) J(x_2)^\top`, shape ``[N1 * C, N2 * C]``,
+with rows and columns in that same (example, output) order.
+
+Static arguments. ``k``, ``method``, ``implementation``, ``mode``, ``loss``,
+``num_steps``, ``chunk_size``, ``oversampling`` and ``num_power_iters`` select
+shapes and code paths, so they must be Python values. To use these functions
+inside ``jax.jit``, close over ``apply_fn`` and those arguments (e.g. with
+``functools.partial``) and pass ``params``, inputs, targets, ``lr`` and ``key``
+as traced arguments. Argument checks run on static information only (shapes,
+dtypes, Python numbers) and are skipped for traced values.
+
+Batch coupling. :func:`ntk`, the ``'gram'`` and ``'randomized'`` SVDs and the
+forgetting predictions differentiate ``apply_fn`` on the whole batch, so they
+are exact for any model, including ones that mix examples (batch statistics).
+:func:`jacobian` (and so the ``'dense'`` SVD) evaluates ``apply_fn`` on chunks
+of ``chunk_size`` examples: with a chunk size below ``N`` that is exact only
+when ``apply_fn`` treats examples independently; the default is one chunk.
+
+Modules: ``_jacobian`` (the dense, chunked :func:`jacobian` and the helpers
+shared by the others), ``_ntk`` (:func:`ntk`), ``_svd`` (:func:`jacobian_svd`
+and the subspace comparisons) and ``_forgetting``
+(:func:`predicted_forgetting` and its low-rank variant).
 """
 
-from metacf.jacobian._jacobian import auto_svd_method
+from metacf.jacobian._forgetting import predicted_forgetting
+from metacf.jacobian._forgetting import predicted_forgetting_low_rank
 from metacf.jacobian._jacobian import jacobian
-from metacf.jacobian._jacobian import jacobian_svd
-from metacf.jacobian._jacobian import JacobianSVD
-from metacf.jacobian._jacobian import ntk
-from metacf.jacobian._jacobian import predicted_forgetting
-from metacf.jacobian._jacobian import predicted_forgetting_low_rank
-from metacf.jacobian._jacobian import principal_angle_cosines
-from metacf.jacobian._jacobian import subspace_overlap
-from metacf.jacobian._jacobian import weighted_subspace_overlap
+from metacf.jacobian._ntk import ntk
+from metacf.jacobian._svd import auto_svd_method
+from metacf.jacobian._svd import jacobian_svd
+from metacf.jacobian._svd import JacobianSVD
+from metacf.jacobian._svd import principal_angle_cosines
+from metacf.jacobian._svd import subspace_overlap
+from metacf.jacobian._svd import weighted_subspace_overlap
 
 __all__ = [
     'JacobianSVD',
