@@ -752,3 +752,16 @@ class PredictedForgettingTest(chex.TestCase):
           rf'<= min\(N \* C, P\) = min\(12, 45\) = 12, got {k}\.'):
         jac.predicted_forgetting_low_rank(_mlp_apply, params, (x, y), (x, y),
                                           k=k, lr=0.1, num_steps=1)
+    # Checked (and named) even when num_steps=0 skips the SVD.
+    for steps in (0, 1):
+      with self.assertRaisesRegex(
+          ValueError, 'predicted_forgetting_low_rank: method must be one of'):
+        jac.predicted_forgetting_low_rank(_mlp_apply, params, (x, y), (x, y),
+                                          k=2, lr=0.1, num_steps=steps,
+                                          method='svd')
+      with self.assertRaisesRegex(
+          ValueError, 'predicted_forgetting_low_rank: key must be a '
+          'jax.random key'):
+        jac.predicted_forgetting_low_rank(_mlp_apply, params, (x, y), (x, y),
+                                          k=2, lr=0.1, num_steps=steps,
+                                          method='randomized')

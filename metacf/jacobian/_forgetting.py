@@ -257,6 +257,8 @@ def predicted_forgetting_low_rank(
       _check_forgetting_args(apply_fn, params, task_a, task_b, lr, num_steps,
                              loss, fn))
   k = _svd.check_rank(k, n_b * c, flat.size, fn)
+  _svd.check_svd_options(method, key, oversampling, num_power_iters, n_b * c,
+                         flat.size, fn)
   if num_steps == 0:
     return _function_space_gd(apply_fn(params, x_a), y_a,
                               apply_fn(params, x_b), y_b, None, None, lr, 0,

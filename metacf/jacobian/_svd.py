@@ -105,6 +105,24 @@ def _thin_svd(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return ut.T, s, v.T
 
 
+def check_svd_options(method: Any, key: Any, oversampling: Any,
+                      num_power_iters: Any, num_rows: int, num_params: int,
+                      fn: str) -> tuple[str, int, int]:
+  """Checks :func:`jacobian_svd`'s options; resolves ``method='auto'``."""
+  method = checks.check_choice(method, _SVD_METHODS, 'method', fn)
+  oversampling = checks.check_int(oversampling, 'oversampling', fn,
+                                  min_value=0)
+  num_power_iters = checks.check_int(num_power_iters, 'num_power_iters', fn,
+                                     min_value=0)
+  if method == 'auto':
+    method = auto_svd_method(num_rows, num_params)
+  if method == 'randomized' and key is None:
+    raise ValueError(
+        f"{fn}: key must be a jax.random key when method is (or 'auto' "
+        "resolves to) 'randomized', got None.")
+  return method, oversampling, num_power_iters
+
+
 def jacobian_svd(apply_fn: ApplyFn, params: Params, x: Any, k: int, *,
                  method: str = 'auto', key: jax.Array | None = None,
                  oversampling: int = 10, num_power_iters: int = 2,
@@ -178,22 +196,13 @@ def jacobian_svd(apply_fn: ApplyFn, params: Params, x: Any, k: int, *,
     <https://arxiv.org/abs/2206.08720>`_, 2022
   """
   fn = 'jacobian_svd'
-  method = checks.check_choice(method, _SVD_METHODS, 'method', fn)
   flat, unravel = _jacobian.flatten_params(params, fn)
   x, n = _jacobian.as_batch(x, 'x', fn)
   c = _jacobian.num_outputs(apply_fn, unravel, flat, x, n, 'x', fn)
   num_rows, num_params = n * c, flat.size
   k = check_rank(k, num_rows, num_params, fn)
-  oversampling = checks.check_int(oversampling, 'oversampling', fn,
-                                  min_value=0)
-  num_power_iters = checks.check_int(num_power_iters, 'num_power_iters', fn,
-                                     min_value=0)
-  if method == 'auto':
-    method = auto_svd_method(num_rows, num_params)
-  if method == 'randomized' and key is None:
-    raise ValueError(
-        f"{fn}: key must be a jax.random key when method is (or 'auto' "
-        "resolves to) 'randomized', got None.")
+  method, oversampling, num_power_iters = check_svd_options(
+      method, key, oversampling, num_power_iters, num_rows, num_params, fn)
 
   if method == 'dense':
     j = _jacobian.jacobian(apply_fn, params, x, chunk_size=chunk_size)
