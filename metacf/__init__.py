@@ -1,7 +1,10 @@
-"""metacf: pure, jitted JAX kernels for meta-learning and continual learning.
+"""metacf: pure, jit-compatible JAX kernels for meta-learning and continual learning.
 
-Public API. Subpackages: ``metacf.distill``, ``metacf.jacobian``,
-``metacf.layers``, ``metacf.maml``, ``metacf.metrics``, ``metacf.replay``.
+Kernels are plain, jit-compatible functions (not jitted themselves): call them
+inside your own ``jax.jit``/``vmap``/``grad``; ``metacf.maml.make_meta_train_step``
+returns a jitted step. Public API. Subpackages: ``metacf.distill``,
+``metacf.jacobian``, ``metacf.layers``, ``metacf.maml``, ``metacf.masks``,
+``metacf.metrics``, ``metacf.replay``, ``metacf.typing``.
 ``metacf.data`` (the only module that imports tensorflow-datasets) is
 imported on demand, not here.
 """
@@ -10,9 +13,12 @@ from metacf import distill as distill
 from metacf import jacobian as jacobian
 from metacf import layers as layers
 from metacf import maml as maml
+from metacf import masks as masks
 from metacf import metrics as metrics
 from metacf import replay as replay
+from metacf import typing as typing
 
 __version__ = '0.1.0'
 
-__all__ = ['distill', 'jacobian', 'layers', 'maml', 'metrics', 'replay']
+__all__ = ['distill', 'jacobian', 'layers', 'maml', 'masks', 'metrics',
+           'replay', 'typing']

@@ -16,7 +16,11 @@ class ApplyFn(Protocol):
 
 
 class LossFn(Protocol):
-  """``loss_fn(params, x, y) -> scalar``."""
+  """``loss_fn(params, x, y) -> scalar``.
+
+  MAML kernels also take ``-> (scalar, aux)`` (``has_aux=True``) and a trailing
+  ``key`` argument (``key=...``).
+  """
 
   def __call__(self, params: Params, x: jax.typing.ArrayLike,
                y: jax.typing.ArrayLike) -> jax.Array:

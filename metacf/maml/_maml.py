@@ -36,6 +36,8 @@ import numpy as np
 import optax
 
 from metacf._src import checks
+from metacf._src import masks
+from metacf._src import optim
 from metacf._src.types import LossFn, Params
 
 
@@ -60,35 +62,19 @@ class Task(NamedTuple):
 
 
 class MetaTrainMetrics(NamedTuple):
+  """What a meta-training step reports (before its outer update)."""
   loss: jax.Array       # shape=(), the meta-loss before the outer update.
   grad_norm: jax.Array  # shape=(), global norm of the meta-gradient.
+  aux: Any = None       # has_aux: means of the floating aux leaves, shape=().
 
 
-def _check_num_steps(num_steps: Any, name: str, fn: str) -> int:
-  if isinstance(num_steps, bool) or not isinstance(num_steps, (int,
-                                                               np.integer)):
-    raise TypeError(f'{fn}: {name} must be a Python int, got {num_steps!r}.')
-  if num_steps < 0:
-    raise ValueError(f'{fn}: {name} must be >= 0, got {num_steps}.')
-  return int(num_steps)
+_MAML_OPTIONS = frozenset({'inner_lr', 'num_inner_steps', 'first_order',
+                           'adapt_mask', 'remat', 'inner_optimizer'})
 
 
 def _mask_leaves(adapt_mask: Any, params: Params, fn: str) -> list[bool]:
   """The adapt mask as one Python bool per leaf of ``params``."""
-  num_leaves = len(jax.tree_util.tree_leaves(params))
-  if adapt_mask is None:
-    return [True] * num_leaves
-  checks.check_tree_structure(adapt_mask, params, 'adapt_mask', 'params', fn)
-  leaves = jax.tree_util.tree_leaves(adapt_mask)
-  out = []
-  for leaf in leaves:
-    if isinstance(leaf, (bool, np.bool_)):
-      out.append(bool(leaf))
-    else:
-      raise TypeError(
-          f'{fn}: adapt_mask leaves must be Python bools (static), got '
-          f'{type(leaf).__name__}.')
-  return out
+  return masks.mask_leaves(adapt_mask, params, name='adapt_mask', fn=fn)
 
 
 def _check_inner_lr(inner_lr: Any, params: Params, fn: str) -> None:
@@ -109,12 +95,69 @@ def _check_inner_lr(inner_lr: Any, params: Params, fn: str) -> None:
           f'params leaf, got {np.shape(lr)} for a leaf of shape {np.shape(p)}.')
 
 
+def _check_key(key: Any, fn: str) -> None:
+  """Raises unless ``key`` is None or one PRNG key (typed or raw uint32)."""
+  if key is None:
+    return
+  dtype = getattr(key, 'dtype', None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    if np.ndim(key) != 0:
+      raise ValueError(
+          f'{fn}: key must be a single PRNG key (shape ()), got shape '
+          f'{np.shape(key)}.')
+    return
+  if dtype is not None and dtype == np.uint32 and np.shape(key) == (2,):
+    return
+  raise TypeError(
+      f'{fn}: key must be a PRNG key from jax.random.key (or None), got '
+      f'{type(key).__name__}'
+      + (f' of dtype {dtype} and shape {np.shape(key)}' if dtype is not None
+         else '') + '.')
+
+
+def _loss_value(loss_fn: LossFn, has_aux: bool, fn: str) -> Callable[..., Any]:
+  """``loss_fn`` as ``f(params, x, y, key) -> (loss, aux)``.
+
+  ``key=None`` calls ``loss_fn(params, x, y)``; otherwise
+  ``loss_fn(params, x, y, key)``. Without ``has_aux`` the aux is None.
+  """
+
+  def value(params, x, y, key):
+    out = loss_fn(params, x, y) if key is None else loss_fn(params, x, y, key)
+    if has_aux:
+      if not isinstance(out, (tuple, list)) or len(out) != 2:
+        got = (f'an array of shape {np.shape(out)}' if hasattr(out, 'shape')
+               else type(out).__name__)
+        raise TypeError(
+            f'{fn}: with has_aux=True, loss_fn must return a pair (loss, aux), '
+            f'got {got}.')
+      loss, aux = out
+    else:
+      if isinstance(out, (tuple, list)):
+        raise TypeError(
+            f'{fn}: loss_fn returned a {type(out).__name__} of length '
+            f'{len(out)}; pass has_aux=True if it returns (loss, aux).')
+      loss, aux = out, None
+    if np.ndim(loss) != 0:
+      raise ValueError(
+          f'{fn}: loss_fn must return a scalar loss, got shape '
+          f'{np.shape(loss)}.')
+    return loss, aux
+
+  return value
+
+
+def _step_key(key: jax.Array | None, step: Any) -> jax.Array | None:
+  return None if key is None else jax.random.fold_in(key, step)
+
+
 def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
                 inner_lr: Any = None, num_steps: int = 1,
                 first_order: bool = False, adapt_mask: Any = None,
                 remat: bool = False,
-                inner_optimizer: optax.GradientTransformation | None = None
-                ) -> Params:
+                inner_optimizer: optax.GradientTransformation | None = None,
+                has_aux: bool = False,
+                key: jax.Array | None = None) -> Params:
   r"""Adapts ``params`` to one task by ``num_steps`` of gradient descent.
 
   Each step is :math:`\theta \leftarrow \theta - \alpha \nabla_\theta
@@ -123,7 +166,9 @@ def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
   ``first_order=True``, where the inner gradients are constants (FOMAML).
 
   Args:
-    loss_fn: ``loss_fn(params, x, y) -> scalar``.
+    loss_fn: ``loss_fn(params, x, y) -> scalar``; ``-> (scalar, aux)`` with
+      ``has_aux=True``; called as ``loss_fn(params, x, y, key)`` when ``key``
+      is given.
     params: Parameter pytree to adapt (the meta-parameters).
     x: Support inputs of one task.
     y: Support targets of one task.
@@ -133,24 +178,38 @@ def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
       ``inner_optimizer`` is given.
     num_steps: Number of inner steps (static, >= 0).
     first_order: If True, ``stop_gradient`` the inner gradients (FOMAML).
-    adapt_mask: Optional pytree of Python bools like ``params``; False leaves
-      are not adapted and are returned bit-identical (ANIL, Raghu et al. 2020:
-      adapt the head only). No gradient is computed for them.
+    adapt_mask: Which leaves are adapted (:mod:`metacf.masks`): a pytree
+      of Python bools like ``params``, a callable ``(path, leaf) -> bool``, or
+      a regex searched in the ``/``-joined path (``'head'``). Other leaves are
+      returned bit-identical (ANIL, Raghu et al. 2020: adapt the head only) and
+      no gradient is computed for them. A callable or regex that matches no
+      leaf raises.
     remat: If True, each inner step is rematerialised (``jax.checkpoint``) in
       the backward pass, so memory does not grow with ``num_steps``. Without
       it, loops of up to 16 steps are unrolled (fastest) and longer ones run
       as a ``lax.scan``.
     inner_optimizer: Optional optax transformation unrolled differentiably in
       the loop instead of plain SGD (e.g. ``optax.adam(1e-2)``), as higher and
-      TorchOpt offer. Its state starts fresh for every task.
+      TorchOpt offer. Its state starts fresh for every task. It receives
+      gradients (and params) shaped like the ``params`` pytree, so
+      ``optax.masked(opt, mask_tree)`` and ``optax.multi_transform(...,
+      label_tree)`` work; under ``adapt_mask`` the frozen leaves' gradients
+      are zeros and their updates are discarded.
+    has_aux: If True, ``loss_fn`` returns ``(loss, aux)``; the inner loop
+      ignores ``aux``.
+    key: Optional PRNG key for a stochastic ``loss_fn`` (dropout,
+      augmentation). Step ``s`` (0-based) calls ``loss_fn(params, x, y,
+      jax.random.fold_in(key, s))``. Same key, same result.
 
   Returns:
     The adapted parameters, same structure as ``params``.
 
   Raises:
     ValueError: if ``num_steps < 0``, ``inner_lr``/``adapt_mask`` do not match
-      the structure of ``params``, or not exactly one of ``inner_lr`` and
-      ``inner_optimizer`` is given.
+      the structure of ``params``, ``adapt_mask`` matches no leaf, or not
+      exactly one of ``inner_lr`` and ``inner_optimizer`` is given.
+    TypeError: if ``key`` is not a PRNG key, or ``loss_fn``'s output does not
+      match ``has_aux``.
 
   References:
     Finn et al., `Model-Agnostic Meta-Learning for Fast Adaptation of Deep
@@ -160,30 +219,50 @@ def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
     <https://arxiv.org/abs/1909.09157>`_, 2020
   """
   fn = 'inner_adapt'
-  num_steps = _check_num_steps(num_steps, 'num_steps', fn)
+  num_steps = checks.check_int(num_steps, 'num_steps', fn, min_value=0)
+  _check_optimizer_choice(inner_lr, inner_optimizer, fn)
+  _check_inner_lr(inner_lr, params, fn)
+  _check_key(key, fn)
+  mask = _mask_leaves(adapt_mask, params, fn)
+  return _inner_adapt(
+      _loss_value(loss_fn, has_aux, fn), params, x, y, mask, inner_lr=inner_lr,
+      num_steps=num_steps, first_order=first_order, remat=remat,
+      inner_optimizer=inner_optimizer, key=key)
+
+
+def _check_optimizer_choice(inner_lr: Any, inner_optimizer: Any,
+                            fn: str) -> None:
   if (inner_lr is None) == (inner_optimizer is None):
     raise ValueError(
         f'{fn}: exactly one of inner_lr and inner_optimizer must be given, got '
         f'inner_lr={inner_lr!r} and inner_optimizer={inner_optimizer!r}.')
-  _check_inner_lr(inner_lr, params, fn)
-  mask = _mask_leaves(adapt_mask, params, fn)
+
+
+def _inner_adapt(value: Callable[..., Any], params: Params, x: Any, y: Any,
+                 mask: list[bool], *, inner_lr: Any, num_steps: int,
+                 first_order: bool, remat: bool,
+                 inner_optimizer: optax.GradientTransformation | None,
+                 key: jax.Array | None) -> Params:
+  """:func:`inner_adapt` on checked arguments; ``value`` from _loss_value."""
   if num_steps == 0 or not any(mask):
     return params
 
   leaves, treedef = jax.tree_util.tree_flatten(params)
   adapted_idx = [i for i, m in enumerate(mask) if m]
-  frozen = {i: leaves[i] for i, m in enumerate(mask) if not m}
 
-  def merge(adapted_leaves):
-    full = list(leaves)
+  def merge(adapted_leaves, others=leaves):
+    full = list(others)
     for i, leaf in zip(adapted_idx, adapted_leaves):
-      full[i] = leaf
-    for i, leaf in frozen.items():
       full[i] = leaf
     return jax.tree_util.tree_unflatten(treedef, full)
 
-  def task_loss(adapted_leaves):
-    return loss_fn(merge(adapted_leaves), x, y)
+  def inner_grads(adapted_leaves, step_index):
+    # Gradients with respect to the adapted leaves only: none are computed
+    # for frozen ones (ANIL's saving).
+    grads = jax.grad(lambda a: value(merge(a), x, y,
+                                     _step_key(key, step_index))[0])(
+                                         adapted_leaves)
+    return jax.lax.stop_gradient(grads) if first_order else grads
 
   start = [leaves[i] for i in adapted_idx]
 
@@ -194,38 +273,41 @@ def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
       lr_leaves = jax.tree_util.tree_leaves(inner_lr)
       lrs = [lr_leaves[i] for i in adapted_idx]
 
-    def sgd_step(carry, _):
-      grads = jax.grad(task_loss)(carry)
-      if first_order:
-        grads = jax.lax.stop_gradient(grads)
+    def sgd_step(carry, step_index):
+      grads = inner_grads(carry, step_index)
       new = [p - jnp.asarray(lr, p.dtype) * g
              for p, g, lr in zip(carry, grads, lrs)]
       return new, None
 
     step, init = sgd_step, start
   else:
+    zeros = [jnp.zeros_like(leaf) for leaf in leaves]
 
-    def opt_step(carry, _):
+    def opt_step(carry, step_index):
       current, opt_state = carry
-      grads = jax.grad(task_loss)(current)
-      if first_order:
-        grads = jax.lax.stop_gradient(grads)
-      updates, opt_state = inner_optimizer.update(grads, opt_state, current)
-      return (optax.apply_updates(current, updates), opt_state), None
+      grads = merge(inner_grads(current, step_index), zeros)
+      updates, opt_state = optim.update(inner_optimizer, grads, opt_state,
+                                        merge(current))
+      update_leaves = jax.tree_util.tree_leaves(updates)
+      # Frozen leaves' updates (e.g. weight decay) are discarded.
+      new = optax.apply_updates(current,
+                                [update_leaves[i] for i in adapted_idx])
+      return (new, opt_state), None
 
-    step, init = opt_step, (start, inner_optimizer.init(start))
+    step, init = opt_step, (start, inner_optimizer.init(params))
 
   if remat:
     # Rematerialised steps inside a scan: memory flat in num_steps.
-    final, _ = jax.lax.scan(jax.checkpoint(step), init, None, length=num_steps)
+    final, _ = jax.lax.scan(jax.checkpoint(step), init,
+                            jnp.arange(num_steps))
   elif num_steps <= _MAX_UNROLLED_STEPS:
     # A Python loop, not lax.scan: scan stacks each step's residuals and
     # measured 1.06-1.14x slower than the unrolled loop a user would write.
     final = init
-    for _ in range(num_steps):
-      final, _ = step(final, None)
+    for s in range(num_steps):
+      final, _ = step(final, s)
   else:
-    final, _ = jax.lax.scan(step, init, None, length=num_steps)
+    final, _ = jax.lax.scan(step, init, jnp.arange(num_steps))
   if inner_optimizer is not None:
     final = final[0]
   return merge(final)
@@ -258,12 +340,18 @@ def check_tasks(tasks: Task, fn: str, *, batched: bool = True) -> int:
   return next(iter(sizes.values()))
 
 
+def task_keys(key: jax.Array, num_tasks: int) -> jax.Array:
+  """The per-task keys ``maml_loss`` derives: ``fold_in(key, t)``, ``[num_tasks]``."""
+  return jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.arange(num_tasks))
+
+
 def maml_loss(loss_fn: LossFn, params: Params, tasks: Task, *,
               inner_lr: Any = None, num_inner_steps: int = 1,
               first_order: bool = False, adapt_mask: Any = None,
               remat: bool = False,
-              inner_optimizer: optax.GradientTransformation | None = None
-              ) -> jax.Array:
+              inner_optimizer: optax.GradientTransformation | None = None,
+              has_aux: bool = False,
+              key: jax.Array | None = None) -> Any:
   r"""The MAML meta-loss: mean over tasks of the query loss after adaptation.
 
   .. math::
@@ -274,8 +362,17 @@ def maml_loss(loss_fn: LossFn, params: Params, tasks: Task, *,
   (and ``inner_lr`` for Meta-SGD) is the exact meta-gradient.
   ``num_inner_steps=0`` is the plain query loss.
 
+  Keys: with ``key`` given, task ``t`` (its index along the task axis) gets
+  ``task_key = jax.random.fold_in(key, t)``; its inner step ``s`` calls
+  ``loss_fn(params, x, y, jax.random.fold_in(task_key, s))`` and its query
+  evaluation ``loss_fn(adapted, query_x, query_y,
+  jax.random.fold_in(task_key, num_inner_steps))``, so every task, step and
+  query evaluation sees a distinct key, and the same ``key`` gives the same
+  result (also under ``make_meta_train_step``'s task chunking and sharding).
+
   Args:
-    loss_fn: ``loss_fn(params, x, y) -> scalar``.
+    loss_fn: ``loss_fn(params, x, y) -> scalar``; ``-> (scalar, aux)`` with
+      ``has_aux=True``; ``loss_fn(params, x, y, key)`` when ``key`` is given.
     params: Meta-parameters.
     tasks: A :class:`Task` whose fields carry a leading task axis.
     inner_lr: See :func:`inner_adapt`.
@@ -284,37 +381,85 @@ def maml_loss(loss_fn: LossFn, params: Params, tasks: Task, *,
     adapt_mask: ANIL mask (see :func:`inner_adapt`).
     remat: Rematerialise inner steps (see :func:`inner_adapt`).
     inner_optimizer: Optax inner optimizer (see :func:`inner_adapt`).
+    has_aux: If True, ``loss_fn`` returns ``(loss, aux)`` and so does this
+      function: ``(meta_loss, aux)`` where ``aux`` is the query evaluation's
+      aux stacked over tasks (leading axis ``num_tasks``). The inner loop
+      ignores aux; gradients are those of the aux-free loss
+      (``jax.grad(..., has_aux=True)``).
+    key: Optional PRNG key for a stochastic ``loss_fn`` (see above).
 
   Returns:
-    The scalar meta-loss.
+    The scalar meta-loss, or ``(meta_loss, aux)`` with ``has_aux=True``.
 
   Raises:
     ValueError: if the fields of ``tasks`` have different leading sizes,
       ``num_inner_steps < 0``, or ``inner_lr``/``adapt_mask`` do not match
       ``params``.
+    TypeError: if ``key`` is not a PRNG key, or ``loss_fn``'s output does not
+      match ``has_aux``.
 
   References:
     Finn et al., `Model-Agnostic Meta-Learning for Fast Adaptation of Deep
     Networks <https://arxiv.org/abs/1703.03400>`_, 2017
   """
   fn = 'maml_loss'
-  check_tasks(tasks, fn)
-  num_inner_steps = _check_num_steps(num_inner_steps, 'num_inner_steps', fn)
-  if (inner_lr is None) == (inner_optimizer is None):
-    raise ValueError(
-        f'{fn}: exactly one of inner_lr and inner_optimizer must be given, got '
-        f'inner_lr={inner_lr!r} and inner_optimizer={inner_optimizer!r}.')
+  num_tasks = check_tasks(tasks, fn)
+  meta_loss = _meta_loss_fn(
+      loss_fn, params, fn, inner_lr=inner_lr, num_inner_steps=num_inner_steps,
+      first_order=first_order, adapt_mask=adapt_mask, remat=remat,
+      inner_optimizer=inner_optimizer, has_aux=has_aux)
+  _check_key(key, fn)
+  keys = None if key is None else task_keys(key, num_tasks)
+  loss, aux = meta_loss(params, tasks, keys)
+  return (loss, aux) if has_aux else loss
+
+
+def _meta_loss_fn(loss_fn: LossFn, params: Params, fn: str, *,
+                  inner_lr: Any = None, num_inner_steps: int = 1,
+                  first_order: bool = False, adapt_mask: Any = None,
+                  remat: bool = False,
+                  inner_optimizer: optax.GradientTransformation | None = None,
+                  has_aux: bool = False
+                  ) -> Callable[[Params, Task, jax.Array | None],
+                                tuple[jax.Array, Any]]:
+  """Checks the MAML options once; returns ``f(params, tasks, task_keys)``.
+
+  ``f`` returns ``(meta_loss, aux stacked over tasks)`` (aux None without
+  ``has_aux``); ``task_keys`` is None or ``[num_tasks]`` keys.
+  """
+  num_inner_steps = checks.check_int(num_inner_steps, 'num_inner_steps', fn,
+                                     min_value=0)
+  _check_optimizer_choice(inner_lr, inner_optimizer, fn)
   _check_inner_lr(inner_lr, params, fn)
-  _mask_leaves(adapt_mask, params, fn)
+  mask = _mask_leaves(adapt_mask, params, fn)
+  value = _loss_value(loss_fn, has_aux, fn)
 
-  def per_task(task: Task) -> jax.Array:
-    adapted = inner_adapt(
-        loss_fn, params, task.support_x, task.support_y, inner_lr=inner_lr,
-        num_steps=num_inner_steps, first_order=first_order,
-        adapt_mask=adapt_mask, remat=remat, inner_optimizer=inner_optimizer)
-    return loss_fn(adapted, task.query_x, task.query_y)
+  def meta_loss(params, tasks, keys):
 
-  return jnp.mean(jax.vmap(per_task)(tasks))
+    def per_task(task: Task, task_key: jax.Array | None):
+      adapted = _inner_adapt(
+          value, params, task.support_x, task.support_y, mask,
+          inner_lr=inner_lr, num_steps=num_inner_steps,
+          first_order=first_order, remat=remat,
+          inner_optimizer=inner_optimizer, key=task_key)
+      return value(adapted, task.query_x, task.query_y,
+                   _step_key(task_key, num_inner_steps))
+
+    losses, aux = jax.vmap(per_task)(tasks, keys)
+    return jnp.mean(losses), aux
+
+  return meta_loss
+
+
+def _aux_metrics(aux: Any) -> Any:
+  """Mean of each floating leaf of ``aux``; other leaves become None."""
+
+  def mean(leaf):
+    if jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      return jnp.mean(leaf)
+    return None
+
+  return jax.tree.map(mean, aux)
 
 
 def make_meta_train_step(
@@ -325,17 +470,19 @@ def make_meta_train_step(
     task_axis: str | None = None,
     task_chunk_size: int | None = None,
     donate: bool = True,
+    has_aux: bool = False,
+    key: jax.Array | None = None,
     **maml_options: Any,
-) -> Callable[[Params, optax.OptState, Task],
-              tuple[Params, optax.OptState, MetaTrainMetrics]]:
-  """Builds a jitted meta-training step ``(params, opt_state, tasks)``.
+) -> Callable[..., tuple[Params, optax.OptState, MetaTrainMetrics]]:
+  """Builds a jitted meta-training step ``(params, opt_state, tasks[, key])``.
 
   The step computes the meta-gradient of :func:`maml_loss` and applies
   ``outer_optimizer``. ``params`` and ``opt_state`` are donated (their buffers
   are reused for the outputs; do not use the inputs after the call).
 
   Args:
-    loss_fn: ``loss_fn(params, x, y) -> scalar``.
+    loss_fn: ``loss_fn(params, x, y) -> scalar``; ``-> (scalar, aux)`` with
+      ``has_aux=True``; ``loss_fn(params, x, y, key)`` when a key is used.
     outer_optimizer: The meta-optimizer, e.g. ``optax.adam(1e-3)``.
     mesh: Optional ``jax.sharding.Mesh``: the tasks are split over the devices
       along ``task_axis`` (``NamedSharding``), parameters and optimizer state
@@ -348,13 +495,23 @@ def make_meta_train_step(
       this many tasks (``lax.scan``), so peak memory is that of one chunk;
       exact to float rounding. The number of tasks must be a multiple of it.
     donate: Donate ``params`` and ``opt_state`` (default True).
+    has_aux: ``loss_fn`` returns ``(loss, aux)``: the metrics' ``aux`` field
+      holds the mean (over tasks and every other axis) of each floating leaf
+      of the query evaluation's aux, e.g. ``{'accuracy': ...}``; non-floating
+      leaves become None.
+    key: Default PRNG key for calls that pass none. Usually pass a fresh key
+      per call instead, ``step(params, opt_state, tasks, key)``: a key fixed
+      here gives every step the same randomness. Keys are derived per task,
+      inner step and query evaluation as in :func:`maml_loss`, the same with
+      or without ``task_chunk_size`` and ``mesh``.
     **maml_options: Forwarded to :func:`maml_loss` (``inner_lr``,
       ``num_inner_steps``, ``first_order``, ``adapt_mask``, ``remat``,
       ``inner_optimizer``). For Meta-SGD, make the learning rates part of the
       meta-parameters in your ``loss_fn`` wrapper instead.
 
   Returns:
-    ``step(params, opt_state, tasks) -> (params, opt_state, MetaTrainMetrics)``.
+    ``step(params, opt_state, tasks, key=None) -> (params, opt_state,
+    MetaTrainMetrics)``.
 
   Raises:
     ValueError: on a ``task_chunk_size`` that does not divide the number of
@@ -362,48 +519,63 @@ def make_meta_train_step(
   """
   fn = 'make_meta_train_step'
   if task_chunk_size is not None:
-    _check_num_steps(task_chunk_size, 'task_chunk_size', fn)
-    if task_chunk_size == 0:
-      raise ValueError(f'{fn}: task_chunk_size must be >= 1, got 0.')
+    checks.check_int(task_chunk_size, 'task_chunk_size', fn, min_value=1)
   if mesh is not None:
     task_axis = task_axis or mesh.axis_names[0]
     if task_axis not in mesh.axis_names:
       raise ValueError(
           f'{fn}: task_axis must be one of the mesh axes {mesh.axis_names}, '
           f'got {task_axis!r}.')
-  meta_loss = functools.partial(maml_loss, loss_fn, **maml_options)
+  unknown = set(maml_options) - _MAML_OPTIONS
+  if unknown:
+    raise TypeError(
+        f'{fn}: unknown MAML options {sorted(unknown)}; expected some of '
+        f'{sorted(_MAML_OPTIONS)}.')
+  _check_key(key, fn)
+  default_key = key
 
-  def loss_and_grad(params, tasks):
+  def loss_and_grad(params, tasks, keys):
     num_tasks = check_tasks(tasks, fn)
+    meta_loss = _meta_loss_fn(loss_fn, params, fn, has_aux=has_aux,
+                              **maml_options)
+    value_and_grad = jax.value_and_grad(meta_loss, has_aux=True)
+    if keys is not None:
+      keys = task_keys(keys, num_tasks)
     if task_chunk_size is None or task_chunk_size >= num_tasks:
-      return jax.value_and_grad(meta_loss)(params, tasks)
+      return value_and_grad(params, tasks, keys)
     if num_tasks % task_chunk_size:
       raise ValueError(
           f'{fn}: task_chunk_size must divide the number of tasks, got '
           f'{task_chunk_size} for {num_tasks} tasks.')
     num_chunks = num_tasks // task_chunk_size
-    chunks = jax.tree_util.tree_map(
+    chunks = jax.tree.map(
         lambda a: a.reshape((num_chunks, task_chunk_size) + a.shape[1:]),
-        tasks)
+        (tasks, keys))
 
     def body(acc, chunk):
-      loss, grads = jax.value_and_grad(meta_loss)(params, chunk)
-      return jax.tree_util.tree_map(jnp.add, acc,
-                                    (loss, grads)), None
+      (loss, aux), grads = value_and_grad(params, *chunk)
+      return optax.tree.add(acc, (loss, grads)), aux
 
-    loss_shape = jax.eval_shape(meta_loss, params,
-                                jax.tree_util.tree_map(lambda a: a[0], chunks))
-    zero = (jnp.zeros((), loss_shape.dtype),
-            jax.tree_util.tree_map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(body, zero, chunks)
+    (loss_shape, _), _ = jax.eval_shape(
+        value_and_grad, params, *jax.tree.map(lambda a: a[0], chunks))
+    zero = (jnp.zeros((), loss_shape.dtype), optax.tree.zeros_like(params))
+    (loss, grads), aux = jax.lax.scan(body, zero, chunks)
+    aux = jax.tree.map(lambda a: a.reshape((num_tasks,) + a.shape[2:]), aux)
     scale = 1.0 / num_chunks
-    return loss * scale, jax.tree_util.tree_map(lambda g: g * scale, grads)
+    return (loss * scale, aux), optax.tree.scale(scale, grads)
 
-  def step(params, opt_state, tasks):
-    loss, grads = loss_and_grad(params, tasks)
-    updates, opt_state = outer_optimizer.update(grads, opt_state, params)
+  def step(params, opt_state, tasks, key=None):
+    if key is None:
+      key = default_key
+    else:
+      _check_key(key, fn)
+    (loss, aux), grads = loss_and_grad(params, tasks, key)
+    updates, opt_state = optim.update(outer_optimizer, grads, opt_state,
+                                      params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, MetaTrainMetrics(loss, optax.tree.norm(grads))
+    metrics = MetaTrainMetrics(loss, optax.tree.norm(grads),
+                               _aux_metrics(aux) if has_aux else None)
+    return params, opt_state, metrics
 
   donate_argnums = (0, 1) if donate else ()
   if mesh is None:
@@ -412,6 +584,15 @@ def make_meta_train_step(
   by_task = jax.sharding.NamedSharding(mesh,
                                        jax.sharding.PartitionSpec(task_axis))
   jitted = jax.jit(step, donate_argnums=donate_argnums,
-                   in_shardings=(replicated, replicated, by_task),
+                   in_shardings=(replicated, replicated, by_task, replicated),
                    out_shardings=(replicated, replicated, replicated))
-  return jitted
+
+  # in_shardings covers positional arguments only, so the key is always passed.
+  @functools.wraps(step)
+  def sharded_step(params, opt_state, tasks, key=None):
+    return jitted(params, opt_state, tasks, key)
+
+  sharded_step.lower = lambda params, opt_state, tasks, key=None: (
+      jitted.lower(params, opt_state, tasks, key))
+  sharded_step._cache_size = jitted._cache_size  # pylint: disable=protected-access
+  return sharded_step
