@@ -1,5 +1,7 @@
 """Tests for metacf.distill against float64 NumPy references."""
 
+import re
+
 from absl.testing import parameterized
 import chex
 import jax
@@ -475,3 +477,247 @@ class LwfLossTest(chex.TestCase):
     with self.assertRaisesRegex(ValueError, r'lwf_loss: old_logits must have '
                                 r'batch shape \(6,\)'):
       distill.lwf_loss(new, labels, old[:3], rec[:3])
+
+
+def _np_temper_probs(p, temperature):
+  """(temper(p, T), its log with 0 off the support) in float64, in log space."""
+  p = np.float64(p)
+  support = p > 0
+  log_w = np.where(support, np.log(np.where(support, p, 1.0)) / temperature,
+                   -np.inf)
+  top = log_w.max(-1, keepdims=True)
+  log_q = log_w - top - np.log(np.exp(log_w - top).sum(-1, keepdims=True))
+  return np.exp(log_q), np.where(support, log_q, 0.0)
+
+
+def _np_kd_from_probs(s, p, temperature):
+  """T^2 KL(temper(p, T) || softmax(s/T)) in float64, with 0 log 0 = 0."""
+  q, log_q = _np_temper_probs(p, temperature)
+  log_s = _np_log_softmax(np.float64(s) / temperature)
+  return temperature**2 * np.sum(q * (log_q - log_s), -1)
+
+
+_NEW_LOGITS = _logits(9, (6, 4))
+_LABELS = np.array([0, 1, 2, 3, 0, 1], np.int32)
+
+# (name, loss(student, teacher, where), teacher kind): every public loss with a
+# teacher, NaN-checked below.
+_TEACHER_LOSSES = (
+    ('tempered_distillation_loss_t2',
+     lambda s, t, w=None: distill.tempered_distillation_loss(s, t, 2.0,
+                                                             where=w),
+     'logits'),
+    ('tempered_distillation_loss_t1000',
+     lambda s, t, w=None: distill.tempered_distillation_loss(s, t, 1000.0,
+                                                             where=w),
+     'logits'),
+    ('distillation_loss_from_probs_t4',
+     lambda s, p, w=None: distill.distillation_loss_from_probs(s, p, 4.0,
+                                                               where=w),
+     'probs'),
+    ('logit_mse_loss',
+     lambda s, t, w=None: distill.logit_mse_loss(s, t, where=w), 'logits'),
+    ('renyi_divergence_loss_a1',
+     lambda s, t, w=None: distill.renyi_divergence_loss(s, t, 1.0, 2.0,
+                                                        where=w),
+     'logits'),
+    ('renyi_divergence_loss_a3',
+     lambda s, t, w=None: distill.renyi_divergence_loss(s, t, 3.0, 2.0,
+                                                        where=w),
+     'logits'),
+    ('lwf_loss',
+     lambda s, t, w=None: distill.lwf_loss(_NEW_LOGITS, _LABELS, s, t,
+                                           where=w),
+     'logits'),
+)
+
+
+def _teacher(kind):
+  t = _logits(1)
+  if kind == 'logits':
+    return t
+  p = np.asarray(jax.nn.softmax(t)).copy()
+  p[3, [0, 4]] = 0.0  # Genuine zeros in another example stay exact.
+  return p
+
+
+def _with_nan(x, row=1, col=2):
+  x = np.array(x, copy=True)
+  x[row, col] = np.nan
+  return x
+
+
+class NanPropagationTest(chex.TestCase):
+  """NaN inputs give NaN for their own example, never a silent number."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*_TEACHER_LOSSES)
+  def test_nan_teacher_poisons_only_its_example(self, loss_fn, kind):
+    s, teacher = _logits(0), _teacher(kind)
+    fn = self.variant(lambda a, b: loss_fn(a, b))
+    clean = np.asarray(fn(s, teacher))
+    got = np.asarray(fn(s, _with_nan(teacher)))
+    self.assertTrue(np.all(np.isfinite(clean)))
+    self.assertTrue(np.isnan(got[1]))
+    others = np.arange(6) != 1
+    np.testing.assert_allclose(got[others], clean[others], rtol=1e-6)
+
+  @parameterized.named_parameters(*_TEACHER_LOSSES)
+  def test_nan_teacher_student_gradient_is_nan_only_there(self, loss_fn, kind):
+    s, teacher = _logits(0), _teacher(kind)
+    grad = lambda t: np.asarray(jax.jit(jax.grad(
+        lambda x: jnp.sum(loss_fn(x, t))))(s))
+    clean, got = grad(teacher), grad(_with_nan(teacher))
+    self.assertTrue(np.all(np.isfinite(clean)))
+    # The whole row for the softmax losses, the NaN entry alone for the MSE.
+    self.assertTrue(np.isnan(got[1, 2]))
+    others = np.arange(6) != 1
+    np.testing.assert_allclose(got[others], clean[others], rtol=1e-5,
+                               atol=1e-7)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*_TEACHER_LOSSES)
+  def test_nan_student_poisons_only_its_example(self, loss_fn, kind):
+    s, teacher = _logits(0), _teacher(kind)
+    fn = self.variant(lambda a, b: loss_fn(a, b))
+    clean = np.asarray(fn(s, teacher))
+    got = np.asarray(fn(_with_nan(s, row=4), teacher))
+    self.assertTrue(np.isnan(got[4]))
+    others = np.arange(6) != 4
+    np.testing.assert_allclose(got[others], clean[others], rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*_TEACHER_LOSSES)
+  def test_masked_nan_teacher_gives_zero_and_zero_gradient(self, loss_fn,
+                                                           kind):
+    s, teacher = _logits(0), _with_nan(_teacher(kind))
+    where = np.arange(6) != 1
+    fn = self.variant(lambda a, b: loss_fn(a, b, where))
+    got = np.asarray(fn(s, teacher))
+    self.assertEqual(got[1], 0.0)
+    np.testing.assert_allclose(got[where], np.asarray(loss_fn(
+        s, _teacher(kind)))[where], rtol=1e-6)
+    grad = jax.grad(lambda x: jnp.sum(fn(x, teacher)))(s)
+    self.assertTrue(np.all(np.isfinite(grad)))
+    np.testing.assert_array_equal(grad[1], 0.0)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_tempered_softmax_nan_row(self):
+    got = np.asarray(self.variant(distill.tempered_softmax)(
+        _with_nan(_logits(0)), 3.0))
+    self.assertTrue(np.all(np.isnan(got[1])))
+    self.assertTrue(np.all(np.isfinite(np.delete(got, 1, axis=0))))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(('axis_last', -1), ('axis_0', 0))
+  def test_temper_probs_nan_makes_its_slice_nan(self, axis):
+    p = np.float32(np.random.default_rng(2).dirichlet(np.ones(6), size=5))
+    p[3, 0] = 0.0
+    if axis == 0:
+      p = p.T.copy()
+    p_nan = p.copy()
+    p_nan[(1, 2) if axis == -1 else (2, 1)] = np.nan
+    fn = self.variant(lambda q: distill.temper_probs(q, 2.0, axis=axis))
+    clean, got = np.asarray(fn(p)), np.asarray(fn(p_nan))
+    if axis == 0:
+      clean, got = clean.T, got.T
+    self.assertTrue(np.all(np.isnan(got[1])))
+    np.testing.assert_allclose(np.delete(got, 1, axis=0),
+                               np.delete(clean, 1, axis=0), rtol=1e-6)
+    self.assertEqual(got[3, 0], 0.0)
+
+  def test_infinite_probability_is_nan_not_zero(self):
+    p = _teacher('probs')
+    p[2, 1] = np.inf
+    got = np.asarray(distill.distillation_loss_from_probs(_logits(0), p, 2.0))
+    self.assertTrue(np.isnan(got[2]))
+    self.assertTrue(np.all(np.isfinite(np.delete(got, 2))))
+    tempered = np.asarray(distill.temper_probs(p, 2.0))
+    self.assertTrue(np.all(np.isnan(tempered[2])))
+
+  @parameterized.named_parameters(
+      ('temper_probs', lambda p: distill.temper_probs(p, 2.0)),
+      ('distillation_loss_from_probs',
+       lambda p: distill.distillation_loss_from_probs(_logits(0), p, 2.0)))
+  def test_traced_negative_probability_gives_nan(self, fn):
+    p = _teacher('probs')
+    p[1, 2] = -0.25
+    got = np.asarray(jax.jit(fn)(p))
+    self.assertTrue(np.all(np.isnan(got[1])))
+    self.assertTrue(np.all(np.isfinite(np.delete(got, 1, axis=0))))
+
+  @parameterized.named_parameters(('numpy', np.asarray), ('jax', jnp.asarray))
+  def test_negative_teacher_probs_raise(self, as_array):
+    p = np.full((6, 10), 0.1, np.float32)
+    p[2, 3], p[4, 1] = -0.25, -0.5
+    with self.assertRaisesRegex(ValueError, re.escape(
+        'distillation_loss_from_probs: teacher_probs must be >= 0, got a '
+        'minimum of -0.5.')):
+      distill.distillation_loss_from_probs(_logits(0), as_array(p), 2.0)
+    with self.assertRaisesRegex(ValueError, re.escape(
+        'temper_probs: probs must be >= 0, got a minimum of -0.5.')):
+      distill.temper_probs(as_array(p), 2.0)
+
+  def test_negative_zero_and_nan_do_not_raise(self):
+    p = _teacher('probs')
+    p[0, 1], p[1, 2] = -0.0, np.nan
+    got = np.asarray(distill.distillation_loss_from_probs(_logits(0), p, 2.0))
+    self.assertTrue(np.isfinite(got[0]))
+    self.assertTrue(np.isnan(got[1]))
+
+
+class ZeroTeacherProbabilitiesTest(chex.TestCase):
+  """Genuine zeros: 0 log 0 = 0 exactly, finite gradients."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(('t_0.5', 0.5), ('t_1', 1.0), ('t_3', 3.0),
+                                  ('t_100', 100.0))
+  def test_matches_float64_reference(self, temperature):
+    with jax.enable_x64(True):
+      s = _logits(0, (4, 6), dtype=np.float64)
+      p = np.array([[0.0, 0.5, 0.25, 0.25, 0.0, 0.0],
+                    [1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                    [0.1, 0.2, 0.3, 0.1, 0.2, 0.1],
+                    [1e-300, 0.0, 0.4, 0.0, 0.0, 0.6]], np.float64)
+      fn = self.variant(
+          lambda x: distill.distillation_loss_from_probs(x, p, temperature))
+      got = fn(s)
+      self.assertEqual(got.dtype, jnp.float64)
+      np.testing.assert_allclose(got, _np_kd_from_probs(s, p, temperature),
+                                 rtol=1e-10)
+      grad = np.asarray(jax.grad(lambda x: jnp.sum(fn(x)))(s))
+      self.assertTrue(np.all(np.isfinite(grad)))
+      q, _ = _np_temper_probs(p, temperature)
+      p_s = np.exp(_np_log_softmax(s / temperature))
+      np.testing.assert_allclose(grad, temperature * (p_s - q), rtol=1e-9,
+                                 atol=1e-12)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_temper_probs_zeros_exact_with_finite_gradients(self):
+    p = np.array([[0.0, 0.3, 0.7], [0.0, 0.0, 0.0], [0.5, 0.5, 0.0]],
+                 np.float32)
+    fn = self.variant(lambda q: distill.temper_probs(q, 2.0))
+    got = np.asarray(fn(p))
+    np.testing.assert_array_equal(got[p == 0], 0.0)
+    want = np.sqrt(np.float64(p[[0, 2]]))
+    np.testing.assert_allclose(got[[0, 2]], want / want.sum(-1, keepdims=True),
+                               rtol=1e-6)
+    grad = jax.grad(lambda q: jnp.sum(fn(q) * jnp.arange(3.0)[None]))(p)
+    self.assertTrue(np.all(np.isfinite(grad)))
+
+  def test_all_zero_teacher_row_is_nan(self):
+    # No distribution to distil: NaN for that row, not a made-up number.
+    p = _teacher('probs')
+    p[5] = 0.0
+    got = np.asarray(distill.distillation_loss_from_probs(_logits(0), p, 2.0))
+    self.assertTrue(np.isnan(got[5]))
+    self.assertTrue(np.all(np.isfinite(got[:5])))
+
+  def test_compiles_once(self):
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(s, p):
+      return jnp.mean(distill.distillation_loss_from_probs(s, p, 2.0))
+
+    for seed in range(3):
+      step(_logits(seed), _teacher('probs') + np.float32(seed))

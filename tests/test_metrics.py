@@ -91,6 +91,30 @@ class MetricsTest(chex.TestCase):
     for seed in range(3):
       all_metrics(_random_matrix(seed), np.zeros(5))
 
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+      # (entry set to NaN, metrics that read it)
+      ('final_row', (3, 0), ('acc', 'bwt', 'fgt_max', 'fgt_diag')),
+      ('diagonal', (1, 1), ('bwt', 'fgt_max', 'fgt_diag')),
+      ('below_diagonal', (2, 0), ('fgt_max',)),
+      ('superdiagonal', (0, 1), ('fwt', 'fgt_max')),
+      ('unread', (0, 3), ()))
+  def test_nan_entries_propagate(self, entry, readers):
+    # A NaN accuracy is never skipped (no nanmax, no mask): each metric that
+    # reads the entry is NaN, the others stay finite.
+    r = _random_matrix(0, 4)
+    r[entry] = np.nan
+    fns = {
+        'acc': metrics.average_accuracy,
+        'bwt': metrics.backward_transfer,
+        'fwt': lambda x: metrics.forward_transfer(x, np.zeros(4)),
+        'fgt_max': metrics.forgetting,
+        'fgt_diag': lambda x: metrics.forgetting(x, reference='diagonal'),
+    }
+    for name, fn in fns.items():
+      got = float(self.variant(fn)(r))
+      self.assertEqual(np.isnan(got), name in readers, msg=name)
+
   def test_bad_inputs(self):
     with self.assertRaisesRegex(
         ValueError, r'backward_transfer: accuracy_matrix must be square'):

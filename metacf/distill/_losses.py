@@ -16,6 +16,13 @@ summand is non-negative, so the result is accurate to a few ulps at every
 temperature and is never negative. Rows whose terms could overflow (logit
 range / T above 80) use the plain log-sum-exp difference instead, which is
 accurate there because the divergence is then not small next to the logits.
+
+NaN. A NaN in an example's logits or probabilities makes that example's loss
+NaN (other examples are unaffected): no mask turns it into a number. Exact
+zero teacher probabilities are a different case, handled exactly
+(``0 log 0 = 0``, finite gradients), and concrete negative probabilities are
+rejected with a ``ValueError`` (traced ones give NaN). Examples masked out by
+``where`` give 0 with a zero gradient even if their teacher is NaN.
 """
 
 from collections.abc import Sequence
@@ -26,6 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
+import numpy as np
 import optax
 
 from metacf._src import checks
@@ -62,6 +70,41 @@ def _check_logits_pair(student_logits: ArrayLike, teacher: ArrayLike,
   checks.check_same_shape(student_logits, teacher, 'student_logits',
                           teacher_name, fn)
   checks.check_mask_shape(where, jnp.shape(student_logits)[:-1], 'where', fn)
+
+
+def _check_nonnegative(x: ArrayLike, name: str, fn: str) -> None:
+  """Raises ValueError if a concrete ``x`` has a negative entry (NaN passes)."""
+  if checks.is_traced(x):
+    return
+  arr = np.asarray(x)
+  negative = arr < 0
+  if np.any(negative):
+    raise ValueError(
+        f'{fn}: {name} must be >= 0, got a minimum of '
+        f'{float(np.min(arr[negative]))!r}.')
+
+
+def _log_probs(p: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(log p, p == 0)``: ``-inf`` at exact zeros, with a finite gradient there.
+
+  Only exact zeros are masked: a NaN (or, when traced, a negative entry) gives
+  a NaN log, which propagates rather than being read as a zero probability.
+  """
+  zero = p == 0
+  return jnp.where(zero, -jnp.inf, jnp.log(jnp.where(zero, 1.0, p))), zero
+
+
+def _teacher_where(teacher: jax.Array, where: ArrayLike | None,
+                   fill: float) -> jax.Array:
+  """``teacher`` with the examples masked out by ``where`` set to ``fill``.
+
+  A masked example's loss is 0 anyway; without this, a NaN teacher there would
+  still reach the student's gradient as ``0 * NaN``.
+  """
+  if where is None:
+    return teacher
+  keep = jnp.expand_dims(jnp.asarray(where), -1)
+  return jnp.where(keep, teacher, jnp.asarray(fill, teacher.dtype))
 
 
 def _phi_series(x: jax.Array) -> jax.Array:
@@ -193,7 +236,9 @@ class _ProbsKL:
   """KL(temper(p, T) || softmax(s / T)) where p may have exact zeros."""
 
   def __init__(self, s: jax.Array, log_p: jax.Array, temp: jax.Array):
-    self.support = jnp.isfinite(log_p)
+    # Off the support means p == 0 (log p = -inf) only: a NaN log p stays on
+    # it and makes the whole row NaN.
+    self.support = log_p != -jnp.inf
     log_p_safe = jnp.where(self.support, log_p, 0.0)
     b = jnp.where(self.support, log_p_safe / temp, -jnp.inf)
     self.p_t, log_p_t, self.lse_b = _softmax_parts(b)
@@ -252,7 +297,8 @@ def temper_probs(probs: ArrayLike, temperature: ArrayLike,
   Computed in log space, so tiny probabilities do not underflow before the
   power; zero probabilities stay exactly zero and gradients stay finite. For
   ``probs = softmax(z)`` this equals ``tempered_softmax(z, T)``. A slice that is
-  all zeros maps to all zeros (no NaN).
+  all zeros maps to all zeros (no NaN). A slice containing a NaN (or an
+  infinity, or under ``jit`` a negative entry) maps to all NaN.
 
   Args:
     probs: Non-negative weights along ``axis`` (need not be normalised).
@@ -263,7 +309,8 @@ def temper_probs(probs: ArrayLike, temperature: ArrayLike,
     Tempered probabilities, same shape as ``probs``.
 
   Raises:
-    ValueError: if ``temperature <= 0``.
+    ValueError: if ``temperature <= 0`` or a concrete ``probs`` has a negative
+      entry.
 
   References:
     Hinton et al, `Distilling the Knowledge in a Neural Network
@@ -272,16 +319,17 @@ def temper_probs(probs: ArrayLike, temperature: ArrayLike,
   fn = 'temper_probs'
   _check_temperature(temperature, fn)
   checks.check_min_rank(probs, 1, 'probs', fn)
+  _check_nonnegative(probs, 'probs', fn)
   dtype = _compute_dtype(probs)
   p = jnp.asarray(probs, dtype)
-  positive = p > 0
-  log_p = jnp.where(positive, jnp.log(jnp.where(positive, p, 1.0)), -jnp.inf)
+  log_p, zero = _log_probs(p)
   scaled = log_p / jnp.asarray(temperature, dtype)
-  top = jnp.max(scaled, axis=axis, keepdims=True)
-  top = jnp.where(jnp.isfinite(top), top, 0.0)
-  e = jnp.where(positive, jnp.exp(jnp.where(positive, scaled - top, 0.0)), 0.0)
+  top = jnp.max(scaled, axis=axis, keepdims=True)  # NaN if the slice has one.
+  top = jnp.where(top == -jnp.inf, 0.0, top)      # All-zero slice.
+  e = jnp.where(zero, 0.0, jnp.exp(jnp.where(zero, 0.0, scaled - top)))
   total = jnp.sum(e, axis=axis, keepdims=True)
-  return e / jnp.where(total > 0, total, 1.0)
+  # Only an all-zero slice is divided by 1; a NaN total stays NaN.
+  return e / jnp.where(total == 0, 1.0, total)
 
 
 def tempered_distillation_loss(student_logits: ArrayLike,
@@ -297,11 +345,17 @@ def tempered_distillation_loss(student_logits: ArrayLike,
   :math:`\sum_i (z_{s,i} - z_{t,i})^2 / (2C)` (logit matching). Accurate at
   every temperature (see the module docstring); never negative.
 
+  A NaN in an example's logits makes that example's loss NaN. Teacher logits
+  must be finite: a ``-inf`` (a class of zero probability) also gives NaN; for
+  such teachers use :func:`distillation_loss_from_probs` on
+  ``softmax(teacher_logits)``, which handles exact zeros.
+
   Args:
     student_logits: Student scores, shape ``[..., num_classes]``.
     teacher_logits: Teacher scores, same shape; a constant (``stop_gradient``).
     temperature: ``T > 0``. ``T = 1`` is plain KL. Treated as a constant.
-    where: Optional boolean mask of shape ``[...]``; masked examples give 0.
+    where: Optional boolean mask of shape ``[...]``; masked examples give 0
+      (and a zero gradient, even where their teacher is NaN).
 
   Returns:
     Loss of shape ``[...]`` (no reduction).
@@ -319,9 +373,9 @@ def tempered_distillation_loss(student_logits: ArrayLike,
   _check_logits_pair(student_logits, teacher_logits, 'teacher_logits', where,
                      fn)
   dtype = _compute_dtype(student_logits, teacher_logits)
+  t = _teacher_where(jnp.asarray(teacher_logits, dtype), where, 0.0)
   loss = _hinton_loss(
-      jnp.asarray(student_logits, dtype),
-      jax.lax.stop_gradient(jnp.asarray(teacher_logits, dtype)),
+      jnp.asarray(student_logits, dtype), jax.lax.stop_gradient(t),
       jax.lax.stop_gradient(jnp.asarray(temperature, dtype)))
   return _masked(loss, where)
 
@@ -335,22 +389,27 @@ def distillation_loss_from_probs(student_logits: ArrayLike,
   :math:`T^2\,\mathrm{KL}(\mathrm{temper}(p_t, T) \| \mathrm{softmax}(s/T))`,
   with the teacher tempered by :func:`temper_probs`. Equal to
   :func:`tempered_distillation_loss` when ``teacher_probs`` is
-  ``softmax(teacher_logits)``. Classes of zero teacher probability contribute
-  nothing (``0 log 0 = 0``), and stay finite.
+  ``softmax(teacher_logits)``. Classes of exactly zero teacher probability
+  contribute nothing (``0 log 0 = 0``), and the loss and its gradient stay
+  finite. A NaN (or an infinity, or under ``jit`` a negative entry) in an
+  example's teacher probabilities makes that example's loss NaN; so does an
+  all-zero teacher row, which is no distribution.
 
   Args:
     student_logits: Student scores, shape ``[..., num_classes]``.
     teacher_probs: Teacher probabilities (non-negative, normalised or not),
       same shape; a constant (``stop_gradient``).
     temperature: ``T > 0``. Treated as a constant.
-    where: Optional boolean mask of shape ``[...]``; masked examples give 0.
+    where: Optional boolean mask of shape ``[...]``; masked examples give 0
+      (and a zero gradient, even where their teacher is NaN).
 
   Returns:
     Loss of shape ``[...]`` (no reduction).
 
   Raises:
-    ValueError: if the shapes differ, ``where`` has the wrong shape, or
-      ``temperature <= 0``.
+    ValueError: if the shapes differ, ``where`` has the wrong shape,
+      ``temperature <= 0``, or a concrete ``teacher_probs`` has a negative
+      entry.
 
   References:
     Hinton et al, `Distilling the Knowledge in a Neural Network
@@ -359,11 +418,11 @@ def distillation_loss_from_probs(student_logits: ArrayLike,
   fn = 'distillation_loss_from_probs'
   _check_temperature(temperature, fn)
   _check_logits_pair(student_logits, teacher_probs, 'teacher_probs', where, fn)
+  _check_nonnegative(teacher_probs, 'teacher_probs', fn)
   dtype = _compute_dtype(student_logits, teacher_probs)
   temp = jax.lax.stop_gradient(jnp.asarray(temperature, dtype))
-  p = jax.lax.stop_gradient(jnp.asarray(teacher_probs, dtype))
-  positive = p > 0
-  log_p = jnp.where(positive, jnp.log(jnp.where(positive, p, 1.0)), -jnp.inf)
+  p = _teacher_where(jnp.asarray(teacher_probs, dtype), where, 1.0)
+  log_p, _ = _log_probs(jax.lax.stop_gradient(p))
   kl = _ProbsKL(jnp.asarray(student_logits, dtype), log_p, temp).kl()
   return _masked(temp**2 * kl, where)
 
@@ -378,7 +437,8 @@ def logit_mse_loss(student_logits: ArrayLike, teacher_logits: ArrayLike, *,
   Args:
     student_logits: Student scores, shape ``[..., num_classes]``.
     teacher_logits: Teacher scores, same shape; a constant (``stop_gradient``).
-    where: Optional boolean mask of shape ``[...]``; masked examples give 0.
+    where: Optional boolean mask of shape ``[...]``; masked examples give 0
+      (and a zero gradient, even where their teacher is NaN).
 
   Returns:
     Loss of shape ``[...]`` (no reduction).
@@ -395,7 +455,8 @@ def logit_mse_loss(student_logits: ArrayLike, teacher_logits: ArrayLike, *,
                      fn)
   dtype = _compute_dtype(student_logits, teacher_logits)
   s = jnp.asarray(student_logits, dtype)
-  t = jax.lax.stop_gradient(jnp.asarray(teacher_logits, dtype))
+  t = _teacher_where(jnp.asarray(teacher_logits, dtype), where, 0.0)
+  t = jax.lax.stop_gradient(t)
   return _masked(jnp.mean(jnp.square(s - t), axis=-1), where)
 
 
@@ -411,14 +472,17 @@ def renyi_divergence_loss(student_logits: ArrayLike, teacher_logits: ArrayLike,
   :math:`\alpha = 1` is the KL divergence (the limit is taken exactly), and
   the value is continuous in :math:`\alpha` there. Computed as
   :math:`\mathrm{KL} - M(1-\alpha)/(1-\alpha)`, with :math:`M` the cumulant
-  generating function of the centred log-ratio, accurate near 0.
+  generating function of the centred log-ratio, accurate near 0. A NaN in an
+  example's logits makes that example's divergence NaN; teacher logits must be
+  finite (as for :func:`tempered_distillation_loss`).
 
   Args:
     student_logits: Student scores, shape ``[..., num_classes]``.
     teacher_logits: Teacher scores, same shape; a constant (``stop_gradient``).
     alpha: Order ``alpha > 0``.
     temperature: ``T > 0``. Treated as a constant.
-    where: Optional boolean mask of shape ``[...]``; masked examples give 0.
+    where: Optional boolean mask of shape ``[...]``; masked examples give 0
+      (and a zero gradient, even where their teacher is NaN).
 
   Returns:
     Divergence of shape ``[...]`` (no reduction).
@@ -439,7 +503,8 @@ def renyi_divergence_loss(student_logits: ArrayLike, teacher_logits: ArrayLike,
                      fn)
   dtype = _compute_dtype(student_logits, teacher_logits)
   s = jnp.asarray(student_logits, dtype)
-  t = jax.lax.stop_gradient(jnp.asarray(teacher_logits, dtype))
+  t = _teacher_where(jnp.asarray(teacher_logits, dtype), where, 0.0)
+  t = jax.lax.stop_gradient(t)
   temp = jax.lax.stop_gradient(jnp.asarray(temperature, dtype))
   parts = _hinton_parts(s, t, temp)
   beta = 1.0 - jnp.asarray(alpha, dtype)
@@ -485,7 +550,8 @@ def lwf_loss(new_logits: ArrayLike, labels: ArrayLike,
   where :math:`z_h` are the current network's logits on the old task head
   ``h`` and :math:`\hat z_h` the logits that head produced on the same inputs
   before training on the new task (recorded once, a constant). Li & Hoiem use
-  ``T = 2`` and :math:`\lambda_o = 1`.
+  ``T = 2`` and :math:`\lambda_o = 1`. A NaN in an example's logits (new,
+  old or recorded) makes that example's loss NaN.
 
   Args:
     new_logits: New-task logits, shape ``[..., num_new_classes]``.
@@ -496,7 +562,8 @@ def lwf_loss(new_logits: ArrayLike, labels: ArrayLike,
       ``old_logits`` (an array, or a sequence of the same length).
     temperature: Distillation temperature ``T > 0``.
     old_weight: :math:`\lambda_o`, the weight of the old-task term.
-    where: Optional boolean mask of shape ``[...]``; masked examples give 0.
+    where: Optional boolean mask of shape ``[...]``; masked examples give 0
+      (and a zero gradient, even where their recorded logits are NaN).
 
   Returns:
     Loss of shape ``[...]`` (no reduction).
@@ -537,6 +604,8 @@ def lwf_loss(new_logits: ArrayLike, labels: ArrayLike,
       raise ValueError(
           f'{fn}: {name} must have batch shape {batch_shape} like new_logits, '
           f'got shape {jnp.shape(cur)}.')
-    distill = tempered_distillation_loss(cur, rec, temperature)
+    # where= also keeps a NaN recorded logit of a masked example out of the
+    # gradient.
+    distill = tempered_distillation_loss(cur, rec, temperature, where=where)
     loss = loss + jnp.asarray(old_weight, loss.dtype) * distill
   return _masked(loss, where)
