@@ -46,6 +46,13 @@ References:
   (Omniglot)
 """
 
+try:
+  import tensorflow_datasets as _tfds  # pylint: disable=unused-import
+except ImportError as e:  # pragma: no cover - exercised in a bare install
+  raise ImportError(
+      'metacf.data needs tensorflow-datasets, pillow, importlib_resources and '
+      "array_record: pip install 'metacf[data]'.") from e
+
 from metacf.data._arrays import DatasetArrays as DatasetArrays
 from metacf.data._arrays import get_builder as get_builder
 from metacf.data._arrays import load_arrays as load_arrays
