@@ -3,7 +3,8 @@
 Second-order by default; FOMAML (``first_order=True``), Meta-SGD (pytree
 ``inner_lr``), ANIL (``adapt_mask``), rematerialised inner loops
 (``remat=True``), optax inner optimizers, and a jitted, optionally sharded
-meta-training step.
+meta-training step. Loss functions may return aux outputs (``has_aux=True``,
+e.g. query accuracy) and take per-task keys (``key=``, dropout/augmentation).
 """
 
 from metacf.maml._maml import inner_adapt

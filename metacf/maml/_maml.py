@@ -15,6 +15,25 @@ Example::
                                           inner_lr=0.01, num_inner_steps=5)
   params, opt_state, metrics = step(params, opt_state, tasks)
 
+flax nnx, linen and equinox models (tested in ``tests/test_interop.py``)::
+
+  graphdef, params = nnx.split(model, nnx.Param)       # params: an nnx.State
+  apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
+  loss_fn = lambda p, x, y: jnp.mean((apply_fn(p, x) - y) ** 2)
+  step = metacf.maml.make_meta_train_step(loss_fn, optax.adam(1e-3),
+                                          inner_lr=0.01)
+  params, opt_state, metrics = step(params, opt_state, tasks)
+  model = nnx.merge(graphdef, params)                  # back to a Module
+  # nnx with BatchNorm: graphdef, params, rest = nnx.split(model, nnx.Param,
+  #   ...); apply_fn = lambda p, x: nnx.merge(graphdef, p, nnx.clone(rest))(x)
+  # linen: apply_fn = lambda p, x: model.apply({'params': p}, x)
+  # equinox: params, static = eqx.partition(model, eqx.is_array)
+  #          apply_fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)
+
+Leaf paths for ``adapt_mask`` are ``'/'``-joined (:mod:`metacf.masks`): for
+the nnx state above, e.g. ``'head/kernel/value'``; ``adapt_mask='^head/'``
+adapts the head only (ANIL).
+
 Model state. ``loss_fn`` is a pure function of ``(params, x, y)``: layers that
 keep state must be used in a stateless mode inside it. BatchNorm, in
 particular, is used as in the MAML paper ("transductive"): normalise with the
