@@ -435,7 +435,7 @@ def _check_conv_meta_gradients(params, tasks, torch, has_torchopt):
   for name, g in grads.items():
     errors[name] = max(
         float(np.max(np.abs(np.asarray(leaf) - _get(ref, path))))
-        for path, leaf in jax.tree_util.tree_leaves_with_path(g)) / scale
+        for path, leaf in jax.tree.leaves_with_path(g)) / scale
     print(f'  float32 meta-gradient vs float64 lax.conv reference: {name} '
           f'max error {errors[name]:.1e} (relative to the largest entry)')
   if errors['metacf'] > 1e-4:

@@ -133,7 +133,7 @@ def _reference_meta_loss(loss_fn, params, tasks, inner_lr, num_inner_steps):
     p = params
     for _ in range(num_inner_steps):
       g = jax.grad(loss_fn)(p, tasks.support_x[b], tasks.support_y[b])
-      p = jax.tree_util.tree_map(lambda w, gw: w - inner_lr * gw, p, g)
+      p = jax.tree.map(lambda w, gw: w - inner_lr * gw, p, g)
     losses.append(loss_fn(p, tasks.query_x[b], tasks.query_y[b]))
   return jnp.mean(jnp.stack(losses))
 
@@ -180,7 +180,7 @@ class MamlInteropTest(chex.TestCase):
         _mse_loss_fn(case.apply_fn), optax.sgd(1e-2), inner_lr=_INNER_LR,
         num_inner_steps=1)
     optimizer = optax.sgd(1e-2)
-    start = jax.tree_util.tree_map(jnp.copy, case.params)  # step donates it.
+    start = jax.tree.map(jnp.copy, case.params)  # step donates it.
     new_params, _, metrics = step(start, optimizer.init(start), tasks)
 
     _assert_same_structure(new_params, case.params)

@@ -91,7 +91,7 @@ def _projector(vt):
 
 
 def _assert_finite(*arrays):
-  for a in jax.tree_util.tree_leaves(arrays):
+  for a in jax.tree.leaves(arrays):
     assert np.all(np.isfinite(np.asarray(a))), a
 
 

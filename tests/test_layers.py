@@ -44,7 +44,7 @@ def _assert_close(got, want, rtol=1e-12, atol=1e-12):
 
 def _assert_trees_close(got, want, **kw):
   chex.assert_trees_all_equal_structs(got, want)
-  jax.tree_util.tree_map(lambda a, b: _assert_close(a, b, **kw), got, want)
+  jax.tree.map(lambda a, b: _assert_close(a, b, **kw), got, want)
 
 
 def _check_grads_order_2(fn, args):
@@ -196,7 +196,7 @@ class ConvGeneralDilatedTest(chex.TestCase):
       hessian = lambda f: _fast_jit(jax.hessian(lambda l, r: jnp.sum(
           jnp.tanh(conv(f)(l, r)) * cotangent), argnums=(0, 1)))(lhs, rhs)
       want = hessian(lax.conv_general_dilated)
-      for block in jax.tree_util.tree_leaves(want):
+      for block in jax.tree.leaves(want):
         self.assertGreater(np.abs(np.asarray(block)).max(), 1e-3)
       _assert_trees_close(hessian(layers.conv_general_dilated), want,
                           rtol=1e-10, atol=1e-12)
@@ -581,7 +581,7 @@ class Conv4FastTest(chex.TestCase):
     # missing one); they are initialised once.
     x32 = jnp.zeros((1, 16, 16, 1), jnp.float32)
     params32 = _fast_jit(default.init)(jax.random.key(0), x32)['params']
-    params = jax.tree_util.tree_map(lambda p: np.asarray(p, np.float64),
+    params = jax.tree.map(lambda p: np.asarray(p, np.float64),
                                     params32)
     with jax.enable_x64(True):
       tasks = _episode_tasks(num_tasks=2, ways=3, shots=2)
@@ -607,8 +607,8 @@ class Conv4FastTest(chex.TestCase):
       _assert_trees_close(grad_fast, grad_default, rtol=1e-7, atol=1e-10)
       # Not a vacuous agreement: every layer gets a gradient, except the conv
       # biases, which the BatchNorm after each conv cancels exactly.
-      grad_fast = jax.tree_util.tree_map(np.asarray, grad_fast)
-      for path, g in jax.tree_util.tree_leaves_with_path(grad_fast):
+      grad_fast = jax.tree.map(np.asarray, grad_fast)
+      for path, g in jax.tree.leaves_with_path(grad_fast):
         name = jax.tree_util.keystr(path)
         if 'conv' in name and 'bias' in name:
           self.assertLess(np.abs(g).max(), 1e-12, name)
@@ -618,15 +618,15 @@ class Conv4FastTest(chex.TestCase):
       # random direction (check_grads would compile the meta-gradient again;
       # this reuses the compiled value_and_grad).
       rng = np.random.default_rng(1)
-      direction = jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape),
+      direction = jax.tree.map(lambda p: rng.normal(size=p.shape),
                                          params)
-      step = lambda eps: jax.tree_util.tree_map(
+      step = lambda eps: jax.tree.map(
           lambda p, d: p + eps * d, params, direction)
       eps = 1e-5
       numerical = (float(fast_meta(step(eps))[0][0]) -
                    float(fast_meta(step(-eps))[0][0])) / (2 * eps)
       analytic = sum(float(np.vdot(g, d)) for g, d in zip(
-          jax.tree_util.tree_leaves(grad_fast),
-          jax.tree_util.tree_leaves(direction)))
+          jax.tree.leaves(grad_fast),
+          jax.tree.leaves(direction)))
       self.assertGreater(abs(analytic), 1e-2)
       _assert_close(analytic, numerical, rtol=1e-6)

@@ -54,7 +54,7 @@ def _tasks(key, num_tasks=3, shots=5, dtype=jnp.float32):
 
 
 def _tree_allclose(a, b, **kw):
-  jax.tree_util.tree_map(
+  jax.tree.map(
       lambda x, y: np.testing.assert_allclose(x, y, **kw), a, b)
 
 
@@ -62,7 +62,7 @@ def _reference_meta_loss(loss_fn, params, tasks, lr, steps, first_order=False,
                          mask=None):
   """Python loop over tasks and inner steps, no scan, no vmap."""
   total = 0.0
-  leaves_mask = (jax.tree_util.tree_leaves(mask) if mask is not None else None)
+  leaves_mask = (jax.tree.leaves(mask) if mask is not None else None)
   for b in range(tasks.support_x.shape[0]):
     p = params
     for _ in range(steps):
@@ -70,14 +70,14 @@ def _reference_meta_loss(loss_fn, params, tasks, lr, steps, first_order=False,
       if first_order:
         g = jax.lax.stop_gradient(g)
       lr_tree = (lr if not jax.tree_util.treedef_is_leaf(
-          jax.tree_util.tree_structure(lr)) else
-                 jax.tree_util.tree_map(lambda _: lr, p))
-      new = jax.tree_util.tree_map(lambda w, gw, a: w - a * gw, p, g, lr_tree)
+          jax.tree.structure(lr)) else
+                 jax.tree.map(lambda _: lr, p))
+      new = jax.tree.map(lambda w, gw, a: w - a * gw, p, g, lr_tree)
       if leaves_mask is not None:
-        flat_new = jax.tree_util.tree_leaves(new)
-        flat_old = jax.tree_util.tree_leaves(p)
-        new = jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(p),
+        flat_new = jax.tree.leaves(new)
+        flat_old = jax.tree.leaves(p)
+        new = jax.tree.unflatten(
+            jax.tree.structure(p),
             [n if m else o for n, o, m in zip(flat_new, flat_old, leaves_mask)])
       p = new
     total = total + loss_fn(p, tasks.query_x[b], tasks.query_y[b])
@@ -111,19 +111,19 @@ class InnerAdaptTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_sgd_steps_match_python_loop(self):
     params = _mlp_init(jax.random.key(0))
-    task = jax.tree_util.tree_map(lambda a: a[0], _tasks(jax.random.key(1)))
+    task = jax.tree.map(lambda a: a[0], _tasks(jax.random.key(1)))
     got = self.variant(lambda p, x, y: maml.inner_adapt(
         _mse, p, x, y, inner_lr=0.01, num_steps=3))(params, task.support_x,
                                                     task.support_y)
     want = params
     for _ in range(3):
       g = jax.grad(_mse)(want, task.support_x, task.support_y)
-      want = jax.tree_util.tree_map(lambda w, gw: w - 0.01 * gw, want, g)
+      want = jax.tree.map(lambda w, gw: w - 0.01 * gw, want, g)
     _tree_allclose(got, want, rtol=1e-6, atol=1e-7)
 
   def test_adapt_mask_leaves_untouched_leaves_bit_identical(self):
     params = _mlp_init(jax.random.key(0))
-    task = jax.tree_util.tree_map(lambda a: a[0], _tasks(jax.random.key(1)))
+    task = jax.tree.map(lambda a: a[0], _tasks(jax.random.key(1)))
     mask = [{'w': False, 'b': False}, {'w': False, 'b': True},
             {'w': True, 'b': True}]
     out = jax.jit(lambda p: maml.inner_adapt(
@@ -138,7 +138,7 @@ class InnerAdaptTest(chex.TestCase):
 
   def test_zero_steps_and_zero_lr_are_identity(self):
     params = _mlp_init(jax.random.key(0))
-    task = jax.tree_util.tree_map(lambda a: a[0], _tasks(jax.random.key(1)))
+    task = jax.tree.map(lambda a: a[0], _tasks(jax.random.key(1)))
     out = maml.inner_adapt(_mse, params, task.support_x, task.support_y,
                            inner_lr=0.1, num_steps=0)
     _tree_allclose(out, params, rtol=0, atol=0)
@@ -175,7 +175,7 @@ class InnerAdaptTest(chex.TestCase):
       maml.inner_adapt(_mse, params, x, y)
     with self.assertRaisesRegex(ValueError, 'inner_lr leaves must be scalars '
                                 'or match the shape'):
-      maml.inner_adapt(_mse, params, x, y, inner_lr=jax.tree_util.tree_map(
+      maml.inner_adapt(_mse, params, x, y, inner_lr=jax.tree.map(
           lambda p: jnp.ones(3), params))
 
 
@@ -214,14 +214,14 @@ class MamlLossTest(chex.TestCase):
           _mse, p, tasks, inner_lr=0.05, num_inner_steps=2))(params)
       _tree_allclose(fo, ref, rtol=1e-10, atol=1e-12)
       diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
-          jax.tree_util.tree_leaves(fo), jax.tree_util.tree_leaves(so)))
+          jax.tree.leaves(fo), jax.tree.leaves(so)))
       self.assertGreater(diff, 1e-4)
 
   def test_meta_sgd_learning_rate_gradients(self):
     with jax.enable_x64(True):
       params = _mlp_init(jax.random.key(0), dtype=jnp.float64)
       tasks = _tasks(jax.random.key(1), dtype=jnp.float64)
-      lrs = jax.tree_util.tree_map(lambda p: 0.01 * jnp.ones_like(p), params)
+      lrs = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
       loss = lambda p, a: maml.maml_loss(_mse, p, tasks, inner_lr=a,
                                          num_inner_steps=2)
       g_p, g_lr = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, lrs)
@@ -345,7 +345,7 @@ class MetaTrainStepTest(chex.TestCase):
     updates, _ = optax.adam(1e-3).update(grads, optax.adam(1e-3).init(params),
                                          params)
     want = optax.apply_updates(params, updates)
-    copy = jax.tree_util.tree_map(jnp.array, params)
+    copy = jax.tree.map(jnp.array, params)
     new_params, opt_state, metrics = step(copy, opt_state, tasks)
     _tree_allclose(new_params, want, rtol=1e-5, atol=1e-7)
     self.assertTrue(np.isfinite(metrics.loss))
@@ -391,7 +391,7 @@ class MetaTrainStepTest(chex.TestCase):
                                            num_inner_steps=2)
           p, s, metrics = step(params, opt.init(params), tasks)
           outs.append((p, metrics.loss))
-        jax.tree_util.tree_map(
+        jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                     atol=1e-7),
             outs[0][0], outs[1][0])

@@ -26,7 +26,7 @@ class LeafPathsTest(chex.TestCase):
   def test_slash_joined_paths_match_keystr(self):
     tree = _tree()
     want = [jax.tree_util.keystr(kp, simple=True, separator='/')
-            for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+            for kp, _ in jax.tree.flatten_with_path(tree)[0]]
     self.assertEqual(masks.leaf_paths(tree), want)
     self.assertEqual(masks.leaf_paths(tree), [
         'encoder/layers/0/kernel', 'encoder/layers/0/bias',

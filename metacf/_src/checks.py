@@ -121,8 +121,8 @@ def check_mask_shape(where: Any, batch_shape: tuple[int, ...], name: str,
 def check_tree_structure(tree: Any, reference: Any, name: str, ref_name: str,
                          fn: str) -> None:
   """Raises ValueError if ``tree`` does not have ``reference``'s structure."""
-  got = jax.tree_util.tree_structure(tree)
-  want = jax.tree_util.tree_structure(reference)
+  got = jax.tree.structure(tree)
+  want = jax.tree.structure(reference)
   if got != want:
     raise ValueError(
         f'{fn}: {name} must have the same pytree structure as {ref_name}, '

@@ -37,7 +37,7 @@ def path_str(key_path: tuple[Any, ...]) -> str:
 
 def leaf_paths(tree: Any) -> list[str]:
   """The ``/``-joined paths of ``tree``'s leaves, in ``tree_leaves`` order."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  flat, _ = jax.tree.flatten_with_path(tree)
   return [path_str(kp) for kp, _ in flat]
 
 
@@ -75,14 +75,14 @@ def resolve_mask(spec: MaskSpec, tree: Any, *, name: str, fn: str,
     ValueError: if a pytree ``spec`` does not have ``tree``'s structure, a
       regex does not compile, or (``require_match``) nothing is selected.
   """
-  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  flat, treedef = jax.tree.flatten_with_path(tree)
   paths = [path_str(kp) for kp, _ in flat]
   leaves = [leaf for _, leaf in flat]
 
   if spec is None:
     predicate = default
     if predicate is None:
-      return jax.tree_util.tree_unflatten(treedef, [True] * len(leaves))
+      return jax.tree.unflatten(treedef, [True] * len(leaves))
   elif isinstance(spec, str):
     try:
       pattern = re.compile(spec)
@@ -94,7 +94,7 @@ def resolve_mask(spec: MaskSpec, tree: Any, *, name: str, fn: str,
   elif callable(spec) and not isinstance(spec, (bool, np.bool_)):
     predicate = spec
   else:
-    spec_leaves, spec_def = jax.tree_util.tree_flatten(spec)
+    spec_leaves, spec_def = jax.tree.flatten(spec)
     if spec_def != treedef:
       raise ValueError(
           f'{fn}: {name} must have the same pytree structure as {tree_name} '
@@ -105,7 +105,7 @@ def resolve_mask(spec: MaskSpec, tree: Any, *, name: str, fn: str,
         raise TypeError(
             f'{fn}: {name} leaves must be Python bools (static), got '
             f'{type(leaf).__name__}.')
-    return jax.tree_util.tree_unflatten(treedef,
+    return jax.tree.unflatten(treedef,
                                         [bool(m) for m in spec_leaves])
 
   out = []
@@ -120,11 +120,11 @@ def resolve_mask(spec: MaskSpec, tree: Any, *, name: str, fn: str,
     raise ValueError(
         f'{fn}: {name} matched no leaf; paths are like '
         f'{_describe_paths(paths)}.')
-  return jax.tree_util.tree_unflatten(treedef, out)
+  return jax.tree.unflatten(treedef, out)
 
 
 def mask_leaves(spec: MaskSpec, tree: Any, *, name: str, fn: str,
                 **kwargs: Any) -> list[bool]:
   """:func:`resolve_mask` as one Python bool per leaf of ``tree``."""
-  return jax.tree_util.tree_leaves(
+  return jax.tree.leaves(
       resolve_mask(spec, tree, name=name, fn=fn, **kwargs))

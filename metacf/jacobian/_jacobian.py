@@ -38,7 +38,7 @@ def flatten_params(params: Params,
 
 def as_batch(x: Any, name: str, fn: str) -> tuple[Any, int]:
   """Converts the leaves of ``x`` to arrays; returns it and its batch size."""
-  leaves = jax.tree_util.tree_leaves(x)
+  leaves = jax.tree.leaves(x)
   if not leaves:
     raise ValueError(f'{fn}: {name} must contain at least one array, got '
                      f'{x!r}.')
@@ -52,7 +52,7 @@ def as_batch(x: Any, name: str, fn: str) -> tuple[Any, int]:
   if n < 1:
     raise ValueError(f'{fn}: {name} must contain at least one example, got '
                      f'{n}.')
-  return jax.tree_util.tree_map(jnp.asarray, x), n
+  return jax.tree.map(jnp.asarray, x), n
 
 
 def num_outputs(apply_fn: ApplyFn, unravel: Callable[[jax.Array], Any],
@@ -128,15 +128,15 @@ def jacobian(apply_fn: ApplyFn, params: Params, x: Any, *,
   blocks = []
   if num_full == 1:
     blocks.append(chunk_jacobian(
-        jax.tree_util.tree_map(lambda a: a[:chunk_size], x)))
+        jax.tree.map(lambda a: a[:chunk_size], x)))
   elif num_full > 1:
-    chunks = jax.tree_util.tree_map(
+    chunks = jax.tree.map(
         lambda a: a[:num_full * chunk_size].reshape(
             (num_full, chunk_size) + a.shape[1:]), x)
     blocks.append(
         jax.lax.map(chunk_jacobian, chunks).reshape(-1, num_params))
   if rest:
     blocks.append(chunk_jacobian(
-        jax.tree_util.tree_map(lambda a: a[num_full * chunk_size:], x)))
+        jax.tree.map(lambda a: a[num_full * chunk_size:], x)))
   return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=0)
 

@@ -99,15 +99,15 @@ def _mask_leaves(adapt_mask: Any, params: Params, fn: str) -> list[bool]:
 def _check_inner_lr(inner_lr: Any, params: Params, fn: str) -> None:
   if inner_lr is None:
     return
-  if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(inner_lr)):
+  if jax.tree_util.treedef_is_leaf(jax.tree.structure(inner_lr)):
     if np.ndim(inner_lr) != 0:
       raise ValueError(
           f'{fn}: inner_lr must be a scalar or a pytree like params, got an '
           f'array of shape {np.shape(inner_lr)}.')
     return
   checks.check_tree_structure(inner_lr, params, 'inner_lr', 'params', fn)
-  for lr, p in zip(jax.tree_util.tree_leaves(inner_lr),
-                   jax.tree_util.tree_leaves(params)):
+  for lr, p in zip(jax.tree.leaves(inner_lr),
+                   jax.tree.leaves(params)):
     if np.ndim(lr) != 0 and np.shape(lr) != np.shape(p):
       raise ValueError(
           f'{fn}: inner_lr leaves must be scalars or match the shape of the '
@@ -266,14 +266,14 @@ def _inner_adapt(value: Callable[..., Any], params: Params, x: Any, y: Any,
   if num_steps == 0 or not any(mask):
     return params
 
-  leaves, treedef = jax.tree_util.tree_flatten(params)
+  leaves, treedef = jax.tree.flatten(params)
   adapted_idx = [i for i, m in enumerate(mask) if m]
 
   def merge(adapted_leaves, others=leaves):
     full = list(others)
     for i, leaf in zip(adapted_idx, adapted_leaves):
       full[i] = leaf
-    return jax.tree_util.tree_unflatten(treedef, full)
+    return jax.tree.unflatten(treedef, full)
 
   def inner_grads(adapted_leaves, step_index):
     # Gradients with respect to the adapted leaves only: none are computed
@@ -286,10 +286,10 @@ def _inner_adapt(value: Callable[..., Any], params: Params, x: Any, y: Any,
   start = [leaves[i] for i in adapted_idx]
 
   if inner_optimizer is None:
-    if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(inner_lr)):
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(inner_lr)):
       lrs = [inner_lr] * len(adapted_idx)
     else:
-      lr_leaves = jax.tree_util.tree_leaves(inner_lr)
+      lr_leaves = jax.tree.leaves(inner_lr)
       lrs = [lr_leaves[i] for i in adapted_idx]
 
     def sgd_step(carry, step_index):
@@ -307,7 +307,7 @@ def _inner_adapt(value: Callable[..., Any], params: Params, x: Any, y: Any,
       grads = merge(inner_grads(current, step_index), zeros)
       updates, opt_state = optim.update(inner_optimizer, grads, opt_state,
                                         merge(current))
-      update_leaves = jax.tree_util.tree_leaves(updates)
+      update_leaves = jax.tree.leaves(updates)
       # Frozen leaves' updates (e.g. weight decay) are discarded.
       new = optax.apply_updates(current,
                                 [update_leaves[i] for i in adapted_idx])
@@ -342,7 +342,7 @@ def check_tasks(tasks: Task, fn: str, *, batched: bool = True) -> int:
     return 1
   sizes = {}
   for field in Task._fields:
-    for leaf in jax.tree_util.tree_leaves(getattr(tasks, field)):
+    for leaf in jax.tree.leaves(getattr(tasks, field)):
       if np.ndim(leaf) == 0:
         raise ValueError(
             f'{fn}: tasks.{field} must have a leading task axis, got a '

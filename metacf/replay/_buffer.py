@@ -81,7 +81,7 @@ def shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def _leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  leaves, _ = jax.tree.flatten_with_path(tree)
   return [(jax.tree_util.keystr(path) or '<root>', leaf)
           for path, leaf in leaves]
 
@@ -118,7 +118,7 @@ def check_batch_like(batch: Any, reference: Any, name: str, ref_name: str,
   """
   checks.check_tree_structure(batch, reference, name, ref_name, fn)
   size = batch_size_of(batch, name, fn)
-  ref_leaves = jax.tree_util.tree_leaves(reference)
+  ref_leaves = jax.tree.leaves(reference)
   for (path, leaf), ref in zip(_leaves_with_paths(batch), ref_leaves):
     shape, dtype = shape_dtype(leaf)
     ref_shape, ref_dtype = shape_dtype(ref)
@@ -145,7 +145,7 @@ def check_state_items(items: Any, capacity: int, fn: str) -> None:
 
 
 def zeros_like_items(example_item: Any, capacity: int, fn: str) -> Params:
-  if not jax.tree_util.tree_leaves(example_item):
+  if not jax.tree.leaves(example_item):
     raise ValueError(f'{fn}: example_item must have at least one array leaf, '
                      f'got {example_item!r}.')
 
