@@ -2,13 +2,14 @@
 
 Kernels are plain, jit-compatible functions (not jitted themselves): call them
 inside your own ``jax.jit``/``vmap``/``grad``; ``metacf.maml.make_meta_train_step``
-returns a jitted step. Public API. Subpackages: ``metacf.distill``,
+returns a jitted step. Public API. Subpackages: ``metacf.adapters``, ``metacf.distill``,
 ``metacf.jacobian``, ``metacf.layers``, ``metacf.maml``, ``metacf.masks``,
 ``metacf.metrics``, ``metacf.replay``, ``metacf.typing``.
 ``metacf.data`` (the only module that imports tensorflow-datasets) is
 imported on demand, not here.
 """
 
+from metacf import adapters as adapters
 from metacf import distill as distill
 from metacf import jacobian as jacobian
 from metacf import layers as layers
@@ -20,5 +21,5 @@ from metacf import typing as typing
 
 __version__ = '0.1.0'
 
-__all__ = ['distill', 'jacobian', 'layers', 'maml', 'masks', 'metrics',
+__all__ = ['adapters', 'distill', 'jacobian', 'layers', 'maml', 'masks', 'metrics',
            'replay', 'typing']

@@ -7,7 +7,7 @@ import optax
 
 
 def update(optimizer: optax.GradientTransformation, updates: Any,
-           state: optax.OptState, params: Any = None
+           state: optax.OptState, params: Any = None, **extra_args: Any
            ) -> tuple[Any, optax.OptState]:
   """``optimizer.update(updates, state, params)`` under standard promotion.
 
@@ -20,4 +20,4 @@ def update(optimizer: optax.GradientTransformation, updates: Any,
   that come out are the ones optax produces under the default setting.
   """
   with jax.numpy_dtype_promotion('standard'):
-    return optimizer.update(updates, state, params)
+    return optimizer.update(updates, state, params, **extra_args)

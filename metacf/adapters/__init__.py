@@ -1,0 +1,49 @@
+"""Parameter-efficient adaptation: LoRA, soft prompts, freezing.
+
+* LoRA (Hu et al. 2021): :func:`lora_init` builds low-rank adapters next to
+  any params pytree (dense and conv kernels), :func:`lora_merge` folds them
+  into the weights, :func:`with_lora` wraps an ``apply_fn`` so that
+  ``jax.grad`` w.r.t. the adapters trains them alone, :func:`lora_dense` is
+  the unmerged dense layer.
+* Prompt tuning (Lester et al. 2021): :func:`soft_prompt_init` and
+  :func:`prepend_prompt`; deep prompts (VPT-deep) are built from these inside
+  a model.
+* Freezing: :func:`freeze` wraps an optax optimizer so that only the
+  ``trainable`` leaves move and hold optimizer state (built on
+  ``optax.transforms.selective_transform``), :func:`trainable_labels` gives
+  ``optax.partition`` labels, :func:`count_params` counts elements.
+
+``targets=`` and ``trainable=`` take the one leaf-selection form of
+:mod:`metacf.masks`: ``None``, a pytree of bools, a callable ``(path, leaf) ->
+bool``, or a regex searched in the ``/``-joined path. Example (LoRA on a flax
+nnx model)::
+
+  graphdef, params = nnx.split(model, nnx.Param)
+  apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
+  lora_params = metacf.adapters.lora_init(key, params, rank=4)  # kernels
+  apply_lora = metacf.adapters.with_lora(apply_fn, alpha=8.0)
+  loss = lambda lp, x, y: jnp.mean((apply_lora(params, lp, x) - y) ** 2)
+  grads = jax.grad(loss)(lora_params, x, y)
+"""
+
+from metacf.adapters._freeze import count_params
+from metacf.adapters._freeze import freeze
+from metacf.adapters._freeze import trainable_labels
+from metacf.adapters._lora import lora_dense
+from metacf.adapters._lora import lora_init
+from metacf.adapters._lora import lora_merge
+from metacf.adapters._lora import with_lora
+from metacf.adapters._prompts import prepend_prompt
+from metacf.adapters._prompts import soft_prompt_init
+
+__all__ = [
+    'count_params',
+    'freeze',
+    'lora_dense',
+    'lora_init',
+    'lora_merge',
+    'prepend_prompt',
+    'soft_prompt_init',
+    'trainable_labels',
+    'with_lora',
+]
