@@ -8,19 +8,24 @@ epoch boundary resumes to the same numbers.
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import math
 import os
 import shutil
 import tempfile
+import zlib
 
 from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import _smoke_run
+from experiments.common import loop
 from experiments.common import models
 from experiments.common import utils
 from experiments.distill_mnist import configs
@@ -258,6 +263,149 @@ class UtilsTest(parameterized.TestCase):
     info = utils.run_info()
     self.assertEqual(info['jax_version'], jax.__version__)
     self.assertTrue(info['device'].startswith(jax.default_backend()))
+
+  def test_name_key_is_the_studies_derivations(self):
+    key = jax.random.key(0)
+    data = jax.random.key_data
+    # 'student_hard' has a CRC32 >= 2**31: the two derivations differ there.
+    self.assertGreaterEqual(zlib.crc32(b'student_hard'), 2**31)
+    for name in ('test', 'student_hard'):
+      crc = zlib.crc32(name.encode())
+      np.testing.assert_array_equal(
+          data(utils.name_key(key, name, full_crc32=True)),
+          data(jax.random.fold_in(key, crc)))
+      np.testing.assert_array_equal(
+          data(utils.name_key(key, name)),
+          data(jax.random.fold_in(key, crc & 0x7FFFFFFF)))
+    # Parts in order; ints as themselves; every key of a batch alike.
+    keys = jax.vmap(jax.random.key)(jnp.arange(3, dtype=jnp.uint32))
+    expected = keys
+    for value in (zlib.crc32(b'train') & 0x7FFFFFFF, 4):
+      expected = jax.vmap(lambda k, v=value: jax.random.fold_in(k, v))(
+          expected)
+    got = utils.name_key(keys, 'train', 4)
+    self.assertEqual(got.shape, (3,))
+    np.testing.assert_array_equal(data(got), data(expected))
+    self.assertIs(utils.name_key(key), key)
+    with self.assertRaisesRegex(ValueError, r'int parts must be in'):
+      utils.name_key(key, -1)
+
+  def test_optimizer_update_runs_adam_under_strict_promotion(self):
+    params = {'w': jnp.arange(3, dtype=jnp.float32)}
+    grads = {'w': jnp.ones(3, jnp.float32)}
+    adam = optax.adam(optax.cosine_decay_schedule(0.1, 10))
+    state = adam.init(params)
+    with jax.numpy_dtype_promotion('strict'):
+      with self.assertRaises(jax.dtypes.TypePromotionError):
+        jax.jit(adam.update)(grads, state, params)
+      got = jax.jit(functools.partial(utils.optimizer_update, adam))(
+          grads, state, params)
+    with jax.numpy_dtype_promotion('standard'):
+      expected = jax.jit(adam.update)(grads, state, params)
+    chex.assert_trees_all_equal(got, expected)
+
+
+class _Killed(Exception):
+  pass
+
+
+class LoopTest(parameterized.TestCase):
+  """``loop.resumable_loop`` and ``loop.resumable_records`` on a toy run."""
+
+  def _tempdir(self):
+    path = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, path)
+    return path
+
+  def _run(self, directory, *, total=6, recipe=None, **kwargs):
+    meta = {'done': 0, 'history': []}
+
+    def step(state, done):
+      # Two units per step; each adds its number, so the order shows.
+      state = {'w': state['w'] + jnp.float32(done) * jnp.ones(2)}
+      meta['done'] = done + 2
+      meta['history'].append(float(state['w'][0]))
+      return state, f'w {float(state["w"][0]):g}'
+
+    return loop.resumable_loop(
+        directory, name='toy', unit='unit', total=total, stride=2,
+        init=lambda: {'w': jnp.zeros(2, jnp.float32)}, step=step,
+        recipe={'lr': 1.0} if recipe is None else recipe, meta=meta,
+        progress_bar=False, **kwargs)
+
+  def test_fresh_run_checkpoints_and_returns_its_record(self):
+    directory = self._tempdir()
+    state, meta, stopped = self._run(directory, checkpoint_every=4,
+                                     max_to_keep=None)
+    np.testing.assert_array_equal(state['w'], [6.0, 6.0])
+    self.assertEqual(meta, {'done': 6, 'history': [0.0, 2.0, 6.0]})
+    self.assertFalse(stopped)
+    with utils.Checkpointer(directory) as ckpt:
+      self.assertEqual(ckpt.all_steps(), [4, 6])  # Every 4, and the end.
+      _, saved = ckpt.restore(state)
+    self.assertEqual(saved, {**meta, 'recipe': {'lr': 1.0}})
+
+  def test_killed_run_resumes_to_the_same_numbers(self):
+    full = self._run(self._tempdir())
+    directory = self._tempdir()
+
+    def kill(done):
+      if done == 2:
+        raise _Killed()
+
+    with self.assertRaises(_Killed):
+      self._run(directory, on_checkpoint=kill)
+    started = []
+    resumed = self._run(directory, start=started.append)
+    self.assertLen(started, 1)
+    np.testing.assert_array_equal(resumed.state['w'], full.state['w'])
+    self.assertEqual(resumed.meta, full.meta)
+    # A finished run restores everything and runs nothing.
+    again = self._run(directory, start=started.append)
+    self.assertLen(started, 1)
+    self.assertEqual(again.meta, full.meta)
+
+  def test_time_budget_stops_after_one_step_and_checkpoints(self):
+    directory = self._tempdir()
+    _, meta, stopped = self._run(directory, time_budget_s=1e-9,
+                                 checkpoint_every=6)
+    self.assertTrue(stopped)
+    self.assertEqual(meta['done'], 2)
+    with utils.Checkpointer(directory) as ckpt:
+      self.assertEqual(ckpt.all_steps(), [2])
+    self.assertEqual(self._run(directory).meta, self._run(
+        self._tempdir()).meta)
+
+  def test_other_recipe_and_bad_stride_raise(self):
+    directory = self._tempdir()
+    self._run(directory)
+    with self.assertRaisesRegex(ValueError, 'another recipe'):
+      self._run(directory, recipe={'lr': 2.0})
+    with self.assertRaisesRegex(ValueError, 'multiples of stride'):
+      self._run(self._tempdir(), total=5)
+
+  def test_records_are_computed_once_and_checked(self):
+    directory = self._tempdir()
+    computed = []
+
+    def records(recipe):
+      return loop.resumable_records(
+          ['a', 'b'], path=lambda n: os.path.join(directory, f'{n}.json'),
+          recipe=lambda n: {'item': n, 'v': recipe},
+          compute=lambda n: computed.append(n) or {'name': n, 'x': (1, 2)},
+          summary=lambda r: r['name'], desc='toy', progress_bar=False)
+
+    first = records(1)
+    self.assertEqual(first, [{'name': 'a', 'x': [1, 2]},
+                             {'name': 'b', 'x': [1, 2]}])
+    os.remove(os.path.join(directory, 'b.json'))
+    self.assertEqual(records(1), first)
+    self.assertEqual(computed, ['a', 'b', 'b'])
+    with open(os.path.join(directory, 'a.json')) as f:
+      self.assertEqual(json.load(f), {'recipe': {'item': 'a', 'v': 1},
+                                      'record': first[0]})
+    with self.assertRaisesRegex(ValueError, 'another recipe'):
+      records(2)
 
 
 class ModelsTest(parameterized.TestCase):

@@ -246,17 +246,27 @@ class ProtocolTest(parameterized.TestCase):
       np.testing.assert_allclose(swept['measured'][1], out['measured'],
                                  rtol=1e-12)
 
-  def test_correlations_match_scipy(self):
+  def test_correlations_match_the_textbook_formulas(self):
+    # scipy.stats against the definitions: Pearson's r of the values, and
+    # of the ranks (ties sharing their average rank) for Spearman's rho.
+    def pearson(x, y):
+      x, y = x - x.mean(), y - y.mean()
+      return np.dot(x, y) / np.sqrt(np.dot(x, x) * np.dot(y, y))
+
+    def ranks(v):
+      return np.array([np.sum(v < a) + (np.sum(v == a) + 1) / 2 for a in v])
+
     rng = np.random.default_rng(0)
     x = rng.integers(0, 5, 30).astype(float)  # Ties.
     y = x + rng.normal(size=30)
-    np.testing.assert_allclose(train.rankdata(x), stats.rankdata(x))
-    self.assertAlmostEqual(train.spearman(x, y), stats.spearmanr(x, y)[0],
-                           places=12)
-    self.assertAlmostEqual(train.pearson(x, y), stats.pearsonr(x, y)[0],
-                           places=12)
+    np.testing.assert_array_equal(ranks(x), stats.rankdata(x))
+    self.assertAlmostEqual(train.spearman(x, y), pearson(ranks(x), ranks(y)),
+                           delta=1e-12)
+    self.assertAlmostEqual(train.pearson(x, y), pearson(x, y), delta=1e-12)
     self.assertEqual(train.spearman(x, -2 * x), -1.0)
     self.assertIsNone(train.pearson(x, np.ones(30)))
+    self.assertIsNone(train.spearman(x, np.ones(30)))
+    self.assertIsNone(train.spearman([1.0], [2.0]))
 
   def test_agreement_of_a_scaled_prediction(self):
     measured = np.array([0.1, -0.2, 0.5, 1.0])

@@ -1,1 +1,1 @@
-"""Code shared by the experiments: models and training utilities."""
+"""Code shared by the experiments: models, training utilities, the resumable loop."""

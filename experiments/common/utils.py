@@ -1,10 +1,12 @@
 """Training utilities shared by the experiments.
 
-Batching with explicit randomness, input jitter, a progress bar that is quiet
-off a terminal, orbax checkpoints for resumable runs, and result files.
-Nothing here is specific to a device: the same code runs on CPU and GPU.
-
-Example (a resumable loop):
+PRNG keys derived from names, batching with explicit randomness, input
+jitter, optimiser updates that run under strict dtype promotion, a progress
+bar that is quiet off a terminal, orbax checkpoints for resumable runs, and
+result files. Nothing here is specific to a device: the same code runs on CPU
+and GPU. The experiments' training loops go through
+``loop.resumable_loop``, which is built on ``Checkpointer``; by hand, a
+resumable loop reads:
 
   # Committed to a device like restored arrays, so train_step compiles once.
   state = jax.device_put(init_state(key), jax.devices()[0])
@@ -31,12 +33,72 @@ import platform
 import sys
 import tempfile
 from typing import Any
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import tqdm
+
+
+# ------------------------------------------------------------------- keys
+
+
+def name_key(key: jax.Array, *parts: str | int,
+             full_crc32: bool = False) -> jax.Array:
+  """Folds names (by CRC32) and ints into ``key``, in order.
+
+  Keys derived by name rather than by position: adding or removing a run,
+  model or task leaves the keys of the others unchanged.
+
+  Each string is folded in as its CRC32 (``zlib.crc32`` of its UTF-8 bytes)
+  with the top bit cleared (``& 0x7FFFFFFF``), each int as itself, one
+  ``jax.random.fold_in`` after the other. ``full_crc32=True`` folds the
+  whole CRC32 instead (no mask), the derivation of ``maml_omniglot``,
+  ``maml_sinusoid`` and ``distill_mnist``; ``forgetting`` and
+  ``predict_forgetting`` use the default. The two differ for names whose
+  CRC32 is >= 2**31, so each study keeps its own to keep its numbers.
+
+  Args:
+    key: A typed PRNG key, or an array of them (e.g. one per seed, ``[S]``):
+      every key gets the same parts.
+    *parts: Names and non-negative ints (< 2**32).
+    full_crc32: Fold the whole CRC32 of each name (see above).
+
+  Returns:
+    Keys of the shape of ``key``.
+
+  Raises:
+    ValueError: on an int part outside ``[0, 2**32)``.
+  """
+  mask = 0xFFFFFFFF if full_crc32 else 0x7FFFFFFF
+  data = []
+  for part in parts:
+    if isinstance(part, str):
+      data.append(zlib.crc32(part.encode()) & mask)
+    elif not 0 <= part < 2**32:
+      raise ValueError(
+          f'name_key: int parts must be in [0, 2**32), got {part}.')
+    else:
+      data.append(int(part))
+  if not data:
+    return key
+  return _fold_in_all(key, jnp.asarray(np.asarray(data, np.uint32)))
+
+
+@jax.jit
+def _fold_in_all(key: jax.Array, data: jax.Array) -> jax.Array:
+  def fold_one(k):
+    for i in range(data.shape[0]):
+      k = jax.random.fold_in(k, data[i])
+    return k
+
+  fold = fold_one
+  for _ in range(key.ndim):
+    fold = jax.vmap(fold)
+  return fold(key)
 
 
 # ------------------------------------------------------------------ batching
@@ -164,6 +226,42 @@ def random_translate(key: jax.Array, images: jax.typing.ArrayLike,
         (height, width, channels))
 
   return jax.vmap(crop)(padded, offsets)
+
+
+# ------------------------------------------------------------- optimisers
+
+
+def optimizer_update(optimizer: optax.GradientTransformation, grads: Any,
+                     opt_state: optax.OptState, params: Any = None
+                     ) -> tuple[Any, optax.OptState]:
+  """``optimizer.update(grads, opt_state, params)`` under standard promotion.
+
+  Our tests run under ``jax_numpy_dtype_promotion='strict'``
+  (``tests/conftest.py``), where optax's Adam fails: ``scale_by_adam``
+  bias-corrects with ``optax.tree.bias_correction``, which computes
+  ``1 - decay**count``, a Python float to the power of the int32 step count
+  (``optax/tree_utils/_tree_math.py`` in optax 0.2.8), and strict promotion
+  has no float ** int32 rule::
+
+    jax.dtypes.TypePromotionError: Input dtypes ("<class 'float'>", 'int32')
+    have no available implicit dtype promotion path when
+    jax_numpy_dtype_promotion=strict. Try explicitly casting inputs to the
+    desired output type, or set jax_numpy_dtype_promotion=standard.
+
+  A schedule fails the same way (``optax.cosine_decay_schedule`` starts
+  with ``jnp.minimum(count, decay_steps)``: int32 count, float steps). Only
+  the update is traced under standard promotion; the loss and its gradients
+  stay under the caller's setting. Under standard promotion (the
+  experiments' ``main.py``) this changes nothing, and under strict promotion
+  nothing that strict promotion would not reject: the numbers are the same
+  either way. (``metacf.maml.make_meta_train_step`` does the same for its
+  optimisers.)
+
+  Returns:
+    ``(updates, opt_state)``, as ``optimizer.update``.
+  """
+  with jax.numpy_dtype_promotion('standard'):
+    return optimizer.update(grads, opt_state, params)
 
 
 # ------------------------------------------------------------ progress bars

@@ -26,11 +26,9 @@ same ``workdir`` resumes where it stopped, and gives the same numbers.
 from collections.abc import Mapping
 import dataclasses
 import functools
-import logging
 import os
 import time
 from typing import Any, NamedTuple
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +38,7 @@ from matplotlib.figure import Figure
 import numpy as np
 import optax
 
+from experiments.common import loop
 from experiments.common import models
 from experiments.common import utils
 from experiments.distill_mnist.configs import Config
@@ -56,7 +55,6 @@ RESULTS_PNG = 'results.png'
 NUM_CLASSES = 10
 
 Params = Any
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,12 +204,8 @@ def make_train_step(model: models.MLP, optimizer: optax.GradientTransformation,
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, key,
                                               temperature, alpha,
                                               teacher_params)
-    # optax's Adam computes `b1 ** count` (Python float ** int32), which
-    # strict dtype promotion (our tests' setting) rejects; only the optimiser
-    # runs under standard promotion.
-    with jax.numpy_dtype_promotion('standard'):
-      updates, opt_state = optimizer.update(grads, state.opt_state,
-                                            state.params)
+    updates, opt_state = utils.optimizer_update(optimizer, grads,
+                                                state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(params, opt_state), loss
 
@@ -292,11 +286,6 @@ def count_errors(predict_fn, params: Params, images: np.ndarray,
   return int(np.sum(np.argmax(logits, axis=-1) != labels))
 
 
-def _model_key(root_key: jax.Array, name: str) -> jax.Array:
-  # Keyed by name, so adding or removing a model leaves the others unchanged.
-  return jax.random.fold_in(root_key, zlib.crc32(name.encode()))
-
-
 def train_model(spec: ModelSpec, config: Config, key: jax.Array,
                 train_arrays: Mapping[str, np.ndarray],
                 test_arrays: Mapping[str, np.ndarray], workdir: str, *,
@@ -343,11 +332,13 @@ def train_model(spec: ModelSpec, config: Config, key: jax.Array,
   train_arrays = {k: train_arrays[k] for k in needed}
   num_test = len(test_arrays['label'])
 
-  state = _init_state_fn(_arch(spec))(key_init, train_arrays['image'][:1])
-  # Orbax restores arrays committed to a device. Commit the fresh state too,
-  # so that a fresh and a resumed run call train_step with the same argument
-  # signature and it compiles once either way.
-  state = jax.device_put(state, jax.devices()[0])
+  def init_state():
+    state = _init_state_fn(_arch(spec))(key_init, train_arrays['image'][:1])
+    # Orbax restores arrays committed to a device. Commit the fresh state
+    # too, so that a fresh and a resumed run call train_step with the same
+    # argument signature and it compiles once either way.
+    return jax.device_put(state, jax.devices()[0])
+
   train_step = _train_step_fn(
       _arch(spec), spec.jitter, spec.temperature is not None,
       _arch(teacher_spec) if in_step else None, config.learning_rate,
@@ -367,49 +358,37 @@ def train_model(spec: ModelSpec, config: Config, key: jax.Array,
             'learning_rate': config.learning_rate}
   del recipe['spec']['description']  # Cosmetic.
   recipe = utils.jsonable(recipe)
-  history: list[dict[str, Any]] = []
-  train_time = 0.0
-  start_epoch = 0
-  ckpt_dir = os.path.join(workdir, 'checkpoints', spec.name)
-  with utils.Checkpointer(ckpt_dir,
-                          max_to_keep=config.checkpoint_max_to_keep) as ckpt:
-    if ckpt.latest_step is not None:
-      state, meta = ckpt.restore(state, recipe=recipe)
-      start_epoch, history, train_time = (
-          meta['epoch'], meta['history'], meta['train_time_s'])
-      logger.info('%s: resumed after epoch %d', spec.name, start_epoch)
+  meta = {'epoch': 0, 'history': [], 'train_time_s': 0.0}
 
-    bar = utils.progress_bar(total=total_steps, desc=spec.name,
-                             initial=start_epoch * steps_per_epoch,
-                             enabled=config.progress_bar)
-    for epoch in range(start_epoch, spec.epochs):
-      start = time.perf_counter()
-      rng = utils.numpy_rng(jax.random.fold_in(key_data, epoch))
-      losses = []
-      for i, batch in enumerate(utils.batches(
-          train_arrays, config.batch_size, rng=rng,
-          max_batches=steps_per_epoch)):
-        step_key = jax.random.fold_in(key_dropout, epoch * steps_per_epoch + i)
-        state, loss = train_step(state, batch, step_key, temperature,
-                                 alpha, teacher_params)
-        losses.append(loss)
-        bar.update()
-      train_loss = float(np.mean(jax.device_get(losses)))
-      errors = count_errors(predict_fn, state.params, test_arrays['image'],
-                            test_arrays['label'], config.eval_batch_size)
-      epoch_time = time.perf_counter() - start
-      train_time += epoch_time
-      history.append({'epoch': epoch + 1, 'train_loss': train_loss,
-                      'test_errors': errors, 'epoch_time_s': epoch_time})
-      bar.set_postfix(loss=f'{train_loss:.4f}', test_errors=errors)
-      logger.info('%s epoch %d/%d: loss %.4f, test errors %d/%d (%.1fs)',
-                  spec.name, epoch + 1, spec.epochs, train_loss, errors,
-                  num_test, epoch_time)
-      ckpt.save(epoch + 1, state, {
-          'epoch': epoch + 1, 'history': history, 'train_time_s': train_time,
-          'recipe': recipe})
-    bar.close()
+  def train_epoch(state, epoch):
+    start = time.perf_counter()
+    rng = utils.numpy_rng(jax.random.fold_in(key_data, epoch))
+    losses = []
+    for i, batch in enumerate(utils.batches(
+        train_arrays, config.batch_size, rng=rng,
+        max_batches=steps_per_epoch)):
+      step_key = jax.random.fold_in(key_dropout, epoch * steps_per_epoch + i)
+      state, loss = train_step(state, batch, step_key, temperature, alpha,
+                               teacher_params)
+      losses.append(loss)
+    train_loss = float(np.mean(jax.device_get(losses)))
+    errors = count_errors(predict_fn, state.params, test_arrays['image'],
+                          test_arrays['label'], config.eval_batch_size)
+    epoch_time = time.perf_counter() - start
+    meta['epoch'] = epoch + 1
+    meta['history'].append({'epoch': epoch + 1, 'train_loss': train_loss,
+                            'test_errors': errors,
+                            'epoch_time_s': epoch_time})
+    meta['train_time_s'] += epoch_time
+    return state, (f'loss {train_loss:.4f}, test errors {errors}/{num_test} '
+                   f'({epoch_time:.1f}s)')
 
+  state, meta, _ = loop.resumable_loop(
+      os.path.join(workdir, 'checkpoints', spec.name), name=spec.name,
+      unit='epoch', total=spec.epochs, init=init_state, step=train_epoch,
+      recipe=recipe, meta=meta, max_to_keep=config.checkpoint_max_to_keep,
+      progress_bar=config.progress_bar)
+  history = meta['history']
   if history:  # The last epoch's evaluation is of the final parameters.
     errors = history[-1]['test_errors']
   else:
@@ -421,10 +400,10 @@ def train_model(spec: ModelSpec, config: Config, key: jax.Array,
       'num_test': num_test,
       'test_accuracy': 1.0 - errors / num_test,
       'paper_test_errors': PAPER_TEST_ERRORS.get(spec.name),
-      'train_time_s': train_time,
+      'train_time_s': meta['train_time_s'],
       'epochs': spec.epochs,
       'steps': total_steps,
-      'num_params': sum(int(np.size(p)) for p in jax.tree.leaves(state.params)),
+      'num_params': optax.tree.size(state.params),
       'temperature': spec.temperature,
       'alpha': spec.alpha if spec.temperature is not None else None,
       'history': history,
@@ -476,7 +455,8 @@ def train_and_evaluate(config: Config, workdir: str, *,
           _predict_fn(_arch(teacher_spec)), teacher_params,
           train_arrays['image'], config.eval_batch_size)
     params, records[spec.name] = train_model(
-        spec, config, _model_key(root_key, spec.name), train_arrays,
+        spec, config, utils.name_key(root_key, spec.name, full_crc32=True),
+        train_arrays,
         test_arrays, workdir, teacher_spec=teacher_spec,
         teacher_params=teacher_params)
     if spec is teacher_spec:

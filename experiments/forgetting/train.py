@@ -29,16 +29,15 @@ batch order from (seed, scenario, task).
 
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
-import logging
 import os
 import time
 from typing import Any, NamedTuple
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.common import loop
 from experiments.common import utils
 from experiments.forgetting import _plots
 from experiments.forgetting import _steps
@@ -56,35 +55,11 @@ NUM_CLASSES = _steps.NUM_CLASSES
 # could check against a copy of the paper go here; see README.md.
 PAPER_ACCURACY: dict[str, tuple[float, float]] = {}
 
-logger = logging.getLogger(__name__)
-
 
 class Stream(NamedTuple):
   """The batches of one scenario for every seed and task."""
   steps: list[int]        # [T]: steps of each task (the same for every seed)
   idx: list[np.ndarray]   # [T] of int32 [S, steps[t], B]: training indices
-
-
-def _name_hash(part: str | int) -> int:
-  if isinstance(part, int):
-    return part
-  return zlib.crc32(part.encode()) & 0x7FFFFFFF
-
-
-@jax.jit
-def _fold_data(keys: jax.Array, data: jax.Array) -> jax.Array:
-  def fold_one(key):
-    for i in range(data.shape[0]):
-      key = jax.random.fold_in(key, data[i])
-    return key
-
-  return jax.vmap(fold_one)(keys)
-
-
-def _fold(keys: jax.Array, *parts: str | int) -> jax.Array:
-  """Folds names (by CRC32) and ints, in order, into ``[S]`` keys."""
-  data = np.asarray([_name_hash(p) for p in parts], np.uint32)
-  return _fold_data(keys, jnp.asarray(data))
 
 
 def root_keys(seeds: Sequence[int]) -> jax.Array:
@@ -123,7 +98,7 @@ def make_stream(config: Config, scenario: Scenario, joint: bool,
   steps, idx = [], []
   if joint:
     rngs = [utils.numpy_rng(k) for k in
-            _fold(keys, 'data', scenario.name, 'joint')]
+            utils.name_key(keys, 'data', scenario.name, 'joint')]
     orders = [np.concatenate([rng.permutation(len(labels))
                               for _ in range(config.epochs_per_task)])
               for rng in rngs]
@@ -136,7 +111,7 @@ def make_stream(config: Config, scenario: Scenario, joint: bool,
     for t in range(num_tasks):
       members = np.flatnonzero(example_task == t)
       rngs = [utils.numpy_rng(k) for k in
-              _fold(keys, 'data', scenario.name, t)]
+              utils.name_key(keys, 'data', scenario.name, t)]
       orders = [np.concatenate([members[rng.permutation(len(members))]
                                 for _ in range(config.epochs_per_task)])
                 for rng in rngs]
@@ -250,14 +225,16 @@ def train_strategy(config: Config, scenario: Scenario, strategy: Strategy,
   chunk_len = config.eval_every
   num_seeds = len(config.seeds)
   example_image = train['image'][0]
-  # The same initial networks for every strategy and scenario.
-  params = _steps.make_init_params(config.widths)(_fold(keys, 'init'),
-                                                  example_image)
-  state = _steps.make_init_state(strategy)(params, example_image)
-  # Restored checkpoints are committed to a device; commit fresh states too,
-  # so that both hit the same compiled functions (jit caches on it).
-  device = jax.devices()[0]
-  state = jax.device_put(state, device)
+
+  def init_state():
+    # The same initial networks for every strategy and scenario.
+    params = _steps.make_init_params(config.widths)(
+        utils.name_key(keys, 'init'), example_image)
+    state = _steps.make_init_state(strategy)(params, example_image)
+    # Restored checkpoints are committed to a device; commit fresh states
+    # too, so that both hit the same compiled functions (jit caches on it).
+    return jax.device_put(state, jax.devices()[0])
+
   train_chunk = _steps.make_train_chunk(strategy, config.widths,
                                         config.batch_size)
   recipe = utils.jsonable({
@@ -269,65 +246,59 @@ def train_strategy(config: Config, scenario: Scenario, strategy: Strategy,
       'widths': config.widths, 'batch_size': config.batch_size,
       'epochs_per_task': config.epochs_per_task,
       'eval_every': config.eval_every})
-  record: dict[str, Any] = {'class_il_rows': [], 'task_il_rows': [],
-                            'curve': [], 'losses': [], 'train_time_s': 0.0,
-                            'tasks_done': 0}
-  name = f'{scenario.name}/{strategy.name}'
-  ckpt_dir = os.path.join(workdir, 'checkpoints', scenario.name,
-                          strategy.name)
-  with utils.Checkpointer(ckpt_dir,
-                          max_to_keep=config.checkpoint_max_to_keep) as ckpt:
-    if ckpt.latest_step is not None:
-      state, meta = ckpt.restore(state, recipe=recipe)
-      state = jax.device_put(state, device)
-      record = meta['record']
-      logger.info('%s: resumed after task %d', name, record['tasks_done'])
-    else:
+  meta = {'record': {'class_il_rows': [], 'task_il_rows': [], 'curve': [],
+                     'losses': [], 'train_time_s': 0.0, 'tasks_done': 0}}
+
+  def start_session(state):
+    record = meta['record']
+    if not record['curve']:  # A fresh run: the initial networks.
       point = evaluator.curve_point(state['params'])
       record['curve'].append({'step': 0, 'task': 0,
                               'class_il': _tolist(point)})
 
-    start_task = record['tasks_done']
-    bar = utils.progress_bar(total=sum(stream.steps), desc=name,
-                             initial=sum(stream.steps[:start_task]),
-                             enabled=config.progress_bar)
-    for t in range(start_task, num_tasks):
-      start = time.perf_counter()
-      seen = jnp.asarray(classes[:t + 1].any(axis=0))
-      old = jnp.asarray(classes[:t].any(axis=0))
-      if strategy.kind == 'lwf' and t > 0:
-        # The previous task's network, frozen: a copy, since params are
-        # donated to (and updated in place by) the training chunks.
-        state['old_params'] = jax.tree.map(jnp.copy, state['params'])
-      steps_done = sum(stream.steps[:t])
-      num_chunks = -(-stream.steps[t] // chunk_len)
-      task_keys = _fold(keys, 'train', scenario.name, strategy.name, t)
-      for c in range(num_chunks):
-        lo, hi = c * chunk_len, min((c + 1) * chunk_len, stream.steps[t])
-        idx = np.zeros((num_seeds, chunk_len, config.batch_size), np.int32)
-        idx[:, :hi - lo] = stream.idx[t][:, lo:hi]
-        state, loss = train_chunk(state, train['image'], train['label'],
-                                  jnp.asarray(idx), jnp.int32(lo),
-                                  jnp.int32(hi - lo), task_keys, seen, old)
-        point = evaluator.curve_point(state['params'])
-        record['curve'].append({'step': steps_done + hi, 'task': t,
-                                'class_il': _tolist(point)})
-        record['losses'].append(_tolist(loss))
-        bar.update(hi - lo)
-      class_il, task_il = evaluator.matrix_rows(state['params'])
-      record['class_il_rows'].append(_tolist(class_il))
-      record['task_il_rows'].append(_tolist(task_il))
-      record['tasks_done'] = t + 1
-      record['train_time_s'] += time.perf_counter() - start
-      mean_acc = float(np.mean(np.asarray(class_il)[:, :t + 1]))
-      bar.set_postfix(task=t + 1, seen_acc=f'{mean_acc:.3f}')
-      logger.info('%s task %d/%d: class-IL accuracy on tasks seen %.4f',
-                  name, t + 1, num_tasks, mean_acc)
-      ckpt.save(t + 1, state, {'recipe': recipe, 'record': record})
-      if on_task_end is not None:
-        on_task_end(scenario.name, strategy.name, t)
-    bar.close()
-  return record
+  def train_task(state, t):
+    record = meta['record']
+    task_start = time.perf_counter()
+    seen = jnp.asarray(classes[:t + 1].any(axis=0))
+    old = jnp.asarray(classes[:t].any(axis=0))
+    if strategy.kind == 'lwf' and t > 0:
+      # The previous task's network, frozen: a copy, since params are
+      # donated to (and updated in place by) the training chunks.
+      state['old_params'] = jax.tree.map(jnp.copy, state['params'])
+    steps_done = sum(stream.steps[:t])
+    num_chunks = -(-stream.steps[t] // chunk_len)
+    task_keys = utils.name_key(keys, 'train', scenario.name, strategy.name, t)
+    for c in range(num_chunks):
+      lo, hi = c * chunk_len, min((c + 1) * chunk_len, stream.steps[t])
+      idx = np.zeros((num_seeds, chunk_len, config.batch_size), np.int32)
+      idx[:, :hi - lo] = stream.idx[t][:, lo:hi]
+      state, loss = train_chunk(state, train['image'], train['label'],
+                                jnp.asarray(idx), jnp.int32(lo),
+                                jnp.int32(hi - lo), task_keys, seen, old)
+      point = evaluator.curve_point(state['params'])
+      record['curve'].append({'step': steps_done + hi, 'task': t,
+                              'class_il': _tolist(point)})
+      record['losses'].append(_tolist(loss))
+    class_il, task_il = evaluator.matrix_rows(state['params'])
+    record['class_il_rows'].append(_tolist(class_il))
+    record['task_il_rows'].append(_tolist(task_il))
+    record['tasks_done'] = t + 1
+    record['train_time_s'] += time.perf_counter() - task_start
+    mean_acc = float(np.mean(np.asarray(class_il)[:, :t + 1]))
+    return state, f'class-IL accuracy on tasks seen {mean_acc:.4f}'
+
+  def checkpointed(tasks_done):
+    if on_task_end is not None:
+      on_task_end(scenario.name, strategy.name, tasks_done - 1)
+
+  _, meta, _ = loop.resumable_loop(
+      os.path.join(workdir, 'checkpoints', scenario.name, strategy.name),
+      name=f'{scenario.name}/{strategy.name}', unit='task', total=num_tasks,
+      init=init_state, start=start_session, step=train_task, recipe=recipe,
+      meta=meta, on_checkpoint=checkpointed,
+      max_to_keep=config.checkpoint_max_to_keep,
+      progress_bar=config.progress_bar)
+  return meta['record']
 
 
 def _metrics(matrices: np.ndarray) -> dict[str, Any]:

@@ -36,7 +36,6 @@ import math
 import os
 import time
 from typing import Any, NamedTuple
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +45,7 @@ from matplotlib.figure import Figure
 import numpy as np
 import optax
 
+from experiments.common import loop
 from experiments.common import models
 from experiments.common import utils
 from experiments.maml_omniglot.configs import Config
@@ -251,11 +251,8 @@ def make_train_chunk(setting: Setting, config: Config):
       keys = jax.random.split(jax.random.fold_in(key, iteration),
                               setting.meta_batch_size)
       tasks = sample_tasks(keys, images, setting, config)
-      # optax's adam adds its int32 count to floats, which strict dtype
-      # promotion (our tests' setting) rejects.
-      with jax.numpy_dtype_promotion('standard'):
-        params, opt_state, metrics = meta_step(state.params, state.opt_state,
-                                               tasks)
+      params, opt_state, metrics = meta_step(state.params, state.opt_state,
+                                             tasks)
       return TrainState(params, opt_state), metrics.loss
 
     iterations = first_iteration + jnp.arange(config.chunk_size,
@@ -314,6 +311,14 @@ def _abstract_state(setting: Setting, config: Config) -> TrainState:
   return jax.eval_shape(
       functools.partial(_init_state, setting=setting, config=config),
       _abstract_key())
+
+
+def _restore_template(setting: Setting, config: Config) -> TrainState:
+  """The abstract state, committed to the default device (as restored)."""
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+      _abstract_state(setting, config))
 
 
 def _abstract_key() -> jax.ShapeDtypeStruct:
@@ -448,11 +453,6 @@ def curve_iterations(config: Config) -> list[int]:
   return sorted(p for p in points if p <= config.num_iterations)
 
 
-def _run_key(root_key: jax.Array, name: str) -> jax.Array:
-  # Keyed by name, so adding or removing a run leaves the others unchanged.
-  return jax.random.fold_in(root_key, zlib.crc32(name.encode()))
-
-
 def recipe(setting: Setting, config: Config) -> dict[str, Any]:
   """Everything that changes a run's numbers (checked on resume)."""
   fields = ('seed', 'num_iterations', 'outer_lr', 'num_query',
@@ -490,93 +490,58 @@ def train_run(setting: Setting, config: Config, key: jax.Array,
   """
   name = setting.name
   key_init, key_tasks = jax.random.split(key)
-  run_recipe = recipe(setting, config)
+  curve_at = set(curve_iterations(config))
   meta = {'iteration': 0, 'history': [], 'curve': [], 'train_time_s': 0.0,
           'compile_s': 0.0, 'eval_time_s': 0.0, 'sessions': 0,
           'devices': []}
-  curve_at = set(curve_iterations(config))
-  ckpt_dir = os.path.join(workdir, 'checkpoints', name)
-  session_start = time.perf_counter()
-  stopped = False
-  with utils.Checkpointer(ckpt_dir,
-                          max_to_keep=config.checkpoint_max_to_keep) as ckpt:
-    if ckpt.latest_step is not None:
-      sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      state_like = jax.tree.map(
-          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-          _abstract_state(setting, config))
-      state, meta = ckpt.restore(state_like, recipe=run_recipe)
-      logger.info('%s: resumed after iteration %d', name, meta['iteration'])
-    else:
-      state = compile_init(setting, config)(key_init)
 
-    def add_curve_point():
-      start = time.perf_counter()
-      point = evaluate(state.params, test_key, test_images, setting, config,
-                       config.num_curve_tasks)
-      meta['eval_time_s'] += time.perf_counter() - start
-      meta['curve'].append({'iteration': meta['iteration'], **point})
-      logger.info('%s iteration %d: test accuracy %.4f ± %.4f after %d '
-                  'steps (%d tasks)', name, meta['iteration'],
-                  point['accuracy'][setting.paper_eval_steps],
-                  point['ci95'][setting.paper_eval_steps],
-                  setting.paper_eval_steps, config.num_curve_tasks)
+  def add_curve_point(params):
+    start = time.perf_counter()
+    point = evaluate(params, test_key, test_images, setting, config,
+                     config.num_curve_tasks)
+    meta['eval_time_s'] += time.perf_counter() - start
+    meta['curve'].append({'iteration': meta['iteration'], **point})
+    logger.info('%s iteration %d: test accuracy %.4f ± %.4f after %d '
+                'steps (%d tasks)', name, meta['iteration'],
+                point['accuracy'][setting.paper_eval_steps],
+                point['ci95'][setting.paper_eval_steps],
+                setting.paper_eval_steps, config.num_curve_tasks)
 
-    def save():
-      ckpt.save(meta['iteration'], state, {**meta, 'recipe': run_recipe})
+  def start_session(state):
+    start = time.perf_counter()
+    compile_train_chunk(setting, config)  # Cached for train_chunks.
+    meta['compile_s'] += time.perf_counter() - start
+    meta['sessions'] += 1
+    device = utils.device_description()
+    if device not in meta['devices']:
+      meta['devices'].append(device)
+    if not meta['curve']:
+      add_curve_point(state.params)  # Iteration 0: the initial network.
 
-    if meta['iteration'] < config.num_iterations:
-      start = time.perf_counter()
-      chunk = compile_train_chunk(setting, config)
-      meta['compile_s'] += time.perf_counter() - start
-      meta['sessions'] += 1
-      device = utils.device_description()
-      if device not in meta['devices']:
-        meta['devices'].append(device)
-      if not meta['curve']:
-        add_curve_point()  # Iteration 0: the initial network.
-    bar = utils.progress_bar(total=config.num_iterations, desc=name,
-                             initial=meta['iteration'],
-                             enabled=config.progress_bar)
-    last_chunk_s, chunks_run, saved = 0.0, 0, ckpt.latest_step
-    last_log = time.perf_counter()
-    while meta['iteration'] < config.num_iterations:
-      elapsed = time.perf_counter() - session_start
-      if (config.time_budget_s is not None and chunks_run
-          and elapsed + last_chunk_s > config.time_budget_s):
-        stopped = True
-        break
-      chunk_start = time.perf_counter()
-      state, losses = chunk(state, key_tasks, np.int32(meta['iteration']),
-                            train_images)
-      loss = float(np.mean(np.asarray(losses)))
-      meta['train_time_s'] += time.perf_counter() - chunk_start
-      meta['iteration'] += config.chunk_size
-      chunks_run += 1
-      meta['history'].append({'iteration': meta['iteration'], 'loss': loss})
-      bar.update(config.chunk_size)
-      bar.set_postfix(loss=f'{loss:.4f}')
-      if meta['iteration'] in curve_at:
-        add_curve_point()
-      checkpoint = (meta['iteration'] % config.checkpoint_every == 0
-                    or meta['iteration'] == config.num_iterations)
-      if checkpoint or time.perf_counter() - last_log >= LOG_EVERY_S:
-        logger.info('%s iteration %d/%d: loss %.4f (%.0fs training)', name,
-                    meta['iteration'], config.num_iterations, loss,
-                    meta['train_time_s'])
-        last_log = time.perf_counter()
-      if checkpoint:
-        save()
-        saved = meta['iteration']
-      last_chunk_s = time.perf_counter() - chunk_start
-    bar.close()
-    if saved != meta['iteration']:
-      save()
-    if stopped:
-      logger.info('%s: time budget of %.0fs spent after iteration %d/%d; '
-                  'checkpointed, run again to continue', name,
-                  config.time_budget_s, meta['iteration'],
-                  config.num_iterations)
+  def train_chunk(state, iteration):
+    start = time.perf_counter()
+    state, losses = compile_train_chunk(setting, config)(
+        state, key_tasks, np.int32(iteration), train_images)
+    loss = float(np.mean(np.asarray(losses)))
+    meta['train_time_s'] += time.perf_counter() - start
+    meta['iteration'] = iteration + config.chunk_size
+    meta['history'].append({'iteration': meta['iteration'], 'loss': loss})
+    if meta['iteration'] in curve_at:
+      add_curve_point(state.params)
+    return state, f'loss {loss:.4f} ({meta["train_time_s"]:.0f}s training)'
+
+  state, meta, stopped = loop.resumable_loop(
+      os.path.join(workdir, 'checkpoints', name), name=name,
+      unit='iteration', total=config.num_iterations,
+      stride=config.chunk_size,
+      init=lambda: compile_init(setting, config)(key_init),
+      state_like=lambda: _restore_template(setting, config),
+      start=start_session, step=train_chunk,
+      recipe=recipe(setting, config), meta=meta,
+      checkpoint_every=config.checkpoint_every,
+      time_budget_s=config.time_budget_s,
+      max_to_keep=config.checkpoint_max_to_keep,
+      progress_bar=config.progress_bar, log_every_s=LOG_EVERY_S)
   record = {field: meta[field] for field in (
       'iteration', 'train_time_s', 'compile_s', 'eval_time_s', 'sessions',
       'devices', 'history', 'curve')}
@@ -614,15 +579,16 @@ def train_and_evaluate(config: Config, workdir: str, *,
   train_images = jax.device_put(images[:config.num_train_characters], device)
   test_images = jax.device_put(images[config.num_train_characters:], device)
   root_key = jax.random.key(config.seed)
-  key_test = _run_key(root_key, 'test')
+  key_test = utils.name_key(root_key, 'test', full_crc32=True)
 
   per_setting: dict[str, Any] = {}
   for setting in config.settings:
     setting_start = time.perf_counter()
-    test_key = _run_key(key_test, setting.name)
-    params, run = train_run(setting, config,
-                            _run_key(root_key, setting.name), test_key,
-                            train_images, test_images, workdir)
+    test_key = utils.name_key(key_test, setting.name, full_crc32=True)
+    params, run = train_run(
+        setting, config,
+        utils.name_key(root_key, setting.name, full_crc32=True), test_key,
+        train_images, test_images, workdir)
     start = time.perf_counter()
     final = evaluate(params, test_key, test_images, setting, config,
                      config.num_test_tasks)

@@ -37,7 +37,6 @@ import logging
 import os
 import time
 from typing import Any, NamedTuple
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +46,7 @@ from matplotlib.figure import Figure
 import numpy as np
 import optax
 
+from experiments.common import loop
 from experiments.common import utils
 from experiments.maml_sinusoid.configs import Config
 from metacf import maml
@@ -180,11 +180,8 @@ def make_train_chunk(kind: str, config: Config, shots: int):
         num_inner_steps=config.num_inner_steps, donate=False)
 
     def step(state, tasks):
-      # optax's adam adds its int32 count to floats, which strict dtype
-      # promotion (our tests' setting) rejects.
-      with jax.numpy_dtype_promotion('standard'):
-        params, opt_state, metrics = meta_step(state.params, state.opt_state,
-                                               tasks)
+      params, opt_state, metrics = meta_step(state.params, state.opt_state,
+                                             tasks)
       return TrainState(params, opt_state), metrics.loss
   elif kind == 'pretrained':
 
@@ -193,9 +190,8 @@ def make_train_chunk(kind: str, config: Config, shots: int):
       x = jnp.concatenate([tasks.support_x, tasks.query_x], 1).reshape(-1, 1)
       y = jnp.concatenate([tasks.support_y, tasks.query_y], 1).reshape(-1, 1)
       loss, grads = jax.value_and_grad(mse_loss)(state.params, x, y)
-      with jax.numpy_dtype_promotion('standard'):
-        updates, opt_state = optimizer.update(grads, state.opt_state,
-                                              state.params)
+      updates, opt_state = utils.optimizer_update(
+          optimizer, grads, state.opt_state, state.params)
       return TrainState(optax.apply_updates(state.params, updates),
                         opt_state), loss
   else:
@@ -246,11 +242,6 @@ def check_config(config: Config) -> None:
                      f'{config.max_eval_steps}.')
 
 
-def _run_key(root_key: jax.Array, name: str) -> jax.Array:
-  # Keyed by name, so adding or removing a run leaves the others unchanged.
-  return jax.random.fold_in(root_key, zlib.crc32(name.encode()))
-
-
 def train_run(kind: str, shots: int, config: Config, key: jax.Array,
               workdir: str) -> tuple[Params, dict[str, Any]]:
   """Trains one network, resuming from its checkpoints.
@@ -273,7 +264,6 @@ def train_run(kind: str, shots: int, config: Config, key: jax.Array,
   """
   name = f'{kind}_K{shots}'
   key_init, key_tasks = jax.random.split(key)
-  state = _init_state(key_init, config)
   # Everything that changes the numbers; a mismatch means another recipe.
   recipe = utils.jsonable({
       'kind': kind, 'shots': shots, 'seed': config.seed,
@@ -284,42 +274,37 @@ def train_run(kind: str, shots: int, config: Config, key: jax.Array,
           'num_inner_steps': config.num_inner_steps} if kind == 'maml'
          else {}),
   })
-  iteration, history, train_time, compile_time = 0, [], 0.0, 0.0
-  ckpt_dir = os.path.join(workdir, 'checkpoints', name)
-  with utils.Checkpointer(ckpt_dir,
-                          max_to_keep=config.checkpoint_max_to_keep) as ckpt:
-    if ckpt.latest_step is not None:
-      state, meta = ckpt.restore(state, recipe=recipe)
-      iteration, history, train_time, compile_time = (
-          meta['iteration'], meta['history'], meta['train_time_s'],
-          meta['compile_s'])
-      logger.info('%s: resumed after iteration %d', name, iteration)
-    if iteration < config.num_iterations:
-      start = time.perf_counter()
-      chunk = compile_train_chunk(kind, config, shots)
-      compile_time += time.perf_counter() - start
-    bar = utils.progress_bar(total=config.num_iterations, desc=name,
-                             initial=iteration, enabled=config.progress_bar)
-    while iteration < config.num_iterations:
-      start = time.perf_counter()
-      state, losses = chunk(state, key_tasks, np.int32(iteration))
-      loss = float(np.mean(np.asarray(losses)))
-      train_time += time.perf_counter() - start
-      iteration += config.chunk_size
-      history.append({'iteration': iteration, 'loss': loss})
-      bar.update(config.chunk_size)
-      bar.set_postfix(loss=f'{loss:.4f}')
-      if (iteration % config.checkpoint_every == 0
-          or iteration == config.num_iterations):
-        logger.info('%s iteration %d/%d: loss %.4f (%.1fs)', name, iteration,
-                    config.num_iterations, loss, train_time)
-        ckpt.save(iteration, state, {
-            'iteration': iteration, 'history': history,
-            'train_time_s': train_time, 'compile_s': compile_time,
-            'recipe': recipe})
-    bar.close()
-  return state.params, {'iterations': iteration, 'train_time_s': train_time,
-                        'compile_s': compile_time, 'history': history}
+  meta = {'iteration': 0, 'history': [], 'train_time_s': 0.0,
+          'compile_s': 0.0}
+
+  def start_session(state):
+    del state
+    start = time.perf_counter()
+    compile_train_chunk(kind, config, shots)  # Cached for train_chunk.
+    meta['compile_s'] += time.perf_counter() - start
+
+  def train_chunk(state, iteration):
+    start = time.perf_counter()
+    state, losses = compile_train_chunk(kind, config, shots)(
+        state, key_tasks, np.int32(iteration))
+    loss = float(np.mean(np.asarray(losses)))
+    meta['train_time_s'] += time.perf_counter() - start
+    meta['iteration'] = iteration + config.chunk_size
+    meta['history'].append({'iteration': meta['iteration'], 'loss': loss})
+    return state, f'loss {loss:.4f} ({meta["train_time_s"]:.1f}s)'
+
+  state, meta, _ = loop.resumable_loop(
+      os.path.join(workdir, 'checkpoints', name), name=name,
+      unit='iteration', total=config.num_iterations,
+      stride=config.chunk_size, init=lambda: _init_state(key_init, config),
+      start=start_session, step=train_chunk, recipe=recipe, meta=meta,
+      checkpoint_every=config.checkpoint_every,
+      max_to_keep=config.checkpoint_max_to_keep,
+      progress_bar=config.progress_bar)
+  return state.params, {'iterations': meta['iteration'],
+                        'train_time_s': meta['train_time_s'],
+                        'compile_s': meta['compile_s'],
+                        'history': meta['history']}
 
 
 # ------------------------------------------------------------- evaluation
@@ -423,8 +408,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   wall_start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   root_key = jax.random.key(config.seed)
-  key_test = _run_key(root_key, 'test')
-  key_val = _run_key(root_key, 'validation')
+  key_test = utils.name_key(root_key, 'test', full_crc32=True)
+  key_val = utils.name_key(root_key, 'validation', full_crc32=True)
   steps = config.max_eval_steps
   fits_x = np.linspace(*config.input_range, 201, dtype=np.float32)[:, None]
 
@@ -444,8 +429,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         'amplitude': float(test.amplitude[i]),
         'phase': float(test.phase[i])}
     for kind in KINDS if config.pretrain else KINDS[:1]:
-      params, run = train_run(kind, shots, config,
-                              _run_key(root_key, f'{kind}_K{shots}'), workdir)
+      params, run = train_run(
+          kind, shots, config,
+          utils.name_key(root_key, f'{kind}_K{shots}', full_crc32=True),
+          workdir)
       if kind == 'maml':
         lr = config.inner_lr
       else:

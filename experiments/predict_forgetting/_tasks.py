@@ -17,7 +17,6 @@ statistics.
 
 from collections.abc import Mapping
 from typing import NamedTuple
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -42,13 +41,6 @@ class TaskData(NamedTuple):
   y_train: jax.Array  # [num_train], int32
   x_eval: jax.Array   # [num_eval, 784], float32 (test split)
   y_eval: jax.Array   # [num_eval], int32
-
-
-def name_key(key: jax.Array, *parts: str) -> jax.Array:
-  """Folds each string (by CRC32) into ``key``, in order."""
-  for part in parts:
-    key = jax.random.fold_in(key, zlib.crc32(part.encode()) & 0x7FFFFFFF)
-  return key
 
 
 def rotate(images: jax.typing.ArrayLike, degrees: float) -> jax.Array:
@@ -100,7 +92,7 @@ def transform(task: Task, images: np.ndarray, key: jax.Array) -> jax.Array:
     x = rotate(x, task.rotation)
   x = x.reshape(x.shape[0], NUM_PIXELS)
   if task.permuted_fraction:
-    perm = partial_permutation(name_key(key, 'permutation', task.name),
+    perm = partial_permutation(utils.name_key(key, 'permutation', task.name),
                                NUM_PIXELS, task.permuted_fraction)
     x = x[:, perm]
   return (x - PIXEL_MEAN) / PIXEL_STD
@@ -144,8 +136,8 @@ def make_task_data(task: Task, role: str, splits: Splits, *, num_train: int,
   train, test = splits[task.dataset]
   half = len(train['label']) // 2
   pool = slice(0, half) if role == 'a' else slice(half, None)
-  key_train = name_key(key, 'train', task.name, role)
-  key_eval = name_key(key, 'eval', task.name, role)
+  key_train = utils.name_key(key, 'train', task.name, role)
+  key_eval = utils.name_key(key, 'eval', task.name, role)
   idx_train = _draw(train, task.digits, pool, num_train, key_train)
   idx_eval = _draw(test, task.digits, slice(0, None), num_eval, key_eval)
   return TaskData(

@@ -49,8 +49,6 @@ names, recomputes the rest bitwise as a fresh run would.
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import functools
-import json
-import logging
 import math
 import os
 import time
@@ -59,7 +57,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from scipy import stats
 
+from experiments.common import loop
 from experiments.common import models
 from experiments.common import utils
 from experiments.predict_forgetting import _plots
@@ -75,7 +76,6 @@ NUM_CLASSES = 10
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
-logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ model
@@ -107,12 +107,12 @@ def make_model(width: int, bias_scale: float) -> Model:
   def init(key: jax.Array) -> Params:
     params = module.init(key, jnp.zeros([1, _tasks.NUM_PIXELS]))['params']
     # LeCun-normal kernels (variance 1 / fan_in) -> omega of variance 1.
-    return jax.tree_util.tree_map_with_path(
+    return jax.tree.map_with_path(
         lambda path, v: v * math.sqrt(v.shape[0]) if _is_kernel(path) else v,
         params)
 
   def apply(params: Params, x: jax.Array) -> jax.Array:
-    standard = jax.tree_util.tree_map_with_path(
+    standard = jax.tree.map_with_path(
         lambda path, v: (v * (1 / math.sqrt(v.shape[0])) if _is_kernel(path)
                          else v * bias_scale), params)
     return module.apply({'params': standard}, x)
@@ -155,12 +155,15 @@ def accuracy(outputs: jax.Array, labels: jax.Array) -> jax.Array:
 def gradient_descent(apply_fn: ApplyFn, params: Params, x: jax.Array,
                      target: jax.Array, lr: jax.typing.ArrayLike, *,
                      num_steps: int, loss: str) -> Params:
-  """``num_steps`` steps of full-batch GD, ``theta -= lr * grad L(theta)``."""
+  """``num_steps`` steps of full-batch GD, ``theta -= lr * grad L(theta)``.
+
+  ``params`` are of one float dtype, to which ``lr`` is cast.
+  """
+  lr = jnp.asarray(lr, optax.tree.dtype(params))
 
   def step(p, _):
     grads = jax.grad(lambda q: task_loss(apply_fn(q, x), target, loss))(p)
-    return jax.tree.map(lambda v, g: v - jnp.asarray(lr).astype(g.dtype) * g,
-                        p, grads), None
+    return optax.tree.sub(p, optax.tree.scale(lr, grads)), None
 
   params, _ = jax.lax.scan(step, params, None, length=num_steps)
   return params
@@ -292,31 +295,27 @@ def low_rank_fn(apply_fn: ApplyFn, *, k: int, method: str, num_steps: int,
 # ----------------------------------------------------------- correlations
 
 
-def rankdata(values: Sequence[float]) -> np.ndarray:
-  """Ranks 1..n, ties sharing their average rank (``scipy.stats.rankdata``)."""
-  values = np.asarray(values, np.float64)
-  order = np.argsort(values, kind='stable')
-  ranks = np.empty(len(values), np.float64)
-  ranks[order] = np.arange(1, len(values) + 1)
-  _, inverse, counts = np.unique(values, return_inverse=True,
-                                 return_counts=True)
-  sums = np.bincount(inverse, weights=ranks)
-  return sums[inverse] / counts[inverse]
-
-
 def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
-  """Pearson's r; None if there are fewer than 2 values or one is constant."""
+  """Pearson's r (``scipy.stats.pearsonr``); None if there are fewer than 2
+  values or one of ``x``, ``y`` is constant."""
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+  if _degenerate(x, y):
     return None
-  x, y = x - x.mean(), y - y.mean()
-  r = float(np.dot(x, y) / np.sqrt(np.dot(x, x) * np.dot(y, y)))
-  return min(1.0, max(-1.0, r))
+  return float(stats.pearsonr(x, y).statistic)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-  """Spearman's rho: Pearson's r of the ranks (ties averaged)."""
-  return pearson(rankdata(x), rankdata(y))
+  """Spearman's rho (``scipy.stats.spearmanr``: Pearson's r of the ranks,
+  ties averaged); None where :func:`pearson` is."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if _degenerate(x, y):
+    return None
+  return float(stats.spearmanr(x, y).statistic)
+
+
+def _degenerate(x: np.ndarray, y: np.ndarray) -> bool:
+  # No correlation to speak of (scipy would warn and return nan).
+  return len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0
 
 
 def agreement(predicted: Sequence[float],
@@ -371,23 +370,6 @@ def _recipe(config: Config, **extra: Any) -> Any:
                          'jax_version': jax.__version__})
 
 
-def _load_record(path: str, recipe: Any) -> dict[str, Any] | None:
-  """The record saved at ``path``, None if there is none.
-
-  Raises:
-    ValueError: if it was written for another recipe.
-  """
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    saved = json.load(f)
-  if saved['recipe'] != recipe:
-    raise ValueError(
-        f'_load_record: {path} was written by another recipe '
-        f'({saved["recipe"]}, now {recipe}); use a fresh workdir.')
-  return saved['record']
-
-
 def _floats(values: Mapping[str, jax.Array]) -> dict[str, Any]:
   # float32 -> Python float is exact, and JSON round-trips Python floats
   # exactly, so a resumed run's numbers are bitwise those of a fresh run.
@@ -425,7 +407,7 @@ class _Run:
       model = make_model(width, config.bias_scale)
       data = self.data(pair, 'a', num_train=num_train)
       # One initial network for every A: only the task differs.
-      params = model.init(_tasks.name_key(self.key, 'init'))
+      params = model.init(utils.name_key(self.key, 'init'))
       params = train_fn(model.apply, num_steps=config.num_steps_a,
                         loss=config.loss)(params, data.x_train, data.y_train,
                                           config.lr_a)
@@ -446,7 +428,7 @@ class _Run:
     config = self.config
     model = make_model(config.width, config.bias_scale)
     svd = svd_fn(model.apply, k=config.overlap_k, method=config.svd_method)(
-        params, x, _tasks.name_key(self.key, 'svd', name))
+        params, x, utils.name_key(self.key, 'svd', name))
     if role == 'a':
       self._svds[name] = svd
     return svd
@@ -477,7 +459,7 @@ def evaluate_pair(run: _Run, pair: Pair) -> dict[str, Any]:
         num_steps=config.num_steps_b, loss=config.loss)(
             params_a, data_a.x_eval, data_a.y_eval, data_b.x_train,
             data_b.y_train, config.lr_b,
-            _tasks.name_key(run.key, 'low_rank', pair.name, str(k))))
+            utils.name_key(run.key, 'low_rank', pair.name, str(k))))
     full = out['predicted']
     low_rank[str(k)] = {
         'predicted': predicted,
@@ -558,50 +540,39 @@ def train_and_evaluate(config: Config, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   run = _Run(config, load_splits(config, raw_dir=raw_dir, data_dir=data_dir))
 
-  records = []
-  bar = utils.progress_bar(total=len(config.pairs), desc='pairs',
-                           enabled=config.progress_bar)
-  for pair in config.pairs:
-    path = os.path.join(workdir, 'pairs', f'{pair.name}.json')
-    recipe = _recipe(config, pair=dataclasses.asdict(pair))
-    record = _load_record(path, recipe)
-    if record is None:
-      record = utils.jsonable(evaluate_pair(run, pair))
-      utils.write_json(path, {'recipe': recipe, 'record': record})
-      logger.info('%s: predicted %.4f, measured %.4f, accuracy drop %.3f, '
-                  'overlap %.3f (%.1fs)', pair.name, record['predicted'],
-                  record['measured'], record['accuracy_drop'],
-                  record['overlap'], record['time_s'])
-    records.append(record)
-    bar.update(1)
-    bar.set_postfix(pred=f'{record["predicted"]:.3f}',
-                    meas=f'{record["measured"]:.3f}')
-  bar.close()
+  records = loop.resumable_records(
+      config.pairs,
+      path=lambda pair: os.path.join(workdir, 'pairs', f'{pair.name}.json'),
+      recipe=lambda pair: _recipe(config, pair=dataclasses.asdict(pair)),
+      compute=lambda pair: evaluate_pair(run, pair),
+      summary=lambda r: (
+          f'{r["name"]}: predicted {r["predicted"]:.4f}, measured '
+          f'{r["measured"]:.4f}, accuracy drop {r["accuracy_drop"]:.3f}, '
+          f'overlap {r["overlap"]:.3f} ({r["time_s"]:.1f}s)'),
+      desc='pairs', progress_bar=config.progress_bar)
 
-  regime_records = []
+  def regime_path(cell):
+    pair, width = cell
+    return os.path.join(workdir, 'regime', f'{pair.name}_width{width}.json')
+
+  def regime_recipe(cell):
+    pair, width = cell
+    return _recipe(config, pair=dataclasses.asdict(pair), regime_width=width,
+                   regime_lrs=config.regime_lrs,
+                   regime_num_train=config.regime_num_train,
+                   regime_num_eval=config.regime_num_eval)
+
   regime_pairs = [p for p in config.pairs if p.name in config.regime_pairs]
-  bar = utils.progress_bar(
-      total=len(regime_pairs) * len(config.regime_widths), desc='regime',
-      enabled=config.progress_bar)
-  for width in config.regime_widths:
-    for pair in regime_pairs:
-      path = os.path.join(workdir, 'regime', f'{pair.name}_width{width}.json')
-      recipe = _recipe(config, pair=dataclasses.asdict(pair),
-                       regime_width=width, regime_lrs=config.regime_lrs,
-                       regime_num_train=config.regime_num_train,
-                       regime_num_eval=config.regime_num_eval)
-      record = _load_record(path, recipe)
-      if record is None:
-        record = utils.jsonable(evaluate_regime(run, pair, width))
-        utils.write_json(path, {'recipe': recipe, 'record': record})
-        logger.info('regime %s width %d: predicted %s, measured %s (%.1fs)',
-                    pair.name, width,
-                    [f'{v:.4f}' for v in record['predicted']],
-                    [f'{v:.4f}' for v in record['measured']],
-                    record['time_s'])
-      regime_records.append(record)
-      bar.update(1)
-  bar.close()
+  regime_records = loop.resumable_records(
+      [(pair, width) for width in config.regime_widths
+       for pair in regime_pairs],
+      path=regime_path, recipe=regime_recipe,
+      compute=lambda cell: evaluate_regime(run, *cell),
+      summary=lambda r: (
+          f'regime {r["name"]} width {r["width"]}: predicted '
+          f'{[f"{v:.4f}" for v in r["predicted"]]}, measured '
+          f'{[f"{v:.4f}" for v in r["measured"]]} ({r["time_s"]:.1f}s)'),
+      desc='regime', progress_bar=config.progress_bar)
 
   results = {
       'experiment': 'predict_forgetting',
