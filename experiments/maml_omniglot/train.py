@@ -198,27 +198,24 @@ def make_model(setting: Setting, config: Config) -> models.Conv4:
 
 
 def make_loss_fn(setting: Setting, config: Config):
-  """``loss_fn(params, x, y)``: softmax cross-entropy, integer labels.
+  """``loss_fn(params, x, y) -> (loss, {'accuracy': ...})``, integer labels.
 
-  Scaled by N if ``config.loss_times_ways`` (the authors' scale, see
-  :class:`Config`).
+  The loss is softmax cross-entropy, scaled by N if ``config.loss_times_ways``
+  (the authors' scale, see :class:`Config`); the aux is the fraction of ``x``
+  classified as ``y`` from the same logits (BatchNorm on ``x``'s statistics),
+  for ``metacf.maml``'s ``has_aux=True``.
   """
   model = make_model(setting, config)
   scale = float(setting.ways) if config.loss_times_ways else 1.0
 
   def loss_fn(params, x, y):
     logits = model.apply({'params': params}, x)
-    return scale * jnp.mean(
+    loss = scale * jnp.mean(
         optax.softmax_cross_entropy_with_integer_labels(logits, y))
+    accuracy = jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32))
+    return loss, {'accuracy': accuracy}
 
   return loss_fn
-
-
-def accuracy(setting: Setting, config: Config, params: Params,
-             x: jax.Array, y: jax.Array) -> jax.Array:
-  """Fraction of ``x`` classified as ``y`` (BatchNorm on ``x``'s statistics)."""
-  logits = make_model(setting, config).apply({'params': params}, x)
-  return jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32))
 
 
 # --------------------------------------------------------------- training
@@ -233,18 +230,20 @@ def _init_state(key: jax.Array, setting: Setting,
 
 
 def make_train_chunk(setting: Setting, config: Config):
-  """Returns ``chunk(state, key, first_iteration, images) -> (state, losses)``.
+  """``chunk(state, key, first_iteration, images) -> (state, (losses, accs))``.
 
   Runs ``config.chunk_size`` meta-iterations in a ``lax.scan``; iteration
   ``i`` trains on ``meta_batch_size`` tasks drawn from ``fold_in(key, i)``
-  and the training characters ``images``. ``losses`` (float32
-  ``[chunk_size]``) is the meta-loss of each iteration (the query loss after
-  adaptation, before the update). Not jitted: see ``compile_train_chunk``.
+  and the training characters ``images``. ``losses`` and ``accs`` (float32
+  ``[chunk_size]``) are the meta-loss and the mean query accuracy of each
+  iteration (after adaptation, before the update; the accuracy comes from the
+  loss function's aux through ``has_aux=True``). Not jitted: see
+  ``compile_train_chunk``.
   """
   meta_step = maml.make_meta_train_step(
       make_loss_fn(setting, config), optax.adam(config.outer_lr),
       inner_lr=setting.inner_lr, num_inner_steps=setting.num_inner_steps,
-      task_chunk_size=config.task_chunk_size, donate=False)
+      task_chunk_size=config.task_chunk_size, donate=False, has_aux=True)
 
   def chunk(state, key, first_iteration, images):
     def body(state, iteration):
@@ -253,7 +252,8 @@ def make_train_chunk(setting: Setting, config: Config):
       tasks = sample_tasks(keys, images, setting, config)
       params, opt_state, metrics = meta_step(state.params, state.opt_state,
                                              tasks)
-      return TrainState(params, opt_state), metrics.loss
+      return TrainState(params, opt_state), (metrics.loss,
+                                             metrics.aux['accuracy'])
 
     iterations = first_iteration + jnp.arange(config.chunk_size,
                                               dtype=jnp.int32)
@@ -352,7 +352,7 @@ def evaluation_fn(setting: Setting, config: Config):
 @functools.cache
 def _evaluation_fn(setting: Setting, config: Config):
   loss_fn = make_loss_fn(setting, config)
-  score = functools.partial(accuracy, setting, config)
+  score = lambda p, x, y: loss_fn(p, x, y)[1]['accuracy']
 
   def evaluate(params, key, task_ids, images):
     keys = jax.vmap(functools.partial(jax.random.fold_in, key))(task_ids)
@@ -361,7 +361,8 @@ def _evaluation_fn(setting: Setting, config: Config):
     def per_task(task):
       def body(p, _):
         p = maml.inner_adapt(loss_fn, p, task.support_x, task.support_y,
-                             inner_lr=setting.inner_lr, num_steps=1)
+                             inner_lr=setting.inner_lr, num_steps=1,
+                             has_aux=True)
         return p, score(p, task.query_x, task.query_y)
 
       _, after = jax.lax.scan(body, params, None,
@@ -520,12 +521,14 @@ def train_run(setting: Setting, config: Config, key: jax.Array,
 
   def train_chunk(state, iteration):
     start = time.perf_counter()
-    state, losses = compile_train_chunk(setting, config)(
+    state, (losses, accuracies) = compile_train_chunk(setting, config)(
         state, key_tasks, np.int32(iteration), train_images)
     loss = float(np.mean(np.asarray(losses)))
     meta['train_time_s'] += time.perf_counter() - start
     meta['iteration'] = iteration + config.chunk_size
-    meta['history'].append({'iteration': meta['iteration'], 'loss': loss})
+    meta['history'].append({
+        'iteration': meta['iteration'], 'loss': loss,
+        'train_query_accuracy': float(np.mean(np.asarray(accuracies)))})
     if meta['iteration'] in curve_at:
       add_curve_point(state.params)
     return state, f'loss {loss:.4f} ({meta["train_time_s"]:.0f}s training)'
