@@ -4,7 +4,8 @@ Kernels are plain, jit-compatible functions (not jitted themselves): call them
 inside your own ``jax.jit``/``vmap``/``grad``; ``metacf.maml.make_meta_train_step``
 returns a jitted step. Public API. Subpackages: ``metacf.adapters``, ``metacf.distill``,
 ``metacf.jacobian``, ``metacf.layers``, ``metacf.maml``, ``metacf.masks``,
-``metacf.metrics``, ``metacf.replay``, ``metacf.typing``.
+``metacf.metrics``, ``metacf.protect``, ``metacf.replay``,
+``metacf.typing``.
 ``metacf.data`` (the only module that imports tensorflow-datasets) is
 imported on demand, not here.
 """
@@ -16,10 +17,11 @@ from metacf import layers as layers
 from metacf import maml as maml
 from metacf import masks as masks
 from metacf import metrics as metrics
+from metacf import protect as protect
 from metacf import replay as replay
 from metacf import typing as typing
 
 __version__ = '0.1.0'
 
 __all__ = ['adapters', 'distill', 'jacobian', 'layers', 'maml', 'masks', 'metrics',
-           'replay', 'typing']
+           'protect', 'replay', 'typing']

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metacf._src import basis as basis_lib
 from metacf._src import checks
 from metacf._src.types import ApplyFn, Params
 from metacf.jacobian import _jacobian
@@ -119,7 +120,9 @@ def _function_space_gd(f_a0: jax.Array, y_a: jax.Array, f_b0: jax.Array,
 def predicted_forgetting(apply_fn: ApplyFn, params: Params, task_a: Any,
                          task_b: Any, *, lr: Any, num_steps: int,
                          loss: str = 'mse',
-                         chunk_size: int | None = None) -> jax.Array:
+                         chunk_size: int | None = None,
+                         protect_basis: jax.Array | None = None
+                         ) -> jax.Array:
   r"""Forgetting of task A predicted for gradient descent on task B.
 
   Training on B by full-batch gradient descent
@@ -141,6 +144,17 @@ def predicted_forgetting(apply_fn: ApplyFn, params: Params, task_a: Any,
   labels ``y [N]``. For a model linear in its parameters the prediction is
   exact. ``num_steps = 0`` gives 0.
 
+  With ``protect_basis`` :math:`V \in \mathbb{R}^{k \times P}` (orthonormal
+  rows, e.g. task A's :attr:`JacobianSVD.vt`), B is trained with its
+  gradients projected by :func:`metacf.protect.orthogonal_projection`,
+  :math:`\Delta\theta = -\eta P J_B^\top \nabla_f L_B` with :math:`P = I -
+  V^\top V`, so the blocks become :math:`\Theta_{BB} = J_B P J_B^\top` and
+  :math:`\Theta_{AB} = J_A P J_B^\top`. They are computed matrix-free like
+  the plain ones (each column's VJP is projected before its JVPs, ``4kP``
+  extra flops per column), and the prediction is again exact for a model
+  linear in its parameters. ``V`` spanning all of A's Jacobian rows
+  predicts no forgetting at all.
+
   Args:
     apply_fn: ``apply_fn(params, x) -> [N, C]``.
     params: Parameter pytree :math:`\theta_0` (floating).
@@ -152,6 +166,9 @@ def predicted_forgetting(apply_fn: ApplyFn, params: Params, task_a: Any,
     chunk_size: Examples of task B per block of NTK columns, as in
       :func:`ntk` (``'ntk_vector_products'``, which this uses; both blocks
       share each column's VJP).
+    protect_basis: None, or ``[k, P]`` with orthonormal rows in
+      ``ravel_pytree(params)`` order: B's gradients are projected off their
+      span (may be traced; concrete bases are checked for orthonormality).
 
   Returns:
     The predicted change of :math:`L_A`, a scalar.
@@ -159,9 +176,11 @@ def predicted_forgetting(apply_fn: ApplyFn, params: Params, task_a: Any,
   Raises:
     ValueError: on an unknown ``loss``, ``lr <= 0``, ``num_steps < 0``,
       targets of the wrong shape (``[N, C]`` for mse, ``[N]`` for
-      cross-entropy), labels outside ``[0, C)``, or tasks whose inputs have
-      no leading example axis.
-    TypeError: if a task is not a pair, or labels are not integers.
+      cross-entropy), labels outside ``[0, C)``, tasks whose inputs have
+      no leading example axis, or a ``protect_basis`` that is not ``[k, P]``
+      with orthonormal rows.
+    TypeError: if a task is not a pair, labels are not integers or
+      ``protect_basis`` is not floating.
 
   References:
     Jacot et al., `Neural Tangent Kernel <https://arxiv.org/abs/1806.07572>`_,
@@ -176,6 +195,11 @@ def predicted_forgetting(apply_fn: ApplyFn, params: Params, task_a: Any,
                              loss, fn))
   if chunk_size is not None:
     chunk_size = checks.check_int(chunk_size, 'chunk_size', fn, min_value=1)
+  direction_fn = None
+  if protect_basis is not None:
+    basis_lib.check_basis(protect_basis, flat.size, 'protect_basis', fn)
+    basis = jnp.asarray(protect_basis)
+    direction_fn = lambda v: basis_lib.project_out(basis, v)
   f_a0 = apply_fn(params, x_a)
   f_b0 = apply_fn(params, x_b)
   if num_steps == 0:
@@ -184,7 +208,8 @@ def predicted_forgetting(apply_fn: ApplyFn, params: Params, task_a: Any,
   theta_ab, theta_bb = _ntk.ntk_vector_products(
       [_jacobian.flat_fn(apply_fn, unravel, x_a),
        _jacobian.flat_fn(apply_fn, unravel, x_b)],
-      _jacobian.flat_fn(apply_fn, unravel, x_b), flat, (n_b, c), chunk_size)
+      _jacobian.flat_fn(apply_fn, unravel, x_b), flat, (n_b, c), chunk_size,
+      direction_fn)
   step_b = lambda g: jnp.matmul(theta_bb, g, precision=_HIGHEST)
   step_a = lambda g: jnp.matmul(theta_ab, g, precision=_HIGHEST)
   return _function_space_gd(f_a0, y_a, f_b0, y_b, step_a, step_b, lr,

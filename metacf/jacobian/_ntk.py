@@ -94,11 +94,15 @@ def ntk(apply_fn: ApplyFn, params: Params, x1: Any, x2: Any, *,
 def ntk_vector_products(row_fns: list[Callable[[jax.Array], jax.Array]],
                         f2: Callable[[jax.Array], jax.Array],
                         flat: jax.Array, shape2: tuple[int, int],
-                        chunk_size: int | None) -> list[jax.Array]:
+                        chunk_size: int | None,
+                        direction_fn: Callable[[jax.Array], jax.Array] | None
+                        = None) -> list[jax.Array]:
   """``[J_r J2^T for each row function]``, one block of columns at a time.
 
   Each column ``J2^T e_j`` comes from one VJP of ``f2`` and is shared by the
-  JVPs of every function in ``row_fns``.
+  JVPs of every function in ``row_fns``. With ``direction_fn`` (a linear map
+  of parameter space, e.g. a projection ``P``) the blocks are
+  ``J_r P J2^T``.
   """
   n2, c = shape2
   num_cols = n2 * c
@@ -112,6 +116,8 @@ def ntk_vector_products(row_fns: list[Callable[[jax.Array], jax.Array]],
   def column(j):
     cotangent = (cols == j).astype(out2.dtype).reshape(n2, c)
     (direction,) = f2_vjp(cotangent)  # J2^T e_j, shape [P].
+    if direction_fn is not None:
+      direction = direction_fn(direction)
     return [f1_jvp(direction).reshape(-1) for f1_jvp in row_jvps]
 
   if block == num_cols:  # One block: a plain vmap, no loop.

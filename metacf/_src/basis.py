@@ -1,0 +1,68 @@
+"""Orthonormal row bases of parameter space: checks and projections.
+
+Shared by :mod:`metacf.protect` (gradient projections) and
+:mod:`metacf.jacobian` (forgetting predicted under a projection).
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metacf._src import checks
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+# Largest deviation of ``V V^T x`` from ``x`` (relative) accepted as
+# orthonormal: float32 bases from an SVD or QR sit near 1e-6.
+ORTHONORMAL_TOL = 1e-3
+
+
+def check_basis(basis: Any, num_params: int | None, name: str,
+                fn: str) -> None:
+  """Checks ``basis [k, P]``: rank 2, floating, width P, orthonormal rows.
+
+  Rows that are all zero are allowed (padding that keeps a growing basis at
+  a fixed shape, so a jitted step compiles once); they project nothing.
+  Orthonormality is checked on concrete bases only, by one probe: for a
+  fixed random ``q [k]`` and ``w = V V^T q``, ``V V^T w`` must equal ``w``
+  to :data:`ORTHONORMAL_TOL` relative to ``max |q|`` (cost ``4 k P``, not
+  the ``k^2 P`` of the Gram matrix). For rows that are orthonormal or zero
+  ``V V^T`` is a 0/1 diagonal, which passes; for a generic ``V`` (rows not
+  unit, or not orthogonal) ``(V V^T)^2 q != V V^T q`` and it fails. What
+  passes is (up to the probe) any ``V`` whose ``V^T V`` is an orthogonal
+  projector, which is all that :func:`project_out` needs.
+  """
+  shape = np.shape(basis)
+  if len(shape) != 2:
+    raise ValueError(f'{fn}: {name} must have shape [k, P] (one orthonormal '
+                     f'direction per row), got shape {shape}.')
+  dtype = jnp.result_type(basis)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f'{fn}: {name} must be floating, got dtype {dtype}.')
+  if num_params is not None and shape[1] != num_params:
+    raise ValueError(
+        f'{fn}: {name} must have one column per parameter, P = '
+        f'{num_params}, got shape {shape}.')
+  if checks.is_traced(basis) or shape[0] == 0:
+    return
+  probe = np.random.default_rng(0).standard_normal(shape[0]).astype(dtype)
+  v = jnp.asarray(basis)
+  gram_times = lambda q: jnp.matmul(v, jnp.matmul(q, v, precision=_HIGHEST),
+                                    precision=_HIGHEST)
+  once = gram_times(jnp.asarray(probe))
+  err = float(jnp.max(jnp.abs(gram_times(once) - once)) /
+              np.max(np.abs(probe)))
+  if not err <= ORTHONORMAL_TOL:  # Also catches NaN.
+    raise ValueError(
+        f'{fn}: {name} must have orthonormal rows (V V^T = I; zero rows '
+        f'allowed), got max |(V V^T)^2 q - V V^T q| / max |q| = {err:.3g} '
+        f'for a random q (tolerance {ORTHONORMAL_TOL:g}); orthonormalise '
+        'it, e.g. with metacf.protect.extend_basis(None, vectors).')
+
+
+def project_out(basis: jax.Array, flat: jax.Array) -> jax.Array:
+  """``flat - basis^T (basis flat)`` for ``basis [k, P]``, ``flat [P]``."""
+  basis = basis.astype(flat.dtype)
+  coefficients = jnp.matmul(basis, flat, precision=_HIGHEST)
+  return flat - jnp.matmul(coefficients, basis, precision=_HIGHEST)

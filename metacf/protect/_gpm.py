@@ -1,0 +1,199 @@
+r"""Gradient Projection Memory (Saha et al. 2021): layer-wise input bases.
+
+For a layer :math:`y = x W` the gradient is :math:`\nabla_W L = x^\top
+\delta`: its columns lie in the span of the layer's inputs. GPM keeps, per
+layer, an orthonormal basis :math:`M` of the input space that earlier tasks
+used (from the SVD of their representations, :func:`gpm_basis`) and removes
+that span from later gradients (:func:`gpm_projection`), so the layer's
+response to earlier tasks' inputs does not change.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metacf._src import checks
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _check_threshold(threshold: Any, fn: str) -> float:
+  value = checks.static_value(threshold)
+  if value is None or not 0 < value < 1:
+    raise ValueError(f'{fn}: threshold must be a number in (0, 1), got '
+                     f'{threshold!r}.')
+  return value
+
+
+def gpm_basis(representation: jax.Array, threshold: float,
+              basis: jax.Array | None = None) -> jax.Array:
+  r"""Grows a layer's GPM basis with one task's representation matrix.
+
+  ``representation`` :math:`R \in \mathbb{R}^{d \times n}` holds the layer's
+  inputs for ``n`` examples of the task as columns (Saha et al. use a few
+  hundred). With :math:`\epsilon` = ``threshold``:
+
+  * First task (``basis=None``): with :math:`R = U S V^\top`, keep the
+    first :math:`r = \#\{i : \sum_{j \le i} s_j^2 / \sum_j s_j^2 <
+    \epsilon\}` left singular vectors (Saha et al., Eq. 5 and their code).
+  * Later tasks: :math:`\hat R = R - M M^\top R`, :math:`\hat R = \hat U
+    \hat S \hat V^\top`. The energy already captured is
+    :math:`\|R\|_F^2 - \|\hat R\|_F^2`; residual directions
+    :math:`\hat u_0, \hat u_1, \ldots` are added while
+    :math:`(\|R\|_F^2 - \|\hat R\|_F^2 + \sum_{\text{added}} \hat s_j^2) /
+    \|R\|_F^2 < \epsilon` (Eq. 8-9), so none when the basis already holds
+    an :math:`\epsilon` share (the loop of Saha et al.'s released code;
+    it adds the direction that crosses :math:`\epsilon`, where the
+    first-task count stops just below it), and the basis becomes :math:`[M, \hat U_{:,
+    :r}]`, truncated to at most ``d`` columns.
+
+  The number of columns depends on the data, so this runs eagerly, in
+  float64 NumPy (``d`` and ``n`` are layer widths and sample counts, so the
+  SVD is small). Saha et al. raise :math:`\epsilon` over tasks (PMNIST:
+  0.95 for the first layer, 0.99 for the others).
+
+  Args:
+    representation: ``[d, n]``, one column per example.
+    threshold: :math:`\epsilon \in (0, 1)`.
+    basis: ``[d, r0]`` with orthonormal columns from earlier tasks, or None.
+
+  Returns:
+    ``[d, r]`` with orthonormal columns, ``basis``' columns first, in the
+    dtype of ``representation``.
+
+  Raises:
+    ValueError: if ``threshold`` is not in (0, 1), ``representation`` is
+      not 2-D or not finite, or ``basis`` is not ``[d, r0]``.
+
+  References:
+    Saha, Garg & Roy, `Gradient Projection Memory for Continual Learning
+    <https://arxiv.org/abs/2103.09762>`_, ICLR 2021
+  """
+  fn = 'gpm_basis'
+  if checks.is_traced(representation) or checks.is_traced(basis):
+    raise TypeError(f'{fn}: representation and basis must be concrete '
+                    'arrays (the number of columns depends on their values, '
+                    'so it cannot run under jit), got a tracer.')
+  epsilon = _check_threshold(threshold, fn)
+  if np.ndim(representation) != 2:
+    raise ValueError(f'{fn}: representation must have shape [d, n] (one '
+                     f'column per example), got shape '
+                     f'{np.shape(representation)}.')
+  dtype = jnp.result_type(representation)
+  r = np.asarray(representation, np.float64)
+  if not np.all(np.isfinite(r)):
+    raise ValueError(f'{fn}: representation must be finite, got NaN or inf.')
+  d = r.shape[0]
+  total = float(np.sum(r**2))
+  if basis is None:
+    if total == 0:
+      return jnp.zeros((d, 0), dtype)
+    u, s, _ = np.linalg.svd(r, full_matrices=False)
+    rank = int(np.sum(np.cumsum(s**2) / total < epsilon))
+    return jnp.asarray(u[:, :rank], dtype)
+  if np.ndim(basis) != 2 or np.shape(basis)[0] != d:
+    raise ValueError(f'{fn}: basis must have shape [d, r] = [{d}, r] (the '
+                     "representation's d rows), got shape "
+                     f'{np.shape(basis)}.')
+  m = np.asarray(basis, np.float64)
+  if total == 0:
+    return jnp.asarray(m, dtype)
+  residual = r - m @ (m.T @ r)
+  u, s, _ = np.linalg.svd(residual, full_matrices=False)
+  captured = (total - float(np.sum(residual**2))) / total
+  # Direction i is added iff the share before it is still below epsilon.
+  before = captured + np.concatenate([[0.], np.cumsum(s**2)[:-1]]) / total
+  rank = int(np.sum(before < epsilon))
+  out = np.concatenate([m, u[:, :rank]], axis=1)[:, :d]
+  return jnp.asarray(out, dtype)
+
+
+def gpm_projection(bases: Any) -> optax.GradientTransformation:
+  r"""Removes each kernel's protected input span from its updates.
+
+  For a leaf with basis :math:`M \in \mathbb{R}^{d_\mathrm{in} \times r}`
+  and a kernel ``W [..., d_out]`` (dense ``[d_in, d_out]``, conv ``[kh, kw,
+  c_in, c_out]`` so that :math:`d_\mathrm{in} = k_h k_w c_\mathrm{in}`, the
+  im2col patch size), the update reshaped to :math:`G \in
+  \mathbb{R}^{d_\mathrm{in} \times d_\mathrm{out}}` becomes :math:`G - M
+  M^\top G` (Saha et al. 2021, Eq. 10); leaves whose basis is ``None``
+  (biases, norms, the head) pass unchanged. Put it first in the chain, as
+  with :func:`orthogonal_projection`::
+
+    bases = {'dense1': {'kernel': m1, 'bias': None}, ...}   # params' tree
+    tx = optax.chain(metacf.protect.gpm_projection(bases), optax.sgd(0.01))
+
+  Args:
+    bases: A pytree with the params' structure whose leaves are ``None`` or
+      ``[d_in, r]`` arrays with orthonormal columns (from :func:`gpm_basis`).
+
+  Returns:
+    An ``optax.GradientTransformation`` with an empty state; ``init`` and
+    ``update`` raise ``ValueError`` if the params/updates do not have
+    ``bases``' structure or a basis' ``d_in`` does not match its leaf.
+
+  References:
+    Saha, Garg & Roy, `Gradient Projection Memory for Continual Learning
+    <https://arxiv.org/abs/2103.09762>`_, ICLR 2021
+  """
+  fn = 'gpm_projection'
+  is_none = lambda x: x is None
+  for path, m in jax.tree_util.tree_leaves_with_path(bases, is_leaf=is_none):
+    if m is not None and np.ndim(m) != 2:
+      raise ValueError(
+          f'{fn}: bases{jax.tree_util.keystr(path)} must be None or have '
+          f'shape [d_in, r], got shape {np.shape(m)}.')
+  bases = jax.tree.map(lambda m: None if m is None else jnp.asarray(m),
+                       bases, is_leaf=is_none)
+
+  def check(tree, name):
+    want = jax.tree.structure(bases, is_leaf=is_none)
+    leaves = want.flatten_up_to(tree) if _prefix_ok(want, tree) else None
+    if leaves is None:
+      raise ValueError(
+          f'{fn}: {name} must have the structure of bases, got '
+          f'{jax.tree.structure(tree)} and bases {want}.')
+    paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(
+        bases, is_leaf=is_none)]
+    for path, m, leaf in zip(paths, jax.tree.leaves(bases, is_leaf=is_none),
+                             leaves):
+      if m is None:
+        continue
+      shape = np.shape(leaf)
+      d_in = int(np.prod(shape[:-1])) if len(shape) >= 2 else None
+      if d_in != m.shape[0]:
+        raise ValueError(
+            f'{fn}: bases{jax.tree_util.keystr(path)} must have d_in = '
+            f'prod(kernel.shape[:-1]) rows for the kernel of shape {shape}, '
+            f'got shape {m.shape}.')
+
+  def init_fn(params):
+    check(params, 'params')
+    return optax.EmptyState()
+
+  def project(m, g):
+    if m is None:
+      return g
+    g2 = g.reshape(m.shape[0], g.shape[-1])
+    m = m.astype(g.dtype)
+    g2 = g2 - jnp.matmul(m, jnp.matmul(m.T, g2, precision=_HIGHEST),
+                         precision=_HIGHEST)
+    return g2.reshape(g.shape)
+
+  def update_fn(updates, state, params=None):
+    del params
+    check(updates, 'updates')
+    return jax.tree.map(project, bases, updates, is_leaf=is_none), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _prefix_ok(treedef: Any, tree: Any) -> bool:
+  try:
+    treedef.flatten_up_to(tree)
+  except (ValueError, TypeError):
+    return False
+  return True

@@ -1,0 +1,1046 @@
+"""Tests for metacf.protect against float64 NumPy closed forms.
+
+Written from the module's contract, independently of its implementation:
+every reference below (projections, Saha et al.'s GPM rule, A-GEM, the
+softmax-regression Fisher, EWC) is recomputed here in NumPy float64.
+"""
+
+from absl.testing import parameterized
+import chex
+import jax
+import jax.numpy as jnp
+from jax.test_util import check_grads
+import numpy as np
+import optax
+
+from metacf import protect
+
+_RTOL = 1e-5
+_ATOL = 1e-6
+
+
+# ---------------------------------------------------------------------------
+# NumPy helpers.
+# ---------------------------------------------------------------------------
+
+
+def _np_ravel(tree):
+  """Flat float64 vector in ``jax.flatten_util.ravel_pytree`` order."""
+  return np.concatenate(
+      [np.ravel(np.asarray(leaf, np.float64))
+       for leaf in jax.tree.leaves(tree)])
+
+
+def _np_unravel(flat, like):
+  leaves, treedef = jax.tree.flatten(like)
+  out, start = [], 0
+  for leaf in leaves:
+    size = int(np.size(leaf))
+    out.append(flat[start:start + size].reshape(np.shape(leaf)))
+    start += size
+  assert start == flat.size
+  return jax.tree.unflatten(treedef, out)
+
+
+def _orthonormal_rows(rng, k, p):
+  q, _ = np.linalg.qr(rng.standard_normal((p, k)))
+  return q.T  # [k, p]
+
+
+def _row_projector(rows):
+  rows = np.asarray(rows, np.float64)
+  return rows.T @ rows
+
+
+def _col_projector(cols):
+  cols = np.asarray(cols, np.float64)
+  return cols @ cols.T
+
+
+def _span_projector(rows):
+  """Projector onto the row space of any (possibly rank-deficient) matrix."""
+  u, s, _ = np.linalg.svd(np.asarray(rows, np.float64).T, full_matrices=False)
+  u = u[:, s > 1e-8 * s.max()]
+  return u @ u.T
+
+
+def _assert_orthonormal_rows(rows, atol=1e-5):
+  rows = np.asarray(rows, np.float64)
+  np.testing.assert_allclose(rows @ rows.T, np.eye(rows.shape[0]), atol=atol)
+
+
+def _tree(seed, like, scale=1.0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda x: (scale * rng.standard_normal(np.shape(x))).astype(np.float32),
+      like)
+
+
+_SHAPES = {'a': np.zeros((3, 2)), 'b': np.zeros((4,)), 'c': np.zeros(())}
+_NUM_PARAMS = 3 * 2 + 4 + 1
+
+
+# ---------------------------------------------------------------------------
+# orthogonal_projection.
+# ---------------------------------------------------------------------------
+
+
+class OrthogonalProjectionTest(chex.TestCase):
+
+  def _setup(self, k=3):
+    rng = np.random.default_rng(0)
+    basis = _orthonormal_rows(rng, k, _NUM_PARAMS)
+    grads = _tree(1, _SHAPES)
+    return basis, grads
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(('k_1', 1), ('k_3', 3), ('k_full', 11))
+  def test_matches_float64_reference(self, k):
+    basis, grads = self._setup(k)
+    tx = protect.orthogonal_projection(jnp.asarray(basis, jnp.float32))
+    state = tx.init(grads)
+
+    @self.variant
+    def project(g, s):
+      return tx.update(g, s)[0]
+
+    got = project(grads, state)
+    g = _np_ravel(grads)
+    want = _np_unravel(g - basis.T @ (basis @ g), grads)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, grads)
+    chex.assert_trees_all_close(got, want, rtol=_RTOL, atol=_ATOL)
+
+  def test_result_is_orthogonal_to_basis_and_idempotent(self):
+    basis, grads = self._setup(4)
+    tx = protect.orthogonal_projection(jnp.asarray(basis, jnp.float32))
+    state = tx.init(grads)
+    once, state = tx.update(grads, state)
+    np.testing.assert_allclose(basis @ _np_ravel(once), 0.0, atol=_ATOL)
+    twice, _ = tx.update(once, state)
+    chex.assert_trees_all_close(twice, once, rtol=_RTOL, atol=_ATOL)
+
+  def test_array_updates(self):
+    rng = np.random.default_rng(2)
+    basis = _orthonormal_rows(rng, 2, 7)
+    g = rng.standard_normal(7).astype(np.float32)
+    tx = protect.orthogonal_projection(jnp.asarray(basis, jnp.float32))
+    got, _ = tx.update(g, tx.init(g))
+    want = np.float64(g) - basis.T @ (basis @ np.float64(g))
+    np.testing.assert_allclose(got, want, rtol=_RTOL, atol=_ATOL)
+
+  def test_chains_with_sgd(self):
+    basis, grads = self._setup(3)
+    lr = 0.1
+    tx = optax.chain(
+        protect.orthogonal_projection(jnp.asarray(basis, jnp.float32)),
+        optax.sgd(lr))
+    params = _tree(5, _SHAPES)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    g = _np_ravel(grads)
+    want = _np_unravel(-lr * (g - basis.T @ (basis @ g)), grads)
+    chex.assert_trees_all_close(updates, want, rtol=_RTOL, atol=_ATOL)
+
+  def test_chains_with_momentum(self):
+    # The optimizer after the projection only ever sees projected gradients.
+    basis, _ = self._setup(3)
+    proj = protect.orthogonal_projection(jnp.asarray(basis, jnp.float32))
+    tx = optax.chain(proj, optax.sgd(1e-2, momentum=0.9))
+    ref = optax.sgd(1e-2, momentum=0.9)
+    params = _tree(5, _SHAPES)
+    state, ref_state = tx.init(params), ref.init(params)
+    for seed in range(2):
+      grads = _tree(30 + seed, _SHAPES)
+      got, state = tx.update(grads, state, params)
+      projected, _ = proj.update(grads, proj.init(params))
+      want, ref_state = ref.update(projected, ref_state, params)
+      chex.assert_trees_all_close(got, want, rtol=_RTOL, atol=_ATOL)
+
+  def test_projected_gd_leaves_task_a_predictions_unchanged(self):
+    # f(theta, x) = x @ theta; V spans task A's input directions, so
+    # GD on task B under the projection never moves x_A @ theta.
+    rng = np.random.default_rng(3)
+    dim = 8
+    x_a = rng.standard_normal((3, dim))
+    x_b = rng.standard_normal((6, dim))
+    y_b = rng.standard_normal(6)
+    q, _ = np.linalg.qr(x_a.T)
+    basis = q.T  # [3, dim], orthonormal rows spanning the rows of x_a
+    theta0 = rng.standard_normal(dim)
+
+    def loss_b(theta):
+      return jnp.mean((x_b @ theta - y_b)**2)
+
+    with jax.enable_x64(True):
+      for protected in (True, False):
+        parts = [optax.sgd(0.05)]
+        if protected:
+          parts.insert(0, protect.orthogonal_projection(jnp.asarray(basis)))
+        tx = optax.chain(*parts)
+        theta = jnp.asarray(theta0)
+        state = tx.init(theta)
+        for _ in range(30):
+          updates, state = tx.update(jax.grad(loss_b)(theta), state, theta)
+          theta = optax.apply_updates(theta, updates)
+        self.assertEqual(theta.dtype, jnp.float64)
+        self.assertLess(float(loss_b(theta)), 0.9 * float(loss_b(theta0)))
+        drift = np.max(np.abs(x_a @ np.asarray(theta) - x_a @ theta0))
+        if protected:
+          self.assertLess(drift, 1e-12)
+        else:
+          self.assertGreater(drift, 1e-2)  # the projection is what protects
+
+  def test_jitted_step_compiles_once(self):
+    basis, _ = self._setup(3)
+    tx = optax.chain(
+        protect.orthogonal_projection(jnp.asarray(basis, jnp.float32)),
+        optax.sgd(0.1))
+    params = jax.tree.map(jnp.asarray, _tree(5, _SHAPES))
+    state = tx.init(params)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    for seed in range(3):
+      params, state = step(params, state, _tree(10 + seed, _SHAPES))
+    chex.assert_tree_all_finite(params)
+    self.assertEqual(step._cache_size(), 1)
+
+  def test_bad_inputs(self):
+    basis, grads = self._setup(3)
+
+    def run(b, g=grads):
+      tx = protect.orthogonal_projection(b)
+      tx.update(g, tx.init(g))
+
+    with self.assertRaisesRegex(ValueError, r'orthogonal_projection: basis'):
+      run(jnp.asarray(basis[0], jnp.float32))  # 1-D
+    with self.assertRaisesRegex(ValueError, r'orthogonal_projection: basis'):
+      run(jnp.zeros((2, 3, _NUM_PARAMS)))  # 3-D
+    with self.assertRaisesRegex(ValueError, r'orthogonal_projection: basis'):
+      run(jnp.asarray(basis[:, :-1], jnp.float32))  # width P - 1
+    with self.assertRaisesRegex(ValueError,
+                                r'orthogonal_projection: basis.*orthonormal'):
+      run(jnp.asarray(2.0 * basis, jnp.float32))
+    with self.assertRaisesRegex(ValueError,
+                                r'orthogonal_projection: basis.*orthonormal'):
+      run(jnp.asarray(np.stack([basis[0], basis[0]]), jnp.float32))
+
+
+# ---------------------------------------------------------------------------
+# extend_basis.
+# ---------------------------------------------------------------------------
+
+
+class ExtendBasisTest(chex.TestCase):
+
+  def test_none_basis(self):
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((3, 9)).astype(np.float32)
+    got = np.asarray(protect.extend_basis(None, vectors))
+    self.assertEqual(got.shape, (3, 9))
+    _assert_orthonormal_rows(got)
+    np.testing.assert_allclose(_row_projector(got), _span_projector(vectors),
+                               atol=1e-5)
+
+  def test_old_rows_first_and_span_of_both(self):
+    rng = np.random.default_rng(1)
+    basis = _orthonormal_rows(rng, 2, 9).astype(np.float32)
+    vectors = rng.standard_normal((3, 9)).astype(np.float32)
+    got = np.asarray(protect.extend_basis(jnp.asarray(basis), vectors))
+    self.assertEqual(got.shape, (5, 9))
+    _assert_orthonormal_rows(got)
+    np.testing.assert_allclose(got[:2], basis, atol=1e-6)
+    np.testing.assert_allclose(
+        _row_projector(got),
+        _span_projector(np.concatenate([basis, vectors])), atol=1e-5)
+
+  def test_vector_in_span_is_dropped(self):
+    rng = np.random.default_rng(2)
+    basis = _orthonormal_rows(rng, 2, 9).astype(np.float32)
+    new = rng.standard_normal(9).astype(np.float32)
+    in_span = (0.6 * basis[0] - 0.8 * basis[1]).astype(np.float32)
+    got = np.asarray(
+        protect.extend_basis(basis, np.stack([in_span, new, 3.0 * in_span])))
+    self.assertEqual(got.shape, (3, 9))
+    _assert_orthonormal_rows(got)
+    np.testing.assert_allclose(got[:2], basis, atol=1e-6)
+    np.testing.assert_allclose(
+        _row_projector(got),
+        _span_projector(np.concatenate([basis, new[None]])), atol=1e-5)
+
+  def test_duplicate_within_vectors_is_dropped(self):
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal(9).astype(np.float32)
+    w = rng.standard_normal(9).astype(np.float32)
+    got = np.asarray(protect.extend_basis(None, np.stack([v, -2.0 * v, w])))
+    self.assertEqual(got.shape, (2, 9))
+    _assert_orthonormal_rows(got)
+    np.testing.assert_allclose(_row_projector(got),
+                               _span_projector(np.stack([v, w])), atol=1e-5)
+
+  def test_zero_vector_is_dropped(self):
+    rng = np.random.default_rng(4)
+    basis = _orthonormal_rows(rng, 2, 9).astype(np.float32)
+    v = rng.standard_normal(9).astype(np.float32)
+    got = np.asarray(
+        protect.extend_basis(basis, np.stack([np.zeros(9, np.float32), v])))
+    self.assertEqual(got.shape, (3, 9))
+    chex.assert_tree_all_finite(got)
+    _assert_orthonormal_rows(got)
+    # Only zero vectors: nothing to add, the basis comes back.
+    same = np.asarray(protect.extend_basis(basis, np.zeros((2, 9), np.float32)))
+    np.testing.assert_allclose(same, basis, atol=1e-6)
+
+  def test_tol_is_relative_to_vector_norm(self):
+    rng = np.random.default_rng(5)
+    basis = _orthonormal_rows(rng, 2, 9)
+    orth = rng.standard_normal(9)
+    orth -= basis.T @ (basis @ orth)
+    orth /= np.linalg.norm(orth)
+    # Residual norm / vector norm = 1e-3, at a large overall scale.
+    v = 1e3 * (basis[0] + 1e-3 * orth)
+    v = v.astype(np.float32)
+    basis = basis.astype(np.float32)
+    kept = np.asarray(protect.extend_basis(basis, v[None]))
+    self.assertEqual(kept.shape, (3, 9))
+    _assert_orthonormal_rows(kept, atol=1e-4)
+    np.testing.assert_allclose(np.abs(kept[2] @ orth), 1.0, atol=1e-3)
+    dropped = np.asarray(protect.extend_basis(basis, v[None], tol=1e-2))
+    self.assertEqual(dropped.shape, (2, 9))
+
+  def test_full_space_stops_at_width(self):
+    rng = np.random.default_rng(6)
+    basis = _orthonormal_rows(rng, 3, 5).astype(np.float32)
+    vectors = rng.standard_normal((4, 5)).astype(np.float32)
+    got = np.asarray(protect.extend_basis(basis, vectors))
+    self.assertEqual(got.shape, (5, 5))
+    _assert_orthonormal_rows(got)
+    np.testing.assert_allclose(got[:3], basis, atol=1e-6)
+
+  def test_grown_basis_feeds_orthogonal_projection(self):
+    rng = np.random.default_rng(7)
+    g1 = rng.standard_normal(_NUM_PARAMS).astype(np.float32)
+    g2 = rng.standard_normal(_NUM_PARAMS).astype(np.float32)
+    basis = protect.extend_basis(None, g1[None])
+    basis = protect.extend_basis(basis, g2[None])
+    tx = protect.orthogonal_projection(jnp.asarray(basis))
+    g = _tree(8, _SHAPES)
+    out, _ = tx.update(g, tx.init(g))
+    np.testing.assert_allclose(np.stack([g1, g2]) @ _np_ravel(out), 0.0,
+                               atol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# gpm_basis.
+# ---------------------------------------------------------------------------
+
+
+def _np_gpm(representation, threshold, basis=None):
+  """Saha et al. 2021's rule in float64, written from the paper's recipe."""
+  r = np.asarray(representation, np.float64)
+  if basis is None:
+    u, s, _ = np.linalg.svd(r, full_matrices=False)
+    k = int(np.sum(np.cumsum(s**2) / np.sum(s**2) < threshold))
+    return u[:, :k]
+  m = np.asarray(basis, np.float64)
+  r_hat = r - m @ (m.T @ r)
+  u_hat, s_hat, _ = np.linalg.svd(r_hat, full_matrices=False)
+  total = np.sum(r**2)
+  acc = total - np.sum(r_hat**2)
+  # Saha et al.'s loop: add the next residual direction while the share
+  # captured so far (basis plus directions already added) is below it.
+  k = 0
+  while k < len(s_hat) and (acc + np.sum(s_hat[:k]**2)) / total < threshold:
+    k += 1
+  out = np.concatenate([m, u_hat[:, :k]], axis=1)
+  return out[:, :r.shape[0]]
+
+
+def _np_gpm_ratios(representation, basis=None):
+  """The energy ratios the rule compares with the threshold."""
+  r = np.asarray(representation, np.float64)
+  if basis is None:
+    s = np.linalg.svd(r, compute_uv=False)
+    return np.cumsum(s**2) / np.sum(s**2)
+  m = np.asarray(basis, np.float64)
+  r_hat = r - m @ (m.T @ r)
+  s_hat = np.linalg.svd(r_hat, compute_uv=False)
+  total = np.sum(r**2)
+  before = np.concatenate([[0.], np.cumsum(s_hat**2)[:-1]])
+  return (total - np.sum(r_hat**2) + before) / total
+
+
+_D = 16
+_N = 40
+
+
+def _gpm_tasks():
+  """Two low-rank-plus-noise representations [d, n] sharing directions.
+
+  The signal spectra decay geometrically, so consecutive singular values
+  are well separated and the kept subspaces are well conditioned.
+  """
+  rng = np.random.default_rng(0)
+  q, _ = np.linalg.qr(rng.standard_normal((_D, _D)))
+  def task(cols, scales):
+    v, _ = np.linalg.qr(rng.standard_normal((_N, len(cols))))
+    noise = 1e-3 * rng.standard_normal((_D, _N))
+    return q[:, cols] @ np.diag(scales) @ v.T + noise
+  r1 = task(list(range(0, 7)), 10.0 * 0.7**np.arange(7))
+  r2 = task(list(range(2, 10)), 8.0 * 0.72**np.arange(8))
+  return r1, r2
+
+
+def _assert_orthonormal_cols(cols, atol=1e-5):
+  _assert_orthonormal_rows(np.asarray(cols).T, atol=atol)
+
+
+class GpmBasisTest(chex.TestCase):
+
+  @parameterized.named_parameters(('th_0.9', 0.9), ('th_0.95', 0.95),
+                                  ('th_0.99', 0.99))
+  def test_two_tasks_match_float64_reference(self, threshold):
+    r1, r2 = _gpm_tasks()
+    # The fixture keeps every energy ratio away from the threshold, so
+    # float32 and float64 count the same number of directions.
+    ref1 = _np_gpm(r1, threshold)
+    ref2 = _np_gpm(r2, threshold, ref1)
+    self.assertGreater(np.min(np.abs(_np_gpm_ratios(r1) - threshold)), 5e-4)
+    self.assertGreater(
+        np.min(np.abs(_np_gpm_ratios(r2, ref1) - threshold)), 5e-4)
+    self.assertGreater(ref1.shape[1], 0)
+    self.assertGreater(ref2.shape[1], ref1.shape[1])  # task 2 adds some
+
+    got1 = np.asarray(protect.gpm_basis(jnp.asarray(r1, jnp.float32),
+                                        threshold))
+    self.assertEqual(got1.shape, ref1.shape)
+    _assert_orthonormal_cols(got1)
+    np.testing.assert_allclose(_col_projector(got1), _col_projector(ref1),
+                               atol=1e-4)
+
+    got2 = np.asarray(protect.gpm_basis(jnp.asarray(r2, jnp.float32),
+                                        threshold, jnp.asarray(got1)))
+    self.assertEqual(got2.shape, ref2.shape)
+    _assert_orthonormal_cols(got2)
+    np.testing.assert_allclose(got2[:, :got1.shape[1]], got1, atol=1e-6)
+    np.testing.assert_allclose(_col_projector(got2), _col_projector(ref2),
+                               atol=1e-4)
+
+  def test_hand_computed_counts(self):
+    # Singular values squared 0.5, 0.3, 0.2 (total energy 1).
+    r = np.diag(np.sqrt([0.5, 0.3, 0.2])).astype(np.float32)
+    eye = np.eye(3)
+    # First task: cumulative shares 0.5, 0.8, 1.0; strictly below 0.75: one.
+    first = np.asarray(protect.gpm_basis(r, 0.75))
+    self.assertEqual(first.shape, (3, 1))
+    np.testing.assert_allclose(_col_projector(first),
+                               _col_projector(eye[:, :1]), atol=1e-6)
+    # Second task with M = e0: acc = 0.5 < 0.75 adds e1; the share is then
+    # 0.8, not below 0.75, so e2 is not added (Saha et al., Eq. 9) ...
+    m = eye[:, :1].astype(np.float32)
+    got = np.asarray(protect.gpm_basis(r, 0.75, m))
+    self.assertEqual(got.shape, (3, 2))
+    np.testing.assert_allclose(_col_projector(got),
+                               _col_projector(eye[:, :2]), atol=1e-6)
+    # ... while at 0.85, 0.8 < 0.85 also adds e2.
+    got = np.asarray(protect.gpm_basis(r, 0.85, m))
+    self.assertEqual(got.shape, (3, 3))
+    # And with a basis that already holds 0.8 >= 0.75, nothing is added.
+    got = np.asarray(protect.gpm_basis(r, 0.75, eye[:, :2].astype(np.float32)))
+    self.assertEqual(got.shape, (3, 2))
+
+  def test_float64_reference_counts(self):
+    # The rule's counts on the fixture, by hand: strictly-below entries.
+    r1, _ = _gpm_tasks()
+    ratios = _np_gpm_ratios(r1)
+    for threshold in (0.9, 0.95, 0.99):
+      want = int(np.sum(ratios < threshold))
+      got = protect.gpm_basis(jnp.asarray(r1, jnp.float32), threshold)
+      self.assertEqual(np.shape(got), (_D, want))
+
+  def test_float64_inputs_are_tight(self):
+    r1, r2 = _gpm_tasks()
+    with jax.enable_x64(True):
+      got1 = np.asarray(protect.gpm_basis(jnp.asarray(r1), 0.97))
+      got2 = np.asarray(protect.gpm_basis(jnp.asarray(r2), 0.97, got1))
+    ref1 = _np_gpm(r1, 0.97)
+    ref2 = _np_gpm(r2, 0.97, ref1)
+    self.assertEqual(got2.shape, ref2.shape)
+    np.testing.assert_allclose(_col_projector(got1), _col_projector(ref1),
+                               atol=1e-10)
+    np.testing.assert_allclose(_col_projector(got2), _col_projector(ref2),
+                               atol=1e-10)
+
+  def test_representation_in_span_adds_nothing(self):
+    r1, _ = _gpm_tasks()
+    m = np.asarray(protect.gpm_basis(jnp.asarray(r1, jnp.float32), 0.95))
+    coeffs = np.random.default_rng(1).standard_normal((m.shape[1], _N))
+    r_in = (m @ coeffs).astype(np.float32)
+    got = np.asarray(protect.gpm_basis(r_in, 0.95, m))
+    self.assertEqual(got.shape, m.shape)
+    np.testing.assert_allclose(got, m, atol=1e-6)
+
+  def test_at_most_d_columns(self):
+    rng = np.random.default_rng(2)
+    d = 5
+    r1 = rng.standard_normal((d, 30)).astype(np.float32)
+    r2 = rng.standard_normal((d, 30)).astype(np.float32)
+    m = protect.gpm_basis(r1, 0.999)
+    self.assertLessEqual(np.shape(m)[1], d)
+    got = np.asarray(protect.gpm_basis(r2, 0.999, m))
+    self.assertLessEqual(got.shape[1], d)
+    self.assertEqual(got.shape[0], d)
+    chex.assert_tree_all_finite(got)
+    _assert_orthonormal_cols(got)
+
+  @parameterized.named_parameters(('zero', 0.0), ('one', 1.0), ('big', 1.5),
+                                  ('negative', -0.1), ('nan', float('nan')))
+  def test_bad_threshold(self, threshold):
+    r1, _ = _gpm_tasks()
+    with self.assertRaisesRegex(ValueError,
+                                r'gpm_basis: threshold must be .*in \(0, 1\)'):
+      protect.gpm_basis(jnp.asarray(r1, jnp.float32), threshold)
+
+  def test_bad_shapes(self):
+    r1, _ = _gpm_tasks()
+    r1 = jnp.asarray(r1, jnp.float32)
+    with self.assertRaisesRegex(ValueError, r'gpm_basis: representation'):
+      protect.gpm_basis(r1[0], 0.9)
+    with self.assertRaisesRegex(ValueError, r'gpm_basis: representation'):
+      protect.gpm_basis(r1[None], 0.9)
+    m = protect.gpm_basis(r1, 0.9)
+    with self.assertRaisesRegex(ValueError, r'gpm_basis: basis'):
+      protect.gpm_basis(r1[:-1], 0.9, m)
+
+
+# ---------------------------------------------------------------------------
+# gpm_projection.
+# ---------------------------------------------------------------------------
+
+
+def _gpm_params():
+  return {
+      'dense1': {'kernel': np.zeros((5, 4), np.float32),
+                 'bias': np.zeros((4,), np.float32)},
+      'conv': {'kernel': np.zeros((3, 3, 2, 6), np.float32),
+               'bias': np.zeros((6,), np.float32)},
+  }
+
+
+def _gpm_bases():
+  rng = np.random.default_rng(0)
+  return {
+      'dense1': {'kernel': _orthonormal_rows(rng, 2, 5).T.astype(np.float32),
+                 'bias': None},
+      'conv': {'kernel': _orthonormal_rows(rng, 7, 18).T.astype(np.float32),
+               'bias': None},
+  }
+
+
+def _np_gpm_project(grads, bases):
+  def one(g, m):
+    g = np.asarray(g, np.float64)
+    if m is None:
+      return g
+    m = np.asarray(m, np.float64)
+    g2 = g.reshape(-1, g.shape[-1])
+    return (g2 - m @ (m.T @ g2)).reshape(g.shape)
+  return jax.tree.map(one, grads, bases, is_leaf=lambda x: x is None)
+
+
+class GpmProjectionTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_float64_reference(self):
+    bases = _gpm_bases()
+    grads = _tree(1, _gpm_params())
+    tx = protect.gpm_projection(bases)
+    state = tx.init(grads)
+
+    @self.variant
+    def project(g, s):
+      return tx.update(g, s)[0]
+
+    got = project(grads, state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, grads)
+    chex.assert_trees_all_close(got, _np_gpm_project(grads, bases),
+                                rtol=_RTOL, atol=_ATOL)
+    # Unprojected leaves pass through untouched.
+    np.testing.assert_array_equal(got['dense1']['bias'],
+                                  grads['dense1']['bias'])
+    np.testing.assert_array_equal(got['conv']['bias'], grads['conv']['bias'])
+
+  def test_layer_outputs_on_protected_inputs_unchanged(self):
+    # Inputs in span(M) see no change in x @ W after a projected SGD step.
+    bases = _gpm_bases()
+    params = _tree(2, _gpm_params())
+    grads = _tree(3, _gpm_params())
+    tx = optax.chain(protect.gpm_projection(bases), optax.sgd(0.5))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    rng = np.random.default_rng(4)
+    for name in ('dense1', 'conv'):
+      m = np.float64(bases[name]['kernel'])
+      x = rng.standard_normal((6, m.shape[1])) @ m.T  # [6, d_in] in span(M)
+      w_old = np.float64(params[name]['kernel']).reshape(m.shape[0], -1)
+      w_new = np.float64(new[name]['kernel']).reshape(m.shape[0], -1)
+      np.testing.assert_allclose(x @ w_new, x @ w_old, atol=1e-5)
+      self.assertGreater(np.max(np.abs(w_new - w_old)), 1e-2)
+
+  def test_all_none_is_identity(self):
+    params = _gpm_params()
+    bases = jax.tree.map(lambda _: None, params)
+    grads = _tree(5, params)
+    tx = protect.gpm_projection(bases)
+    got, _ = tx.update(grads, tx.init(grads))
+    chex.assert_trees_all_close(got, grads)
+
+  def test_chains_with_sgd_and_compiles_once(self):
+    bases = _gpm_bases()
+    params = _tree(6, _gpm_params())
+    lr = 0.1
+    tx = optax.chain(protect.gpm_projection(bases), optax.sgd(lr))
+    state = tx.init(params)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return updates, state
+
+    for seed in range(3):
+      grads = _tree(20 + seed, _gpm_params())
+      updates, state = step(params, state, grads)
+      want = jax.tree.map(lambda g: -lr * g, _np_gpm_project(grads, bases))
+      chex.assert_trees_all_close(updates, want, rtol=_RTOL, atol=_ATOL)
+    self.assertEqual(step._cache_size(), 1)
+
+  def test_bad_d_in(self):
+    bases = _gpm_bases()
+    bases['conv']['kernel'] = bases['conv']['kernel'][:-1]  # [17, 7]
+    grads = _tree(7, _gpm_params())
+    with self.assertRaisesRegex(ValueError, r'gpm_projection: bases'):
+      tx = protect.gpm_projection(bases)
+      tx.update(grads, tx.init(grads))
+
+
+# ---------------------------------------------------------------------------
+# agem_project and agem.
+# ---------------------------------------------------------------------------
+
+
+def _np_agem(g, r):
+  gf, rf = _np_ravel(g), _np_ravel(r)
+  coef = min(gf @ rf, 0.0) / (rf @ rf)
+  return _np_unravel(gf - coef * rf, g)
+
+
+def _agem_pair(negative):
+  g = _tree(0, _SHAPES)
+  r = _tree(1, _SHAPES)
+  dot = _np_ravel(g) @ _np_ravel(r)
+  if (dot < 0) != negative:
+    r = jax.tree.map(lambda x: -x, r)
+  return g, r
+
+
+class AgemProjectTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(('conflict', True), ('agree', False))
+  def test_matches_float64_reference(self, negative):
+    g, r = _agem_pair(negative)
+    got = self.variant(protect.agem_project)(g, r)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, g)
+    chex.assert_trees_all_close(got, _np_agem(g, r), rtol=_RTOL, atol=_ATOL)
+
+  def test_agreeing_gradient_is_unchanged(self):
+    g, r = _agem_pair(negative=False)
+    got = protect.agem_project(g, r)
+    chex.assert_trees_all_close(got, g, rtol=1e-7, atol=0)
+    # g . r == 0 exactly: on the boundary, also unchanged.
+    g0 = {'a': np.array([1.0, 0.0], np.float32)}
+    r0 = {'a': np.array([0.0, 3.0], np.float32)}
+    chex.assert_trees_all_close(protect.agem_project(g0, r0), g0, atol=0)
+
+  def test_conflicting_gradient_becomes_orthogonal(self):
+    g, r = _agem_pair(negative=True)
+    got = protect.agem_project(g, r)
+    rf = _np_ravel(r)
+    scale = np.linalg.norm(_np_ravel(g)) * np.linalg.norm(rf)
+    self.assertLess(abs(_np_ravel(got) @ rf), 1e-6 * scale)
+    # Only the component along r changed.
+    diff = _np_ravel(got) - _np_ravel(g)
+    np.testing.assert_allclose(
+        diff - rf * (diff @ rf) / (rf @ rf), 0.0, atol=1e-6)
+
+  def test_dot_is_over_all_leaves(self):
+    # Each leaf alone agrees or conflicts differently than the whole tree.
+    g = {'x': np.array([1.0, 0.0], np.float32),
+         'y': np.array([1.0], np.float32)}
+    r = {'x': np.array([1.0, 0.0], np.float32),
+         'y': np.array([-3.0], np.float32)}
+    got = protect.agem_project(g, r)
+    # g . r = 1 - 3 = -2, r . r = 10: g + 0.2 r.
+    chex.assert_trees_all_close(
+        got, {'x': np.array([1.2, 0.0]), 'y': np.array([0.4])}, rtol=_RTOL)
+
+  def test_structure_mismatch(self):
+    g, r = _agem_pair(negative=True)
+    with self.assertRaisesRegex((ValueError, TypeError),
+                                r'agem_project: reference_grads'):
+      protect.agem_project(g, {'a': r['a'], 'b': r['b']})
+    with self.assertRaisesRegex((ValueError, TypeError),
+                                r'agem_project: reference_grads'):
+      protect.agem_project(g, {**r, 'b': np.zeros((5,), np.float32)})
+
+
+class AgemTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(('conflict', True), ('agree', False))
+  def test_chain_equals_sgd_on_agem_project(self, negative):
+    g, r = _agem_pair(negative)
+    params = _tree(3, _SHAPES)
+    lr = 0.1
+    tx = optax.chain(protect.agem(), optax.sgd(lr))
+    state = tx.init(params)
+
+    @self.variant
+    def step(g, state, params, r):
+      return tx.update(g, state, params, reference_grads=r)
+
+    updates, _ = step(g, state, params, r)
+    want = jax.tree.map(lambda x: -lr * x, _np_agem(g, r))
+    chex.assert_trees_all_close(updates, want, rtol=_RTOL, atol=_ATOL)
+
+  def test_missing_reference_grads(self):
+    g, _ = _agem_pair(negative=True)
+    tx = protect.agem()
+    with self.assertRaisesRegex(ValueError, r'reference_grads'):
+      tx.update(g, tx.init(g), g)
+
+
+# ---------------------------------------------------------------------------
+# fisher_diagonal.
+# ---------------------------------------------------------------------------
+
+_N_EX, _D_IN, _C = 10, 3, 4
+
+
+def _add_bias(z, b):
+  # Works on one example [C] or a batch [..., C] under rank promotion 'raise'.
+  return z + jnp.reshape(b, (1,) * (jnp.ndim(z) - 1) + jnp.shape(b))
+
+
+def _softmax_regression(params, x):
+  return _add_bias(x @ params['w'], params['b'])
+
+
+def _softmax_problem(seed=0, scale=1.0):
+  rng = np.random.default_rng(seed)
+  params = {'w': (scale * rng.standard_normal((_D_IN, _C))).astype(np.float32),
+            'b': (scale * rng.standard_normal(_C)).astype(np.float32)}
+  x = rng.standard_normal((_N_EX, _D_IN)).astype(np.float32)
+  labels = rng.integers(0, _C, _N_EX).astype(np.int32)
+  return params, x, labels
+
+
+def _np_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+def _np_softmax_regression_fisher(params, x, labels=None):
+  x = np.float64(x)
+  p = _np_softmax(x @ np.float64(params['w']) + np.float64(params['b']))
+  if labels is None:
+    v = p * (1 - p)                                # [N, C]
+  else:
+    v = (np.eye(_C)[labels] - p)**2
+  return {'w': np.einsum('ni,nj->ij', x**2, v) / len(x), 'b': v.mean(0)}
+
+
+def _mlp_apply(params, x):
+  h = jnp.tanh(_add_bias(x @ params['l1']['w'], params['l1']['b']))
+  return _add_bias(h @ params['l2']['w'], params['l2']['b'])
+
+
+def _mlp_params(seed=0):
+  rng = np.random.default_rng(seed)
+  f = lambda *s: rng.standard_normal(s).astype(np.float32)
+  return {'l1': {'w': f(_D_IN, 5), 'b': 0.1 * f(5)},
+          'l2': {'w': f(5, _C), 'b': 0.1 * f(_C)}}
+
+
+def _loop_fisher(apply_fn, params, x, labels=None):
+  """Per-example, per-class jax.grad loop (float64)."""
+  with jax.enable_x64(True):
+    params = jax.tree.map(np.float64, params)
+    x = np.float64(x)
+    total = jax.tree.map(np.zeros_like, params)
+    logp = lambda p, xn, c: jax.nn.log_softmax(apply_fn(p, xn))[c]
+    grad_logp = jax.jit(jax.grad(logp))
+    for n in range(len(x)):
+      probs = np.exp(np.asarray(jax.nn.log_softmax(apply_fn(params, x[n]))))
+      classes = range(_C) if labels is None else [int(labels[n])]
+      for c in classes:
+        weight = probs[c] if labels is None else 1.0
+        grad = grad_logp(params, x[n], c)
+        total = jax.tree.map(lambda t, gr: t + weight * np.asarray(gr)**2,
+                             total, grad)
+    return jax.tree.map(lambda t: t / len(x), total)
+
+
+class FisherDiagonalTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(('true', False), ('empirical', True))
+  def test_softmax_regression_closed_form(self, empirical):
+    params, x, labels = _softmax_problem()
+    labels = labels if empirical else None
+
+    @self.variant
+    def fisher(params, x, labels):
+      return protect.fisher_diagonal(_softmax_regression, params, x,
+                                     labels=labels)
+
+    got = fisher(params, x, labels)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, params)
+    chex.assert_trees_all_close(
+        got, _np_softmax_regression_fisher(params, x, labels),
+        rtol=_RTOL, atol=1e-7)
+
+  @parameterized.named_parameters(('true', False), ('empirical', True))
+  def test_mlp_matches_per_example_loop(self, empirical):
+    params = _mlp_params()
+    _, x, labels = _softmax_problem(1)
+    labels = labels if empirical else None
+    got = jax.jit(lambda p, x, y: protect.fisher_diagonal(
+        _mlp_apply, p, x, labels=y))(params, x, labels)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, params)
+    chex.assert_trees_all_close(got,
+                                _loop_fisher(_mlp_apply, params, x, labels),
+                                rtol=1e-4, atol=1e-7)
+
+  @parameterized.named_parameters(('true', False), ('empirical', True))
+  def test_chunked_equals_unchunked(self, empirical):
+    params = _mlp_params(2)
+    _, x, labels = _softmax_problem(2)
+    labels = labels if empirical else None
+    whole = protect.fisher_diagonal(_mlp_apply, params, x, labels=labels)
+    for chunk_size in (3, 4):
+      chunked = jax.jit(lambda p, x, y, cs=chunk_size: protect.fisher_diagonal(
+          _mlp_apply, p, x, labels=y, chunk_size=cs))(params, x, labels)
+      chex.assert_trees_all_close(chunked, whole, rtol=1e-5, atol=1e-8)
+
+  def test_saturated_logits_are_finite(self):
+    params, x, labels = _softmax_problem(3, scale=1e3)
+    for y in (None, labels):
+      got = protect.fisher_diagonal(_softmax_regression, params, x, labels=y)
+      chex.assert_tree_all_finite(got)
+      self.assertTrue(all(np.all(np.asarray(v) >= 0)
+                          for v in jax.tree.leaves(got)))
+
+  def test_true_fisher_bias_is_bounded_by_a_quarter(self):
+    # p (1 - p) <= 1/4 for each class.
+    params, x, _ = _softmax_problem(4)
+    got = protect.fisher_diagonal(_softmax_regression, params, x)
+    self.assertTrue(np.all(np.asarray(got['b']) <= 0.25 + 1e-7))
+
+
+# ---------------------------------------------------------------------------
+# ewc_penalty and online_ewc_update.
+# ---------------------------------------------------------------------------
+
+
+def _ewc_trees(seed=0, dtype=np.float32):
+  rng = np.random.default_rng(seed)
+  like = {'w': np.zeros((3, 2)), 'b': np.zeros((2,))}
+  f = lambda s, pos=False: (np.abs(rng.standard_normal(s)) if pos
+                            else rng.standard_normal(s)).astype(dtype)
+  params = jax.tree.map(lambda x: f(x.shape), like)
+  anchor = jax.tree.map(lambda x: f(x.shape), like)
+  fisher = jax.tree.map(lambda x: f(x.shape, pos=True), like)
+  return params, anchor, fisher
+
+
+def _np_ewc(params, anchor, fisher, strength):
+  th, an, fi = _np_ravel(params), _np_ravel(anchor), _np_ravel(fisher)
+  return strength / 2 * np.sum(fi * (th - an)**2)
+
+
+class EwcPenaltyTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(('s_1', 1.0), ('s_100', 100.0))
+  def test_matches_float64_reference(self, strength):
+    params, anchor, fisher = _ewc_trees()
+    got = self.variant(protect.ewc_penalty)(params, anchor, fisher, strength)
+    self.assertEqual(np.shape(got), ())
+    np.testing.assert_allclose(got, _np_ewc(params, anchor, fisher, strength),
+                               rtol=_RTOL)
+
+  def test_gradient(self):
+    params, anchor, fisher = _ewc_trees()
+    strength = 3.0
+    grad = jax.grad(protect.ewc_penalty)(params, anchor, fisher, strength)
+    want = jax.tree.map(
+        lambda t, a, f: strength * np.float64(f) * (np.float64(t) - a),
+        params, anchor, fisher)
+    chex.assert_trees_all_close(grad, want, rtol=_RTOL, atol=_ATOL)
+    # Zero at the anchor.
+    at_anchor = jax.grad(protect.ewc_penalty)(anchor, anchor, fisher, strength)
+    chex.assert_trees_all_close(at_anchor,
+                                jax.tree.map(np.zeros_like, anchor), atol=0)
+
+  def test_check_grads(self):
+    params, anchor, fisher = _ewc_trees(1, np.float64)
+    with jax.enable_x64(True):
+      check_grads(lambda p: protect.ewc_penalty(p, anchor, fisher, 2.5),
+                  (params,), order=1, modes=('rev',))
+
+  def test_traced_strength_compiles_once(self):
+    params, anchor, fisher = _ewc_trees()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def penalty(params, strength):
+      return protect.ewc_penalty(params, anchor, fisher, strength)
+
+    for strength in (0.5, 2.0, 7.0):
+      np.testing.assert_allclose(
+          penalty(params, jnp.float32(strength)),
+          _np_ewc(params, anchor, fisher, strength), rtol=_RTOL)
+    self.assertEqual(penalty._cache_size(), 1)
+
+  def test_structure_mismatch(self):
+    params, anchor, fisher = _ewc_trees()
+    errors = (ValueError, TypeError)
+    with self.assertRaisesRegex(errors, r'ewc_penalty: anchor'):
+      protect.ewc_penalty(params, {'w': anchor['w']}, fisher, 1.0)
+    with self.assertRaisesRegex(errors, r'ewc_penalty: anchor'):
+      protect.ewc_penalty(params, {**anchor, 'b': np.zeros(3, np.float32)},
+                          fisher, 1.0)
+    with self.assertRaisesRegex(errors, r'ewc_penalty: fisher'):
+      protect.ewc_penalty(params, anchor, {'w': fisher['w']}, 1.0)
+    with self.assertRaisesRegex(errors, r'ewc_penalty: fisher'):
+      protect.ewc_penalty(params, anchor,
+                          {**fisher, 'w': np.zeros((2, 3), np.float32)}, 1.0)
+
+
+class OnlineEwcUpdateTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(('g_0', 0.0), ('g_0.9', 0.9), ('g_1', 1.0))
+  def test_matches_reference(self, gamma):
+    _, fisher, new_fisher = _ewc_trees(2)
+    fisher = jax.tree.map(np.abs, fisher)
+    got = self.variant(protect.online_ewc_update)(fisher, new_fisher, gamma)
+    want = jax.tree.map(lambda f, n: gamma * np.float64(f) + n, fisher,
+                        new_fisher)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, fisher)
+    chex.assert_trees_all_close(got, want, rtol=_RTOL, atol=1e-7)
+
+  def test_running_sum_over_tasks(self):
+    fishers = [_ewc_trees(s)[2] for s in range(3)]
+    gamma = 0.5
+    running = fishers[0]
+    for f in fishers[1:]:
+      running = protect.online_ewc_update(running, f, gamma)
+    want = jax.tree.map(
+        lambda a, b, c: 0.25 * np.float64(a) + 0.5 * np.float64(b) + c,
+        *fishers)
+    chex.assert_trees_all_close(running, want, rtol=_RTOL)
+
+
+# ---------------------------------------------------------------------------
+# ewc (the transformation).
+# ---------------------------------------------------------------------------
+
+
+class EwcTransformationTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_chain_with_sgd_is_gd_on_penalised_loss(self):
+    params, anchor, fisher = _ewc_trees(3)
+    grads = _ewc_trees(4)[0]  # A stand-in for the new task's gradient.
+    strength, lr = 4.0, 0.1
+    tx = optax.chain(protect.ewc(anchor, fisher, strength), optax.sgd(lr))
+    state = tx.init(params)
+
+    @self.variant
+    def step(grads, state, params):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates)
+
+    got = step(grads, state, params)
+    penalty_grad = jax.grad(protect.ewc_penalty)(params, anchor, fisher,
+                                                 strength)
+    want = jax.tree.map(
+        lambda p, g, q: np.float64(p) - lr * (np.float64(g) + q),
+        params, grads, penalty_grad)
+    chex.assert_trees_all_close(got, want, rtol=_RTOL, atol=_ATOL)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, params)
+
+  def test_zero_strength_and_anchor_leave_updates(self):
+    params, anchor, fisher = _ewc_trees(5)
+    grads = _ewc_trees(6)[0]
+    for tx, p in ((protect.ewc(anchor, fisher, 0.0), params),
+                  (protect.ewc(anchor, fisher, 3.0), anchor)):
+      updates, _ = tx.update(grads, tx.init(p), p)
+      chex.assert_trees_all_close(updates, grads, atol=0)
+
+  def test_step_compiles_once(self):
+    params, anchor, fisher = _ewc_trees(7)
+    tx = protect.ewc(anchor, fisher, 2.0)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(grads, params):
+      updates, _ = tx.update(grads, tx.init(params), params)
+      return updates
+
+    for seed in range(3):
+      step(_ewc_trees(10 + seed)[0], params)
+    self.assertEqual(step._cache_size(), 1)
+
+  def test_bad_inputs(self):
+    params, anchor, fisher = _ewc_trees(8)
+    errors = (ValueError, TypeError)
+    with self.assertRaisesRegex(errors, r'ewc: fisher'):
+      protect.ewc(anchor, {'w': fisher['w']}, 1.0)
+    with self.assertRaisesRegex(ValueError, r'ewc: strength must be a number >= 0, got -1.0'):
+      protect.ewc(anchor, fisher, -1.0)
+    tx = protect.ewc(anchor, fisher, 1.0)
+    with self.assertRaisesRegex(ValueError, r'ewc: update needs params'):
+      tx.update(params, tx.init(params))
+    with self.assertRaisesRegex(errors, r'ewc: anchor'):
+      tx.init({'w': params['w']})
+
+
+class ZeroRowsTest(chex.TestCase):
+  """Zero rows pad a growing basis to a fixed shape and project nothing."""
+
+  def test_zero_rows_project_like_the_unpadded_basis(self):
+    rng = np.random.default_rng(11)
+    basis = _orthonormal_rows(rng, 3, _NUM_PARAMS).astype(np.float32)
+    padded = np.concatenate([basis, np.zeros((4, _NUM_PARAMS), np.float32)])
+    g = _tree(12, _SHAPES)
+    want, _ = protect.orthogonal_projection(basis).update(g, None)
+    tx = protect.orthogonal_projection(padded)
+    got, _ = tx.update(g, tx.init(g))
+    chex.assert_trees_all_close(got, want, rtol=_RTOL, atol=_ATOL)
+
+  def test_scaled_rows_still_rejected(self):
+    rng = np.random.default_rng(13)
+    basis = _orthonormal_rows(rng, 3, _NUM_PARAMS).astype(np.float32)
+    basis[1] *= 2.0
+    with self.assertRaisesRegex(ValueError,
+                                r'orthogonal_projection: basis must have '
+                                r'orthonormal rows'):
+      protect.orthogonal_projection(basis)
