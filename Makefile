@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 RAW_DIR ?= $(firstword $(wildcard ../shared/data))
 export METACF_RAW_DIR ?= $(if $(RAW_DIR),$(abspath $(RAW_DIR)),)
 
-.PHONY: demo distill forgetting-predict omniglot paradigms test bench clean
+.PHONY: demo distill forgetting-predict omniglot paradigms lwf prevent test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ omniglot: $(STAMP)  ## Finn et al. 2017 MAML on Omniglot (GPU; CPU: OMNIGLOT_FLA
 
 paradigms: $(STAMP)  ## fine-tuning paradigms (probe, full, LoRA, prompts, ...) vs forgetting, MNIST -> Fashion-MNIST
 	$(PY) -m experiments.finetune_paradigms.main --config=default --workdir=runs/finetune_paradigms
+
+lwf: $(STAMP)  ## LwF retention vs how much B's inputs observe A's Jacobian directions
+	$(PY) -m experiments.lwf_observability.main --config=default --workdir=runs/lwf_observability
+
+prevent: $(STAMP)  ## OGD, PCA-OGD, GPM, A-GEM, EWC, ER on Permuted/Rotated MNIST; forgetting predicted under projection
+	$(PY) -m experiments.prevent_forgetting.main --config=default --workdir=runs/prevent_forgetting
 
 test: $(STAMP)  ## the test suite
 	$(PY) -m pytest -q
