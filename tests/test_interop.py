@@ -272,3 +272,83 @@ class PredictedForgettingInteropTest(chex.TestCase):
     self.assertNotEqual(float(expected), 0.0)
     np.testing.assert_allclose(forgetting(case.apply_fn, case.params),
                                expected, rtol=1e-5)
+
+
+class ProtectInteropTest(chex.TestCase):
+  """metacf.protect on the framework parameter pytrees."""
+
+  @parameterized.named_parameters(*_CASES)
+  def test_fisher_diagonal_matches_per_example_loop(self, make_case):
+    case = make_case()
+    x, _ = _batch(5, n=6)
+    labels = jnp.arange(6, dtype=jnp.int32) % _OUT
+    got = jax.jit(functools.partial(metacf.protect.fisher_diagonal,
+                                    case.apply_fn, chunk_size=4))(
+                                        case.params, x, labels=labels)
+    _assert_same_structure(got, case.params)
+
+    def log_p(p, xn, yn):  # One example as a batch of one, as documented.
+      return jax.nn.log_softmax(case.apply_fn(p, xn[None]), axis=-1)[0, yn]
+
+    grad = jax.jit(jax.grad(log_p))
+    want = sum(_flat(grad(case.params, x[n], labels[n]))**2
+               for n in range(6)) / 6
+    self.assertGreater(float(jnp.max(want)), 0.0)
+    np.testing.assert_allclose(_flat(got), want, rtol=1e-5, atol=1e-8)
+
+  @parameterized.named_parameters(*_CASES)
+  def test_projected_and_ewc_updates_keep_structure(self, make_case):
+    case = make_case()
+    x, y = _batch(6)
+    grads = jax.grad(_mse_loss_fn(case.apply_fn))(case.params, x, y)
+    num_params = _flat(case.params).size
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(num_params, 3)))
+    basis = jnp.asarray(q.T, jnp.float32)
+    tx = optax.chain(metacf.protect.orthogonal_projection(basis),
+                     optax.sgd(0.1))
+    updates, _ = jax.jit(tx.update)(grads, tx.init(case.params), case.params)
+    _assert_same_structure(updates, case.params)
+    np.testing.assert_allclose(basis @ _flat(updates), 0.0, atol=1e-6)
+    self.assertGreater(float(jnp.linalg.norm(_flat(updates))), 1e-3)
+
+    fisher = jax.tree.map(jnp.ones_like, case.params)
+    anchor = jax.tree.map(jnp.zeros_like, case.params)
+    tx = metacf.protect.ewc(anchor, fisher, 2.0)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(case.params), case.params)
+    _assert_same_structure(updates, case.params)
+    np.testing.assert_allclose(
+        _flat(updates), _flat(grads) + 2.0 * _flat(case.params), rtol=1e-6,
+        atol=1e-7)
+
+  @parameterized.named_parameters(*_CASES[:2])
+  def test_gpm_projection_on_kernels(self, make_case):
+    # flax kernels are [d_in, d_out], GPM's layout (equinox's Linear stores
+    # [d_out, d_in]: its bases would have to be built for the transpose).
+    case = make_case()
+    rng = np.random.default_rng(1)
+
+    def basis_for(path, leaf):
+      name = jax.tree_util.keystr(path, simple=True, separator='/')
+      if 'kernel' not in name:
+        return None
+      q, _ = np.linalg.qr(rng.normal(size=(leaf.shape[0], 2)))
+      return jnp.asarray(q, jnp.float32)
+
+    bases = jax.tree_util.tree_map_with_path(basis_for, case.params)
+    x, y = _batch(7)
+    grads = jax.grad(_mse_loss_fn(case.apply_fn))(case.params, x, y)
+    tx = metacf.protect.gpm_projection(bases)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(case.params))
+    _assert_same_structure(updates, case.params)
+    is_none = lambda v: v is None
+    checked = 0
+    for m, g, u in zip(jax.tree.leaves(bases, is_leaf=is_none),
+                       jax.tree.leaves(grads), jax.tree.leaves(updates)):
+      if m is None:
+        np.testing.assert_array_equal(u, g)
+      else:
+        np.testing.assert_allclose(m.T @ u, 0.0, atol=1e-6)
+        np.testing.assert_allclose(u, g - m @ (m.T @ g), rtol=1e-5,
+                                   atol=1e-6)
+        checked += 1
+    self.assertEqual(checked, 2)

@@ -120,7 +120,11 @@ def gpm_projection(bases: Any) -> optax.GradientTransformation:
   im2col patch size), the update reshaped to :math:`G \in
   \mathbb{R}^{d_\mathrm{in} \times d_\mathrm{out}}` becomes :math:`G - M
   M^\top G` (Saha et al. 2021, Eq. 10); leaves whose basis is ``None``
-  (biases, norms, the head) pass unchanged. Put it first in the chain, as
+  (biases, norms, the head) pass unchanged. This is flax's layout (nnx and
+  linen kernels are ``[d_in, d_out]``; build ``bases`` with
+  ``jax.tree_util.tree_map_with_path`` over the params, as in
+  ``tests/test_interop.py``); equinox's ``Linear.weight`` is ``[d_out,
+  d_in]`` and is not handled. Put it first in the chain, as
   with :func:`orthogonal_projection`::
 
     bases = {'dense1': {'kernel': m1, 'bias': None}, ...}   # params' tree
