@@ -29,7 +29,14 @@ import optax
 from metacf._src import checks
 from metacf._src.types import ApplyFn, Params
 
+# Examples vmapped together per scan step. For a 784-100-100-10 MLP on a
+# 2-core CPU (benchmarks/bench_protect.py, N = 1000) the true Fisher took
+# 326 us/example at 32 and 488 at 1, the empirical one 278 at 32 and 55 at
+# 1 (a Python loop of jitted grads: 2877 and 157): XLA's CPU batched small
+# matmuls are slow for the single gradients, so the empirical Fisher on CPU
+# scans over single examples.
 _DEFAULT_CHUNK = 32
+_DEFAULT_CHUNK_EMPIRICAL_CPU = 1
 
 
 def fisher_diagonal(apply_fn: ApplyFn, params: Params, x: Any, *,
@@ -59,16 +66,18 @@ def fisher_diagonal(apply_fn: ApplyFn, params: Params, x: Any, *,
   passed to ``apply_fn`` as a batch of one (so a model that mixes examples,
   e.g. with batch statistics, sees single examples). They are computed
   ``chunk_size`` examples at a time inside a ``lax.scan`` that accumulates
-  the sum, so memory is :math:`O(\mathrm{chunk\_size} \cdot C \cdot P)`
-  for the true Fisher, never :math:`O(NP)`; ``N`` need not be a multiple of
-  ``chunk_size`` (the last chunk is padded and the padding weighs 0).
+  the sum, and the true Fisher's classes are summed one VJP at a time, so
+  memory is :math:`O(\mathrm{chunk\_size} \cdot P)`, never :math:`O(NP)`;
+  ``N`` need not be a multiple of ``chunk_size`` (the last chunk is padded
+  and the padding weighs 0).
 
   Args:
     apply_fn: ``apply_fn(params, x) -> logits [N, C]``.
     params: Parameter pytree (floating).
     x: Inputs with a leading example axis ``N`` (an array or a pytree).
     labels: None (true Fisher) or integer labels ``[N]`` in ``[0, C)``.
-    chunk_size: Examples per chunk (static, >= 1; default 32).
+    chunk_size: Examples per chunk (static, >= 1; default 32, and 1 for
+      the empirical Fisher on CPU, where it measured 5x faster).
 
   Returns:
     A pytree like ``params``: the Fisher diagonal, >= 0, in each leaf's
@@ -104,7 +113,11 @@ def fisher_diagonal(apply_fn: ApplyFn, params: Params, x: Any, *,
                       f'{jnp.result_type(leaf)}.')
   chunk = checks.check_int(chunk_size, 'chunk_size', fn, min_value=1,
                            optional=True)
-  chunk = min(n, _DEFAULT_CHUNK if chunk is None else chunk)
+  if chunk is None:
+    chunk = (_DEFAULT_CHUNK_EMPIRICAL_CPU
+             if labels is not None and jax.default_backend() == 'cpu'
+             else _DEFAULT_CHUNK)
+  chunk = min(n, chunk)
   one = jax.tree.map(lambda leaf: leaf[:1], x)
   out = jax.eval_shape(apply_fn, params, one)
   if not hasattr(out, 'shape') or len(out.shape) != 2 or out.shape[0] != 1:
@@ -137,10 +150,19 @@ def fisher_diagonal(apply_fn: ApplyFn, params: Params, x: Any, *,
       return jax.tree.map(jnp.square, g)
     lp, vjp = jax.vjp(lambda p: log_probs(p, xi), params)
     probs = jnp.exp(lp)
-    # One VJP per class: rows of the [C, P] Jacobian of log p.
-    (jac,) = jax.vmap(vjp)(jnp.eye(c, dtype=lp.dtype))
-    return jax.tree.map(
-        lambda j: jnp.tensordot(probs.astype(j.dtype), jnp.square(j), 1), jac)
+
+    # One VJP per class (a row of the [C, P] Jacobian of log p), weighed by
+    # p_c and summed in a scan: O(P) memory, and measured 6-8x faster on CPU
+    # than vmapping the C VJPs.
+    def add_class(total, cls):
+      (g,) = vjp(jax.nn.one_hot(cls, c, dtype=lp.dtype))
+      return jax.tree.map(
+          lambda t, gl: t + probs[cls].astype(gl.dtype) * jnp.square(gl),
+          total, g), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    total, _ = jax.lax.scan(add_class, zeros, jnp.arange(c))
+    return total
 
   num_chunks = -(-n // chunk)
   pad = num_chunks * chunk - n
