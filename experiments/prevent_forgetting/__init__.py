@@ -1,0 +1,1 @@
+"""Preventing forgetting on Permuted and Rotated MNIST with metacf.protect."""
