@@ -36,8 +36,8 @@ lwf: $(STAMP)  ## LwF retention vs how much B's inputs observe A's Jacobian dire
 prevent: $(STAMP)  ## OGD, PCA-OGD, GPM, A-GEM, EWC, ER on Permuted/Rotated MNIST; forgetting predicted under projection
 	$(PY) -m experiments.prevent_forgetting.main --config=default --workdir=runs/prevent_forgetting
 
-test: $(STAMP)  ## the test suite
-	$(PY) -m pytest -q
+test: $(STAMP)  ## the test suite, on 2 processes (pytest-xdist; one class per process at a time)
+	$(PY) -m pytest -q -n 2 --dist loadscope
 
 bench: $(STAMP)  ## microbenchmarks; JSON lines go to benchmarks/results/
 	$(PY) -m benchmarks.bench_distill

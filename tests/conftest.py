@@ -12,3 +12,21 @@ _DEFAULT_RAW = os.path.join(os.path.dirname(__file__), '..', '..', 'shared',
                             'data')
 RAW_DIR = os.environ.get('METACF_RAW_DIR') or (
     os.path.abspath(_DEFAULT_RAW) if os.path.isdir(_DEFAULT_RAW) else None)
+
+# Splits the experiments' smoke runs read from the default tfds data dir.
+_SHARED_SPLITS = (('mnist', 'train'), ('mnist', 'test'),
+                  ('fashion_mnist', 'train'), ('fashion_mnist', 'test'),
+                  ('omniglot', 'background'), ('omniglot', 'evaluation'))
+
+
+def pytest_configure(config):
+  """Prepares the shared datasets once, before any pytest-xdist worker.
+
+  Two workers preparing the same tfds dataset at once would race on its
+  final directory, so the controller (or the only process) prepares them.
+  """
+  if hasattr(config, 'workerinput') or not RAW_DIR:
+    return
+  import metacf.data  # pylint: disable=g-import-not-at-top  # needs tfds
+  for name, split in _SHARED_SPLITS:
+    metacf.data.load_arrays(name, split, raw_dir=RAW_DIR)

@@ -330,7 +330,8 @@ class WithLoraGradientTest(chex.TestCase):
       params, lora, x, t = jax.tree.map(
           lambda v: jnp.asarray(v, jnp.float64), (params, lora, x, t))
       fn = adapters.with_lora(self._apply, alpha=3.0)
-      check_grads(lambda lp: jnp.sum((fn(params, lp, x) - t) ** 2), (lora,),
+      check_grads(jax.jit(lambda lp: jnp.sum((fn(params, lp, x) - t) ** 2)),
+                  (lora,),
                   order=2, modes=('rev',))
 
   def test_jitted_grad_does_not_retrace(self):

@@ -105,8 +105,8 @@ class TemperProbsTest(chex.TestCase):
     # Away from 0, where log's curvature would swamp the finite differences.
     p = 0.1 + np.random.default_rng(1).dirichlet(np.ones(5), size=3)
     with jax.enable_x64(True):
-      check_grads(lambda q: distill.temper_probs(q, 2.5), (p,), order=2,
-                  modes=('rev',), eps=1e-6)
+      check_grads(jax.jit(lambda q: distill.temper_probs(q, 2.5)), (p,),
+                  order=2, modes=('rev',), eps=1e-6)
 
   def test_bad_temperature(self):
     with self.assertRaisesRegex(ValueError,
@@ -206,7 +206,8 @@ class TemperedDistillationLossTest(chex.TestCase):
     with jax.enable_x64(True):
       s, t = _logits(0, dtype=np.float64), _logits(1, dtype=np.float64)
       check_grads(
-          lambda x: distill.tempered_distillation_loss(x, t, temperature),
+          jax.jit(lambda x: distill.tempered_distillation_loss(
+              x, t, temperature)),
           (s,), order=2, modes=('rev', 'fwd'))
 
   def test_private_jvp_rule_covers_teacher_and_temperature(self):
@@ -214,8 +215,8 @@ class TemperedDistillationLossTest(chex.TestCase):
     # must still be right for every argument.
     with jax.enable_x64(True):
       s, t = _logits(0, dtype=np.float64), _logits(1, dtype=np.float64)
-      check_grads(_losses._hinton_loss, (s, t, np.float64(1.7)), order=2,
-                  modes=('rev', 'fwd'))
+      check_grads(jax.jit(_losses._hinton_loss), (s, t, np.float64(1.7)),
+                  order=2, modes=('rev', 'fwd'))
 
   def test_where_masks_examples_and_their_gradients(self):
     s, t = _logits(0), _logits(1)
@@ -316,7 +317,8 @@ class DistillationLossFromProbsTest(chex.TestCase):
       s = _logits(0, dtype=np.float64)
       p = np.random.default_rng(0).dirichlet(np.ones(10), size=6)
       p[:, 3] = 0.0
-      check_grads(lambda x: distill.distillation_loss_from_probs(x, p, 1.5),
+      check_grads(jax.jit(
+          lambda x: distill.distillation_loss_from_probs(x, p, 1.5)),
                   (s,), order=2, modes=('rev',))
 
   def test_teacher_gradient_is_exactly_zero(self):
@@ -450,7 +452,8 @@ class LwfLossTest(chex.TestCase):
       new, old = _logits(0, (6, 4), dtype=np.float64), _logits(
           1, dtype=np.float64)
       rec = _logits(2, dtype=np.float64)
-      check_grads(lambda n, o: distill.lwf_loss(n, labels, o, rec),
+      check_grads(jax.jit(
+          lambda n, o: distill.lwf_loss(n, labels, o, rec)),
                   (new, old), order=2, modes=('rev',))
       g_rec = jax.grad(lambda r: jnp.sum(distill.lwf_loss(new, labels, old, r))
                       )(rec)

@@ -197,8 +197,8 @@ class MamlLossTest(chex.TestCase):
     with jax.enable_x64(True):
       params = _mlp_init(jax.random.key(0), dtype=jnp.float64)
       tasks = _tasks(jax.random.key(1), dtype=jnp.float64)
-      check_grads(lambda p: maml.maml_loss(_mse, p, tasks, inner_lr=0.01,
-                                           num_inner_steps=2),
+      check_grads(jax.jit(lambda p: maml.maml_loss(
+          _mse, p, tasks, inner_lr=0.01, num_inner_steps=2)),
                   (params,), order=1, modes=('rev',))
 
   def test_first_order_equals_stop_gradient_reference_and_differs(self):
@@ -229,7 +229,8 @@ class MamlLossTest(chex.TestCase):
           _mse, p, tasks, a, 2), argnums=(0, 1)))(params, lrs)
       _tree_allclose(g_p, r_p, rtol=1e-10, atol=1e-12)
       _tree_allclose(g_lr, r_lr, rtol=1e-10, atol=1e-12)
-      check_grads(lambda a: loss(params, a), (lrs,), order=1, modes=('rev',))
+      check_grads(jax.jit(lambda a: loss(params, a)), (lrs,), order=1,
+                  modes=('rev',))
 
   def test_anil_matches_reference(self):
     with jax.enable_x64(True):
@@ -264,9 +265,9 @@ class MamlLossTest(chex.TestCase):
     with jax.enable_x64(True), _optax_promotion():
       params = _mlp_init(jax.random.key(0), dtype=jnp.float64)
       tasks = _tasks(jax.random.key(1), dtype=jnp.float64)
-      check_grads(lambda p: maml.maml_loss(
+      check_grads(jax.jit(lambda p: maml.maml_loss(
           _mse, p, tasks, inner_optimizer=optax.adam(0.01),
-          num_inner_steps=2), (params,), order=1, modes=('rev',))
+          num_inner_steps=2)), (params,), order=1, modes=('rev',))
 
   def test_batchnorm_conv_model_under_vmap(self):
     # A Conv + transductive BatchNorm model: vmap over tasks equals a loop.

@@ -901,7 +901,8 @@ class EwcPenaltyTest(chex.TestCase):
   def test_check_grads(self):
     params, anchor, fisher = _ewc_trees(1, np.float64)
     with jax.enable_x64(True):
-      check_grads(lambda p: protect.ewc_penalty(p, anchor, fisher, 2.5),
+      check_grads(jax.jit(
+          lambda p: protect.ewc_penalty(p, anchor, fisher, 2.5)),
                   (params,), order=1, modes=('rev',))
 
   def test_traced_strength_compiles_once(self):
