@@ -1,4 +1,4 @@
-"""Smoke config: 3 tasks, 100 examples, 2 epochs, every strategy, seconds."""
+"""Smoke config: 3 tasks, 100 examples, 5 epochs, every strategy, seconds."""
 
 import dataclasses
 
