@@ -20,12 +20,14 @@ _SHARED_SPLITS = (('mnist', 'train'), ('mnist', 'test'),
 
 
 def pytest_configure(config):
-  """Prepares the shared datasets once, before any pytest-xdist worker.
+  """Under pytest-xdist, prepares the shared datasets before the workers.
 
   Two workers preparing the same tfds dataset at once would race on its
-  final directory, so the controller (or the only process) prepares them.
+  final directory, so the controller prepares them; a single process
+  prepares each one when a test first needs it.
   """
-  if hasattr(config, 'workerinput') or not RAW_DIR:
+  if (hasattr(config, 'workerinput') or not RAW_DIR
+      or not config.getoption('numprocesses', default=None)):
     return
   import metacf.data  # pylint: disable=g-import-not-at-top  # needs tfds
   for name, split in _SHARED_SPLITS:
