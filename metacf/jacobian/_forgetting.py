@@ -219,8 +219,10 @@ def predicted_forgetting(apply_fn: ApplyFn, params: Params, task_a: Any,
 def predicted_forgetting_low_rank(
     apply_fn: ApplyFn, params: Params, task_a: Any, task_b: Any, *, k: int,
     lr: Any, num_steps: int, loss: str = 'mse', method: str = 'auto',
-    key: jax.Array | None = None, oversampling: int = 10,
-    num_power_iters: int = 2, chunk_size: int | None = None) -> jax.Array:
+    key: jax.Array | None = None, krylov_dim: int | None = None,
+    block_size: int | None = None, oversampling: int | None = None,
+    num_power_iters: int | None = None,
+    chunk_size: int | None = None) -> jax.Array:
   r""":func:`predicted_forgetting` through task B's top-``k`` directions.
 
   With the top-``k`` SVD :math:`J_B \approx U_B S_B V_B` (from
@@ -256,6 +258,8 @@ def predicted_forgetting_low_rank(
     loss: ``'mse'`` or ``'cross_entropy'`` (static).
     method: SVD method for task B, see :func:`jacobian_svd`.
     key: Key for ``method='randomized'`` (see :func:`jacobian_svd`).
+    krylov_dim: See :func:`jacobian_svd`.
+    block_size: See :func:`jacobian_svd`.
     oversampling: See :func:`jacobian_svd`.
     num_power_iters: See :func:`jacobian_svd`.
     chunk_size: Forwarded to :func:`jacobian_svd`.
@@ -283,13 +287,15 @@ def predicted_forgetting_low_rank(
                              loss, fn))
   k = _svd.check_rank(k, n_b * c, flat.size, fn)
   _svd.check_svd_options(method, key, oversampling, num_power_iters, n_b * c,
-                         flat.size, fn)
+                         flat.size, fn, k=k, krylov_dim=krylov_dim,
+                         block_size=block_size)
   if num_steps == 0:
     return _function_space_gd(apply_fn(params, x_a), y_a,
                               apply_fn(params, x_b), y_b, None, None, lr, 0,
                               loss)
   svd_b = _svd.jacobian_svd(apply_fn, params, x_b, k, method=method,
-                            key=key, oversampling=oversampling,
+                            key=key, krylov_dim=krylov_dim,
+                            block_size=block_size, oversampling=oversampling,
                             num_power_iters=num_power_iters,
                             chunk_size=chunk_size)
   f_a0, f_a_jvp = jax.linearize(_jacobian.flat_fn(apply_fn, unravel, x_a),

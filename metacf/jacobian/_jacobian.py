@@ -74,6 +74,51 @@ def flat_fn(apply_fn: ApplyFn, unravel: Callable[[jax.Array], Any],
   return lambda theta: apply_fn(unravel(theta), x)
 
 
+def check_mesh(mesh: Any, n: int, name: str, fn: str) -> str | None:
+  """Checks a 1-D ``jax.sharding.Mesh`` for ``n`` examples; returns its axis."""
+  if mesh is None:
+    return None
+  if not isinstance(mesh, jax.sharding.Mesh):
+    raise TypeError(f'{fn}: mesh must be a jax.sharding.Mesh or None, got '
+                    f'{type(mesh).__name__}.')
+  if len(mesh.axis_names) != 1:
+    raise ValueError(
+        f'{fn}: mesh must be 1-D (one axis, over which the examples are '
+        f'sharded), got axes {mesh.axis_names} of shape '
+        f'{tuple(mesh.devices.shape)}.')
+  if n % mesh.size:
+    raise ValueError(
+        f'{fn}: the number of examples of {name} must be divisible by the '
+        f'mesh size {mesh.size}, got {n}.')
+  return mesh.axis_names[0]
+
+
+def sharding_fns(mesh: Any, axis: str | None):
+  """``(shard_rows, replicate)``: sharding constraints, identities if no mesh.
+
+  ``shard_rows`` puts the leading axis (examples, or the (example, output)
+  rows of ``J``) over the mesh axis; ``replicate`` puts a whole copy on every
+  device (parameters and parameter-space vectors).
+  """
+  if axis is None:
+    return (lambda a: a), (lambda a: a)
+  # with_sharding_constraint takes Auto axes only; jax.make_mesh makes
+  # Explicit ones. The same devices with Auto axes let XLA's partitioner
+  # place every intermediate (explicit mode would need an out_sharding on
+  # each contraction over examples).
+  auto = jax.sharding.AxisType.Auto
+  if any(t != auto for t in mesh.axis_types):
+    mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                             axis_types=(auto,) * len(mesh.axis_names))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shard_rows = lambda t: jax.tree.map(
+      lambda a: jax.lax.with_sharding_constraint(a, rows), t)
+  replicate = lambda t: jax.tree.map(
+      lambda a: jax.lax.with_sharding_constraint(a, whole), t)
+  return shard_rows, replicate
+
+
 # ---------------------------------------------------------------------------
 # The dense Jacobian.
 

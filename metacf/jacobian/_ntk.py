@@ -25,7 +25,8 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 def ntk(apply_fn: ApplyFn, params: Params, x1: Any, x2: Any, *,
         implementation: str = 'ntk_vector_products',
-        chunk_size: int | None = None) -> jax.Array:
+        chunk_size: int | None = None,
+        mesh: jax.sharding.Mesh | None = None) -> jax.Array:
   r"""The empirical neural tangent kernel :math:`\Theta = J(x_1) J(x_2)^\top`.
 
   Implementations (Novak et al. 2022 compare their costs):
@@ -52,6 +53,12 @@ def ntk(apply_fn: ApplyFn, params: Params, x1: Any, x2: Any, *,
       ``'ntk_vector_products'`` (default: about 64 columns per block), or
       examples per :func:`jacobian` chunk for ``'jacobian_contraction'``
       (default: one chunk). Static.
+    mesh: A 1-D ``jax.sharding.Mesh``, or None. With a mesh, the examples of
+      ``x1`` and ``x2`` and the kernel's rows are sharded over its axis and
+      ``params`` replicated (sharding constraints; XLA runs the VJPs and
+      JVPs data-parallel): the same kernel up to float rounding, for any
+      model. ``N1`` and ``N2`` must be divisible by the mesh size. Multi-host
+      use as in :func:`jacobian_svd`.
 
   Returns:
     :math:`\Theta` of shape ``[N1 * C, N2 * C]``, rows and columns in
@@ -59,7 +66,8 @@ def ntk(apply_fn: ApplyFn, params: Params, x1: Any, x2: Any, *,
 
   Raises:
     ValueError: on an unknown ``implementation``, inputs without a leading
-      example axis, outputs that are not ``[N, C]``, or ``chunk_size < 1``.
+      example axis, outputs that are not ``[N, C]``, ``chunk_size < 1``, or
+      a ``mesh`` that is not 1-D or whose size does not divide ``N1``/``N2``.
 
   References:
     Jacot et al., `Neural Tangent Kernel: Convergence and Generalization in
@@ -81,14 +89,20 @@ def ntk(apply_fn: ApplyFn, params: Params, x1: Any, x2: Any, *,
         f'same number of outputs C, got {c1} and {c2}.')
   if chunk_size is not None:
     chunk_size = checks.check_int(chunk_size, 'chunk_size', fn, min_value=1)
+  axis = _jacobian.check_mesh(mesh, n1, 'x1', fn)
+  _jacobian.check_mesh(mesh, n2, 'x2', fn)
+  shard, replicate = _jacobian.sharding_fns(mesh, axis)
+  x1, x2, flat = shard(x1), shard(x2), replicate(flat)
   if implementation == 'jacobian_contraction':
-    j1 = _jacobian.jacobian(apply_fn, params, x1, chunk_size=chunk_size)
-    j2 = _jacobian.jacobian(apply_fn, params, x2, chunk_size=chunk_size)
-    return jnp.matmul(j1, j2.T, precision=_HIGHEST)
+    j1 = _jacobian.jacobian(apply_fn, unravel(flat), x1,
+                            chunk_size=chunk_size)
+    j2 = _jacobian.jacobian(apply_fn, unravel(flat), x2,
+                            chunk_size=chunk_size)
+    return shard(jnp.matmul(j1, j2.T, precision=_HIGHEST))
   (kernel,) = ntk_vector_products(
       [_jacobian.flat_fn(apply_fn, unravel, x1)],
       _jacobian.flat_fn(apply_fn, unravel, x2), flat, (n2, c2), chunk_size)
-  return kernel
+  return shard(kernel)
 
 
 def ntk_vector_products(row_fns: list[Callable[[jax.Array], jax.Array]],
