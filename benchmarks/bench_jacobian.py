@@ -107,7 +107,7 @@ from metacf import jacobian as jac
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 NUM_CLASSES = 10
-METACF_METHODS = ('dense', 'gram', 'randomized')
+METACF_METHODS = ('dense', 'gram', 'randomized', 'subspace_iteration')
 VARIANTS = ('naive', 'nt') + METACF_METHODS
 # Variants that form the [N*C, P] Jacobian, and ones that eigh the NTK.
 _FORMS_J = ('naive', 'dense', 'nt')
@@ -239,10 +239,12 @@ def _nt_fn(apply_fn, k):
   return f
 
 
-def _metacf_fn(apply_fn, k, method, **options):
+def _metacf_fn(apply_fn, k, method, with_products=False, **options):
   def f(params, x, key):
     svd = jac.jacobian_svd(apply_fn, params, x, k, method=method, key=key,
                            **options)
+    if with_products:
+      return svd.s, svd.vt, svd.num_products
     return svd.s, svd.vt
   return f
 
@@ -455,8 +457,10 @@ def run_case(case: Case, args, nt_error) -> list[dict]:
       continue
     a = {**base, 'kind': 'accuracy', 'variant': variant, 'reference': ref,
          **_accuracy(outputs[variant], outputs[ref], k)}
-    if variant == 'randomized':
-      a.update(oversampling=10, num_power_iters=2)  # jacobian_svd defaults.
+    if variant == 'randomized':  # jacobian_svd defaults.
+      a.update(krylov_dim=jac.default_krylov_dim(k), block_size=1)
+    if variant == 'subspace_iteration':
+      a.update(oversampling=10, num_power_iters=2)
     a['gap_s_k_over_s_k1'] = gap
     acc.append(a)
     verdict = 'ok' if a['within_tol'] else 'FAIL'
@@ -491,6 +495,167 @@ def _accuracy_settings(apply_fn, params, x, key, ref, base, args, gap):
           f'{a["projector_dist_fro"]:.1e} / 2 '
           f'{a["projector_dist_spectral"]:.1e}', flush=True)
   return acc
+
+
+# ---------------------------------------------------------------------------
+# --peers: the randomized default against SciPy's svds and subspace iteration.
+
+PEER_VARIANTS = ('randomized', 'subspace_iteration', 'scipy_propack',
+                 'scipy_arpack')
+
+
+def _jitted_products(apply_fn, params, x):
+  """Jitted ``J v`` and ``J^T u`` on flat float32 vectors (SciPy's matvecs)."""
+  flat, unravel = ravel_pytree(params)
+  f = lambda theta: apply_fn(unravel(theta), x)
+  jvp = jax.jit(lambda theta, v: jax.jvp(f, (theta,), (v,))[1].reshape(-1))
+  out_shape = jax.eval_shape(f, flat).shape
+  vjp = jax.jit(lambda theta, u: jax.vjp(f, theta)[1](u.reshape(out_shape))[0])
+  return flat, jvp, vjp
+
+
+def _scipy_fn(solver, apply_fn, params, x, k, tol, seed=0):
+  """What a user writes without metacf: svds on a LinearOperator."""
+  from scipy.sparse import linalg as sla  # pylint: disable=g-import-not-at-top
+  flat, jvp, vjp = _jitted_products(apply_fn, params, x)
+  num_rows = x.shape[0] * NUM_CLASSES
+  counter = {'products': 0}
+
+  def matvec(v):
+    counter['products'] += 1
+    return np.asarray(jvp(flat, jnp.asarray(np.ravel(v), jnp.float32)))
+
+  def rmatvec(u):
+    counter['products'] += 1
+    return np.asarray(vjp(flat, jnp.asarray(np.ravel(u), jnp.float32)))
+
+  op = sla.LinearOperator((num_rows, flat.size), matvec=matvec,
+                          rmatvec=rmatvec, dtype=np.float32)
+
+  def call():
+    counter['products'] = 0
+    u, s, vt = sla.svds(op, k=k, tol=tol, solver=solver,
+                        random_state=np.random.default_rng(seed))
+    order = np.argsort(s)[::-1]
+    return s[order], vt[order]
+
+  # Warm the two jitted products (compilation is not the solver's time).
+  jax.block_until_ready(jvp(flat, jnp.zeros_like(flat)))
+  jax.block_until_ready(vjp(flat, jnp.zeros(num_rows, flat.dtype)))
+  return call, counter
+
+
+def _metacf_products(variant, k, num_rows, num_params, **options):
+  from metacf.jacobian import _svd  # pylint: disable=g-import-not-at-top
+  method = 'randomized' if variant.startswith('randomized') else variant
+  opts = _svd.check_svd_options(method, True, options.get('oversampling'),
+                                options.get('num_power_iters'), num_rows,
+                                num_params, 'bench', k=k,
+                                krylov_dim=options.get('krylov_dim'),
+                                block_size=options.get('block_size'))
+  if method == 'randomized':
+    return opts.block_size * (1 + 2 * opts.num_blocks) + k
+  l = min(k + opts.oversampling, num_rows, num_params)
+  return 2 * l * (opts.num_power_iters + 1)
+
+
+def run_peers_case(case: Case, args) -> list[dict]:
+  apply_fn, params = case.build()
+  images, source = _images(case.n)
+  x = jnp.asarray(images)
+  key = jax.random.key(1)
+  k = args.k
+  num_params = int(ravel_pytree(params)[0].size)
+  num_rows = case.n * NUM_CLASSES
+  base = {'kind': 'peers', 'model': case.model, 'width': case.width or None,
+          'num_params': num_params, 'n': case.n, 'num_rows': num_rows,
+          'k': k, 'inputs': source}
+  print(f'\n[peers] {case.label(num_params)}', flush=True)
+  # Reference: dense SVD where J is small, else a deep Krylov run (8k + 40
+  # columns) whose relative residuals are printed.
+  if num_rows * num_params <= args.dense_max_entries:
+    ref_name = 'dense'
+    ref = jax.jit(_metacf_fn(apply_fn, k, 'dense'))(params, x, key)
+    ref_residual = None
+  else:
+    ref_name = f'randomized(krylov_dim={8 * k + 40})'
+    svd = jax.jit(lambda p, x, key: jac.jacobian_svd(
+        apply_fn, p, x, k, method='randomized', key=key,
+        krylov_dim=8 * k + 40))(params, x, jax.random.key(123))
+    ref = (svd.s, svd.vt)
+    ref_residual = float(np.max(np.asarray(svd.residual) /
+                                np.asarray(svd.s)))
+    print(f'  reference {ref_name}: max residual / s = {ref_residual:.1e}')
+  calls, products, records = {}, {}, {}
+  for variant in args.peer_variants:
+    rec = {**base, 'variant': variant, 'reference': ref_name,
+           'reference_max_rel_residual': ref_residual}
+    if variant.startswith('scipy_'):
+      solver = variant[len('scipy_'):]
+      call, counter = _scipy_fn(solver, apply_fn, params, x, k,
+                                args.scipy_tol)
+      rec.update(tol=args.scipy_tol, compile_s=None)
+      calls[variant] = call
+      products[variant] = counter
+    else:
+      fn = jax.jit(_metacf_fn(apply_fn, k, variant, with_products=True))
+      compiled, rec['compile_s'] = _timing.compile_timed(fn, params, x, key)
+      rec['xla_memory'] = _timing.compiled_memory(compiled)
+      calls[variant] = lambda c=compiled: c(params, x, key)
+      rec['max_products'] = _metacf_products(variant, k, num_rows,
+                                             num_params)
+    records[variant] = rec
+  # Untimed first calls, with peak RSS growth and the output for accuracy.
+  first_s = {}
+  for variant, call in calls.items():
+    out = {}
+    t0 = time.perf_counter()
+    rss = _timing.peak_rss_growth(lambda call=call: out.setdefault(
+        'v', call()))
+    first_s[variant] = time.perf_counter() - t0
+    rec = records[variant]
+    rec['peak_rss'] = rss
+    if variant in products:
+      rec['products'] = products[variant]['products']
+    else:
+      rec['products'] = int(out['v'][2])
+    rec.update(_accuracy(out['v'][:2], ref, k))
+  round_s = sum(first_s.values())
+  rounds = int(min(args.rounds, max(args.min_rounds,
+                                    args.case_budget_s // max(round_s,
+                                                              1e-9))))
+  times = _timing.interleaved(
+      {v: (lambda c=c: jax.block_until_ready(c())) for v, c in calls.items()},
+      rounds=rounds, warmup=0)
+  for variant, samples in times.items():
+    rec = records[variant]
+    rec.update(rounds=rounds, first_call_s=first_s[variant],
+               **_timing.summary_ms(samples))
+    compile_txt = ('-' if rec['compile_s'] is None
+                   else f'{rec["compile_s"]:.1f}s')
+    print(f'  {variant:19s} {_fmt_ms(rec):>34s}  compile {compile_txt:>6s}  '
+          f'products {rec["products"]:5d}  peak RSS growth '
+          f'{_fmt_gb(rec["peak_rss"]["peak_growth_bytes"])}  max rel err s '
+          f'{rec["max_rel_err_s"]:.1e}  ({rounds} rounds)', flush=True)
+  return list(records.values())
+
+
+def _peers_markdown(records) -> str:
+  rows = ['| case | P | N·C | variant | median s [min, max] | products | '
+          'peak RSS growth | max rel. error of s₁..s₂₀ | reference |',
+          '|---' * 9 + '|']
+  for r in records:
+    if r.get('kind') != 'peers':
+      continue
+    case = 'CNN' if r['model'] == 'cnn' else f'MLP h={r["width"]}'
+    t = (f'{r["median_ms"] / 1e3:.2f} [{r["min_ms"] / 1e3:.2f}, '
+         f'{r["max_ms"] / 1e3:.2f}]')
+    rows.append(
+        f'| {case} | {r["num_params"]:,} | {r["num_rows"]:,} | '
+        f'{r["variant"]} | {t} | {r["products"]} | '
+        f'{_fmt_gb(r["peak_rss"]["peak_growth_bytes"])} | '
+        f'{r["max_rel_err_s"]:.1e} | {r["reference"]} |')
+  return '\n'.join(rows)
 
 
 # ---------------------------------------------------------------------------
@@ -613,6 +778,17 @@ def main() -> None:
   parser.add_argument('--probe-timeout-s', type=float, default=900.0)
   parser.add_argument('--probe-memory', default=None, help=argparse.SUPPRESS)
   parser.add_argument('--no-save', action='store_true')
+  parser.add_argument('--peers', action='store_true',
+                      help='instead of the sweep: the randomized default vs '
+                      'SciPy svds (PROPACK, ARPACK) and subspace iteration '
+                      'on the MLPs at N = --peer-n and the CNN')
+  parser.add_argument('--peer-params', type=float, nargs='*',
+                      default=[1e4, 1e5, 1e6, 1e7])
+  parser.add_argument('--peer-n', type=int, default=100)
+  parser.add_argument('--peer-variants', nargs='+',
+                      default=list(PEER_VARIANTS), choices=PEER_VARIANTS)
+  parser.add_argument('--scipy-tol', type=float, default=1e-3,
+                      help="svds' tol (relative accuracy of the values)")
   args = parser.parse_args()
   if args.probe_memory:
     print(json.dumps(probe_memory(json.loads(args.probe_memory))))
@@ -628,11 +804,21 @@ def main() -> None:
     print(f'neural-tangents: not run ({nt_error})')
   start = time.perf_counter()
   records = []
-  for case in _cases(args):
-    records += run_case(case, args, nt_error)
-  records += _ratios(records)
-  wall_s = time.perf_counter() - start
-  print('\n' + _markdown(records))
+  if args.peers:
+    cases = [Case('mlp', _mlp_width(int(p)), args.peer_n)
+             for p in args.peer_params]
+    if args.largest_n:
+      cases.append(Case('cnn', 0, args.largest_n))
+    for case in cases:
+      records += run_peers_case(case, args)
+    wall_s = time.perf_counter() - start
+    print('\n' + _peers_markdown(records))
+  else:
+    for case in _cases(args):
+      records += run_case(case, args, nt_error)
+    records += _ratios(records)
+    wall_s = time.perf_counter() - start
+    print('\n' + _markdown(records))
   print(f'\ntotal {wall_s:.0f}s')
   settings = {'openblas_num_threads': os.environ.get('OPENBLAS_NUM_THREADS'),
               'mem_limit_gb': args.mem_limit_gb,

@@ -376,6 +376,11 @@ class JacobianSvdTest(chex.TestCase):
                                 '>= k = 3, got 2'):
       jac.jacobian_svd(_mlp_apply, params, x, 3, method='randomized', key=key,
                        krylov_dim=2)
+    for tol in (-0.1, 1.0, '1e-3', True):
+      with self.assertRaisesRegex(ValueError, r'jacobian_svd: tol must be a '
+                                  r'Python float in \[0, 1\), got'):
+        jac.jacobian_svd(_mlp_apply, params, x, 3, method='randomized',
+                         key=key, tol=tol)
     with self.assertRaisesRegex(ValueError, 'jacobian_svd: block_size must be '
                                 '>= 1, got 0'):
       jac.jacobian_svd(_mlp_apply, params, x, 3, method='randomized', key=key,
@@ -496,6 +501,34 @@ class RandomizedSvdAccuracyTest(chex.TestCase):
     # oversampling 10 and 2 power iterations) misses 1e-3 on the flat ones.
     self.assertGreater(max(old_errors), 1e-2, old_errors)
     self.assertEqual(fn._cache_size(), 1)
+
+  def test_stopping_rule_saves_products_and_meets_its_tolerance(self):
+    s = _flat_spectra(self.k, self.num_rows)['power_law']
+    x, j = _spectrum_features(s, self.num_rows, self.num_params)
+    x = jnp.asarray(x, jnp.float32)
+    params = {'w': jnp.zeros(self.num_params, jnp.float32)}
+    outs = {}
+    for tol in (0.0, 1e-3, 1e-2):
+      outs[tol] = jax.jit(functools.partial(
+          jac.jacobian_svd, _linear_features_apply, k=self.k,
+          method='randomized', tol=tol))(params, x, key=jax.random.key(0))
+    # tol = 0 builds all 4 k + 20 = 44 columns: 1 + 2 * 44 products (J^T Q
+    # is kept, so U_k^T J costs none).
+    self.assertEqual(int(outs[0.0].num_products), 1 + 2 * 44)
+    for tol in (1e-3, 1e-2):
+      out = outs[tol]
+      self.assertLess(int(out.num_products), int(outs[0.0].num_products))
+      vt, u = np.asarray(out.vt, np.float64), np.asarray(out.u, np.float64)
+      s_got = np.asarray(out.s, np.float64)
+      true_residual = np.linalg.norm(j @ vt.T - u * s_got[None, :], axis=0)
+      # Tested on the Ritz pairs before the final SVD: allow 2x.
+      self.assertLess(np.max(true_residual / s_got), 2 * tol)
+    # Kato-Temple: error ~ residual^2 / relative gap (0.02 here), so the
+    # default tol = 1e-3 meets 1e-3 with a wide margin; 1e-2 need not.
+    rel = np.abs(np.asarray(outs[1e-3].s, np.float64) - s[:self.k]) / s[:self.k]
+    self.assertLess(rel.max(), 1e-4)
+    self.assertLessEqual(int(outs[1e-2].num_products),
+                         int(outs[1e-3].num_products))
 
   def test_same_key_same_result_other_key_other_probes(self):
     fn = jax.jit(functools.partial(

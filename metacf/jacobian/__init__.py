@@ -19,14 +19,16 @@ shape ``[N * C, P]``. The empirical neural tangent kernel is
 with rows and columns in that same (example, output) order.
 
 Static arguments. ``k``, ``method``, ``implementation``, ``mode``, ``loss``,
-``num_steps``, ``chunk_size``, ``oversampling`` and ``num_power_iters`` select
+``num_steps``, ``chunk_size``, ``krylov_dim``, ``block_size``, ``oversampling``,
+``num_power_iters`` and ``mesh`` select
 shapes and code paths, so they must be Python values. To use these functions
 inside ``jax.jit``, close over ``apply_fn`` and those arguments (e.g. with
 ``functools.partial``) and pass ``params``, inputs, targets, ``lr`` and ``key``
 as traced arguments. Argument checks run on static information only (shapes,
 dtypes, Python numbers) and are skipped for traced values.
 
-Batch coupling. :func:`ntk`, the ``'gram'`` and ``'randomized'`` SVDs and the
+Batch coupling. :func:`ntk`, the ``'gram'``, ``'randomized'`` and
+``'subspace_iteration'`` SVDs and the
 forgetting predictions differentiate ``apply_fn`` on the whole batch, so they
 are exact for any model, including ones that mix examples (batch statistics).
 :func:`jacobian` (and so the ``'dense'`` SVD) evaluates ``apply_fn`` on chunks
@@ -54,6 +56,7 @@ from metacf.jacobian._forgetting import predicted_forgetting_low_rank
 from metacf.jacobian._jacobian import jacobian
 from metacf.jacobian._ntk import ntk
 from metacf.jacobian._svd import auto_svd_method
+from metacf.jacobian._svd import default_krylov_dim
 from metacf.jacobian._svd import jacobian_svd
 from metacf.jacobian._svd import JacobianSVD
 from metacf.jacobian._svd import principal_angle_cosines
@@ -63,6 +66,7 @@ from metacf.jacobian._svd import weighted_subspace_overlap
 __all__ = [
     'JacobianSVD',
     'auto_svd_method',
+    'default_krylov_dim',
     'jacobian',
     'jacobian_svd',
     'ntk',

@@ -33,9 +33,16 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # Relative size of the random part added to each Krylov block (see
 # _block_krylov): eps ** this.
 _RESTART_EXPONENT = 0.75
+# The randomized method keeps J^T Q (and skips k VJPs) up to this size.
+_KEEP_JT_Q_BYTES = 2**30
+# The randomized method tests its stopping rule every this many columns.
+_CHECK_COLUMNS = 4
 
 # Subspace iteration's defaults (the randomized method's before issue 14).
 _SUBSPACE_OVERSAMPLING = 10
+# The randomized method stops once every top-k triplet has
+# ||J v - s u|| / s <= this (see _converged).
+_DEFAULT_TOL = 1e-3
 _SUBSPACE_POWER_ITERS = 2
 
 
@@ -70,11 +77,14 @@ class JacobianSVD(NamedTuple):
       Krylov products (``'randomized'``, no extra product); ``inf`` where
       ``s_i = 0`` (``v_i`` is then arbitrary); None for
       ``'subspace_iteration'`` (it would cost ``k`` more JVPs). Shape [k].
+    num_products: Jacobian-vector products (JVPs + VJPs) used, an int32
+      scalar; None for ``'dense'`` (which forms ``J``).
   """
   s: jax.Array   # shape=[k], descending, >= 0.
   vt: jax.Array  # shape=[k, P], orthonormal rows.
   u: jax.Array   # shape=[N * C, k], orthonormal columns.
   residual: jax.Array | None = None  # shape=[k].
+  num_products: jax.Array | None = None  # shape=[], int32.
 
 
 class SvdOptions(NamedTuple):
@@ -83,7 +93,8 @@ class SvdOptions(NamedTuple):
   oversampling: int | None     # subspace_iteration only.
   num_power_iters: int | None  # subspace_iteration only.
   block_size: int | None       # randomized only.
-  num_blocks: int | None       # randomized only: Krylov depth + 1.
+  num_blocks: int | None       # randomized only: Krylov depth + 1 (at most).
+  tol: float | None            # randomized only: stopping rule.
 
 
 # ---------------------------------------------------------------------------
@@ -146,7 +157,8 @@ def check_svd_options(method: Any, key: Any, oversampling: Any,
                       num_power_iters: Any, num_rows: int, num_params: int,
                       fn: str, *, k: int | None = None,
                       krylov_dim: Any = None,
-                      block_size: Any = None) -> SvdOptions:
+                      block_size: Any = None,
+                      tol: Any = _DEFAULT_TOL) -> SvdOptions:
   """Checks :func:`jacobian_svd`'s options; resolves defaults and ``'auto'``.
 
   ``k`` (already checked) is needed to resolve the randomized method's
@@ -161,6 +173,10 @@ def check_svd_options(method: Any, key: Any, oversampling: Any,
                                 optional=True)
   block_size = checks.check_int(block_size, 'block_size', fn, min_value=1,
                                 optional=True)
+  if (isinstance(tol, bool) or not isinstance(tol, (int, float))
+      or not 0 <= tol < 1):
+    raise ValueError(f'{fn}: tol must be a Python float in [0, 1), got '
+                     f'{tol!r}.')
   if method == 'auto':
     method = auto_svd_method(num_rows, num_params)
   if method in ('randomized', 'subspace_iteration') and key is None:
@@ -185,9 +201,10 @@ def check_svd_options(method: Any, key: Any, oversampling: Any,
   if num_power_iters is None:
     num_power_iters = _SUBSPACE_POWER_ITERS
   if method == 'subspace_iteration':
-    return SvdOptions(method, oversampling, num_power_iters, None, None)
+    return SvdOptions(method, oversampling, num_power_iters, None, None,
+                      None)
   if method != 'randomized' or k is None:
-    return SvdOptions(method, None, None, None, None)
+    return SvdOptions(method, None, None, None, None, None)
   bound = min(num_rows, num_params)
   if legacy:  # Block Krylov with subspace iteration's probes and depth.
     block_size = k + oversampling
@@ -200,17 +217,20 @@ def check_svd_options(method: Any, key: Any, oversampling: Any,
       raise ValueError(f'{fn}: krylov_dim must be >= k = {k}, got '
                        f'{krylov_dim}.')
   block_size, num_blocks = _krylov_shape(k, krylov_dim, block_size, bound)
-  return SvdOptions(method, None, None, block_size, num_blocks)
+  return SvdOptions(method, None, None, block_size, num_blocks, float(tol))
 
 
 def _canonical_signs(u: jax.Array, s: jax.Array, vt: jax.Array,
-                     residual: jax.Array | None) -> JacobianSVD:
+                     residual: jax.Array | None,
+                     num_products: Any = None) -> JacobianSVD:
   """Flips each pair (u_i, v_i) so that the largest-|.| entry of v_i is > 0."""
   pivot_idx = jnp.argmax(jnp.abs(vt), axis=1)
   pivot = jnp.take_along_axis(vt, pivot_idx[:, None], axis=1)[:, 0]
   sign = jnp.where(pivot < 0, -1, 1)
   return JacobianSVD(s=s, vt=vt * sign.astype(vt.dtype)[:, None],
-                     u=u * sign.astype(u.dtype)[None, :], residual=residual)
+                     u=u * sign.astype(u.dtype)[None, :], residual=residual,
+                     num_products=None if num_products is None else
+                     jnp.asarray(num_products, jnp.int32))
 
 
 def _thin_svd(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -251,12 +271,44 @@ def _orthonormalize(z: jax.Array, basis: jax.Array) -> jax.Array:
   return q
 
 
+def _ritz(basis: jax.Array, products: jax.Array,
+          k: int) -> tuple[jax.Array, jax.Array]:
+  """Top-``k`` Ritz pairs ``(theta, y)`` of ``J J^T`` on ``span(basis)``.
+
+  Unfilled (zero) columns of a preallocated basis give zero rows and columns
+  of ``G = Q^T J J^T Q``, so zero eigenvalues below every positive one.
+  """
+  gram = _mm(basis.T, products)
+  theta, y = jnp.linalg.eigh(0.5 * (gram + gram.T))  # Ascending.
+  return theta[::-1][:k], y[:, ::-1][:, :k]
+
+
+def _converged(basis: jax.Array, products: jax.Array, k: int,
+               tol: float) -> jax.Array:
+  r"""Whether every top-``k`` Ritz pair has relative residual ``<= tol``.
+
+  For a Ritz pair :math:`(\theta_i, Q y_i)` of :math:`J J^\top`,
+  :math:`\rho_i = \lVert J J^\top Q y_i - \theta_i Q y_i \rVert / \theta_i`
+  is about :math:`\lVert J v_i - s_i u_i \rVert / s_i`, and the error of
+  ``s_i`` is then about :math:`\rho_i^2 s_i / (2 \delta_i)` (Kato-Temple),
+  :math:`\delta_i` the relative gap of :math:`s_i^2` to the rest of the
+  spectrum: ``tol = 1e-3`` and ``s_k / s_(k+1) = 1.01``
+  (:math:`\delta \approx 0.02`) give about ``3e-5``. A larger ``tol`` can
+  stop on Ritz values that lag a whole gap behind (1e-2 gave 1.1e-2).
+  """
+  theta, y = _ritz(basis, products, k)
+  r = jnp.linalg.norm(_mm(products, y) - _mm(basis, y) * theta[None, :],
+                      axis=0)
+  return jnp.all((theta > 0) & (r <= tol * theta))
+
+
 def _block_krylov(jt_fn, j_fn, num_rows: int, num_params: int, dtype,
-                  k: int, block_size: int, num_blocks: int, key: jax.Array,
-                  shard) -> tuple[jax.Array, ...]:
+                  k: int, block_size: int, num_blocks: int, tol: float,
+                  key: jax.Array, shard) -> tuple[jax.Array, ...]:
   r"""Block Krylov (block Lanczos with full re-orthogonalisation) of ``J J^T``.
 
-  Returns the top-``k`` ``(u, s, vt, residual)``. See :func:`jacobian_svd`.
+  Returns the top-``k`` ``(u, s, vt, residual, num_products)``. See
+  :func:`jacobian_svd`.
   """
   b, dim = block_size, block_size * num_blocks
   start_key, noise_key = jax.random.split(key)
@@ -269,31 +321,51 @@ def _block_krylov(jt_fn, j_fn, num_rows: int, num_params: int, dtype,
   tau = float(np.finfo(dtype).eps) ** _RESTART_EXPONENT
   omega = jax.random.normal(start_key, (b, num_params), dtype)
   q0 = shard(_orthonormalize(j_fn(omega), jnp.zeros((num_rows, 1), dtype)))
+  # The stopping rule costs an eigh of [dim, dim]: test it about every
+  # _CHECK_COLUMNS new columns, once the basis has k of them.
+  check_every = max(1, _CHECK_COLUMNS // b)
 
-  def step(i, carry):
-    basis, products, q = carry
-    z = shard(j_fn(jt_fn(q)))  # J J^T q: b VJPs then b JVPs.
+  # Keeping J^T Q ([dim, P]) saves the k VJPs of U_k^T J at the end, where
+  # it fits in _KEEP_JT_Q_BYTES.
+  keep = dim * num_params * np.dtype(dtype).itemsize <= _KEEP_JT_Q_BYTES
+  jt_q = jnp.zeros((dim if keep else 0, num_params), dtype)
+
+  def step(carry):
+    i, basis, products, jt_q, q, _ = carry
+    w = jt_fn(q)  # J^T q: b VJPs.
+    z = shard(j_fn(w))  # J J^T q: b JVPs.
     basis = jax.lax.dynamic_update_slice_in_dim(basis, q, i * b, axis=1)
     products = jax.lax.dynamic_update_slice_in_dim(products, z, i * b,
                                                    axis=1)
+    if keep:
+      jt_q = jax.lax.dynamic_update_slice_in_dim(jt_q, w, i * b, axis=0)
     g = jax.random.normal(jax.random.fold_in(noise_key, i), z.shape, dtype)
     g = g / jnp.linalg.norm(g, axis=0, keepdims=True)
     z = z + tau * jnp.linalg.norm(z, axis=0, keepdims=True) * g
-    return basis, products, shard(_orthonormalize(z, basis))
+    test = ((i + 1) % check_every == 0) & ((i + 1) * b >= k)
+    if tol > 0:
+      done = jax.lax.cond(
+          test, lambda: _converged(basis, products, k, tol),
+          lambda: jnp.asarray(False))
+    else:
+      done = jnp.asarray(False)
+    return (i + 1, basis, products, jt_q, shard(_orthonormalize(z, basis)),
+            done)
 
   zeros = shard(jnp.zeros((num_rows, dim), dtype))
-  basis, products, _ = jax.lax.fori_loop(0, num_blocks, step,
-                                         (zeros, zeros, q0))
+  num_blocks_used, basis, products, jt_q, _, _ = jax.lax.while_loop(
+      lambda carry: (carry[0] < num_blocks) & ~carry[5], step,
+      (jnp.asarray(0, jnp.int32), zeros, zeros, jt_q, q0,
+       jnp.asarray(False)))
   # Rayleigh-Ritz on span(basis): G = Q^T J J^T Q, top-k eigenvectors.
-  gram = _mm(basis.T, products)
-  _, y = jnp.linalg.eigh(0.5 * (gram + gram.T))  # Ascending.
-  y = y[:, ::-1][:, :k]
+  _, y = _ritz(basis, products, k)
   u_k = _mm(basis, y)
   # B = U_k^T J = U' S V^T; u = U_k U'. J J^T u from the stored products.
-  u_small, s, vt = _thin_svd(jt_fn(u_k))
+  u_small, s, vt = _thin_svd(_mm(y.T, jt_q) if keep else jt_fn(u_k))
   u = _mm(u_k, u_small)
   residual = _ritz_residual(_mm(products, _mm(y, u_small)), u, s)
-  return u, s, vt, residual
+  num_products = b * (1 + 2 * num_blocks_used) + (0 if keep else k)
+  return u, s, vt, residual, num_products
 
 
 def jacobian_svd(apply_fn: ApplyFn, params: Params, x: Any, k: int, *,
@@ -302,6 +374,7 @@ def jacobian_svd(apply_fn: ApplyFn, params: Params, x: Any, k: int, *,
                  block_size: int | None = None,
                  oversampling: int | None = None,
                  num_power_iters: int | None = None,
+                 tol: float = _DEFAULT_TOL,
                  chunk_size: int | None = None,
                  mesh: jax.sharding.Mesh | None = None) -> JacobianSVD:
   r"""Top-``k`` singular values and vectors of the Jacobian ``J [N * C, P]``.
@@ -321,21 +394,28 @@ def jacobian_svd(apply_fn: ApplyFn, params: Params, x: Any, k: int, *,
     :math:`Q_0 = \mathrm{orth}(J \Omega)` (``block_size`` Gaussian probes,
     batched JVPs), each step applies :math:`J J^\top` to the newest block
     (``block_size`` VJPs then JVPs), orthogonalises the result against the
-    whole basis (block Gram-Schmidt, twice), and appends it, until the
-    basis :math:`Q` has about ``krylov_dim`` columns, the space
+    whole basis (block Gram-Schmidt, twice), and appends it, until every
+    top-``k`` Ritz triplet has :math:`\lVert J v_i - s_i u_i \rVert \le`
+    ``tol`` :math:`s_i` (tested every 4 columns, from the stored products)
+    or the basis :math:`Q` has about ``krylov_dim`` columns, the space
     :math:`\mathrm{span}\{J\Omega, (JJ^\top) J\Omega, (JJ^\top)^2 J\Omega,
     \dots\}`. Rayleigh-Ritz: the top-``k`` eigenvectors ``Y`` of
     :math:`Q^\top J J^\top Q` (from the stored products) give
     :math:`U_k = Q Y`, and the SVD of :math:`U_k^\top J` (``k`` VJPs)
-    gives ``s``, ``vt`` and ``u``. Jacobian products: ``block_size + 2 *
-    krylov_dim + k`` (221 for k = 20); memory ``O(N * C * krylov_dim +
-    (block_size + k) * P)``: ``J`` is never formed and no ``[P, krylov_dim]``
-    basis is kept. With the defaults (``krylov_dim = 4 k + 20``, single
-    vectors) the top-``k`` singular values are accurate to about ``1e-5``
-    relative on spectra as flat as ``s_k / s_(k+1) = 1.01`` (power-law,
-    geometric and clustered spectra, tested for many keys; float64 NumPy
-    measurements in :func:`default_krylov_dim`), and ``residual`` tells you
-    how far each triplet converged. Larger ``block_size`` batches more
+    gives ``s``, ``vt`` and ``u`` (where ``krylov_dim * P`` floats fit in 1
+    GiB the VJPs :math:`J^\top Q` are kept and :math:`U_k^\top J = Y^\top
+    J^\top Q` costs no product). Jacobian products: at most
+    ``block_size + 2 * krylov_dim (+ k)`` (201 for k = 20; the number used
+    is returned in ``num_products``); memory ``O(N * C * krylov_dim +
+    (block_size + k) * P)``, plus ``krylov_dim * P`` up to 1 GiB: ``J`` is
+    never formed. With the defaults (``tol = 1e-3``, ``krylov_dim = 4 k +
+    20``, single vectors) the top-``k`` singular values are accurate to
+    better than ``1e-3`` relative on spectra as flat as ``s_k / s_(k+1) =
+    1.01`` (power-law, geometric and clustered spectra, tested for many
+    keys; without the stopping rule ``4 k + 20`` columns gave ``1e-5``,
+    :func:`default_krylov_dim`), and ``residual`` tells you how far each
+    triplet converged. ``tol=0`` always builds the whole space. Larger
+    ``block_size`` batches more
     products per step (faster on accelerators and for memory-bound models)
     but a block of ``b`` vectors needs a larger ``krylov_dim`` for the same
     accuracy (about 1.5-2x for ``b = 8``). Given ``oversampling`` and/or
@@ -404,13 +484,20 @@ def jacobian_svd(apply_fn: ApplyFn, params: Params, x: Any, k: int, *,
     num_power_iters: Power iterations of ``'subspace_iteration'`` (default
       2), or Krylov depth of ``'randomized'`` with ``oversampling`` (static,
       >= 0).
+    tol: Stopping rule of ``'randomized'``: the largest relative residual
+      :math:`\lVert J v_i - s_i u_i \rVert / s_i`, ``i < k``, to stop at
+      (static Python float in ``[0, 1)``; 0: run to ``krylov_dim``). The
+      error of ``s_i`` is then about ``tol^2 s_i / (2 gap)`` (Kato-Temple;
+      ``gap`` the relative gap of ``s_i^2``): keep ``tol <= 1e-3`` on flat
+      spectra.
     chunk_size: Forwarded to :func:`jacobian` (``'dense'``) or :func:`ntk`
       (``'gram'``).
     mesh: A 1-D ``jax.sharding.Mesh`` to shard the examples over, or None.
 
   Returns:
-    A :class:`JacobianSVD` ``(s [k], vt [k, P], u [N * C, k], residual [k])``
-    (``residual`` None for ``'subspace_iteration'``).
+    A :class:`JacobianSVD` ``(s [k], vt [k, P], u [N * C, k], residual [k],
+    num_products [])`` (``residual`` None for ``'subspace_iteration'``,
+    ``num_products`` None for ``'dense'``).
 
   Raises:
     ValueError: if ``k`` is outside ``[1, min(N * C, P)]``, ``method`` is
@@ -440,7 +527,8 @@ def jacobian_svd(apply_fn: ApplyFn, params: Params, x: Any, k: int, *,
   k = check_rank(k, num_rows, num_params, fn)
   opts = check_svd_options(method, key, oversampling, num_power_iters,
                            num_rows, num_params, fn, k=k,
-                           krylov_dim=krylov_dim, block_size=block_size)
+                           krylov_dim=krylov_dim, block_size=block_size,
+                           tol=tol)
   axis = _jacobian.check_mesh(mesh, n, 'x', fn)
   shard, replicate = _jacobian.sharding_fns(mesh, axis)
   x, flat = shard(x), replicate(flat)
@@ -465,7 +553,8 @@ def jacobian_svd(apply_fn: ApplyFn, params: Params, x: Any, k: int, *,
     q = shard(eigvecs[:, ::-1][:, :k])
     u_small, s, vt = _thin_svd(project_rows(q))
     u = _mm(q, u_small)
-    return _canonical_signs(u, s, vt, _ritz_residual(_mm(kernel, u), u, s))
+    return _canonical_signs(u, s, vt, _ritz_residual(_mm(kernel, u), u, s),
+                            2 * num_rows + k)
 
   _, f_jvp = jax.linearize(f, flat)
 
@@ -473,10 +562,10 @@ def jacobian_svd(apply_fn: ApplyFn, params: Params, x: Any, k: int, *,
     return shard(jax.vmap(lambda v: f_jvp(v).reshape(num_rows))(vt).T)
 
   if opts.method == 'randomized':
-    u, s, vt, residual = _block_krylov(
+    u, s, vt, residual, num_products = _block_krylov(
         project_rows, apply_j, num_rows, num_params, flat.dtype, k,
-        opts.block_size, opts.num_blocks, key, shard)
-    return _canonical_signs(u, s, vt, residual)
+        opts.block_size, opts.num_blocks, opts.tol, key, shard)
+    return _canonical_signs(u, s, vt, residual, num_products)
 
   num_probes = min(k + opts.oversampling, num_rows, num_params)
   omega = jax.random.normal(key, (num_probes, num_params), flat.dtype)
@@ -487,7 +576,8 @@ def jacobian_svd(apply_fn: ApplyFn, params: Params, x: Any, k: int, *,
   # Rayleigh-Ritz: SVD of the small projected matrix Q^T J [l, P].
   u_small, s, vt = _thin_svd(project_rows(q))
   u = _mm(q, u_small)
-  return _canonical_signs(u[:, :k], s[:k], vt[:k], None)
+  return _canonical_signs(u[:, :k], s[:k], vt[:k], None,
+                          2 * num_probes * (opts.num_power_iters + 1))
 
 
 # ---------------------------------------------------------------------------
