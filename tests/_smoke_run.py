@@ -1,4 +1,5 @@
-"""A test case that runs an experiment's smoke config once per class."""
+"""What the experiments' tests share: the raw data, and a test case that runs
+an experiment's smoke config once per class."""
 
 import os
 import shutil
@@ -6,6 +7,13 @@ import tempfile
 from typing import Any
 
 from absl.testing import parameterized
+
+# Real raw datasets, staged beside the project (see ../shared/data/README.md):
+# $METACF_RAW_DIR, else ../shared/data if it exists, else None.
+_DEFAULT_RAW = os.path.join(os.path.dirname(__file__), '..', '..', 'shared',
+                            'data')
+RAW_DIR = os.environ.get('METACF_RAW_DIR') or (
+    os.path.abspath(_DEFAULT_RAW) if os.path.isdir(_DEFAULT_RAW) else None)
 
 
 class SmokeRunTestCase(parameterized.TestCase):

@@ -25,7 +25,7 @@ from PIL import Image
 from tensorflow_datasets.core.download import downloader
 from tensorflow_datasets.core.download import download_manager
 
-from conftest import RAW_DIR
+from _smoke_run import RAW_DIR
 import metacf.data
 from metacf.data import _omniglot
 from metacf.data import _png

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 import _smoke_run
+from _smoke_run import RAW_DIR
 from experiments.common import loop
 from experiments.common import models
 from experiments.common import utils
@@ -32,10 +33,6 @@ from experiments.distill_mnist import configs
 from experiments.distill_mnist import main as distill_main
 from experiments.distill_mnist import train as distill_train
 
-_DEFAULT_RAW = os.path.join(os.path.dirname(__file__), '..', '..', 'shared',
-                            'data')
-RAW_DIR = os.environ.get('METACF_RAW_DIR') or (
-    os.path.abspath(_DEFAULT_RAW) if os.path.isdir(_DEFAULT_RAW) else None)
 
 DISTILL_MODELS = ('teacher', 'student_hard', 'student_kd_T1', 'student_kd_T4',
                   'student_kd_T20', 'born_again')

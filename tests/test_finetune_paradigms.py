@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import _smoke_run
+from _smoke_run import RAW_DIR
 from experiments.common import models
 from experiments.finetune_paradigms import _plots
 from experiments.finetune_paradigms import configs
@@ -30,10 +31,6 @@ from experiments.finetune_paradigms import main as paradigms_main
 from experiments.finetune_paradigms import train
 import metacf.masks
 
-_DEFAULT_RAW = os.path.join(os.path.dirname(__file__), '..', '..', 'shared',
-                            'data')
-RAW_DIR = os.environ.get('METACF_RAW_DIR') or (
-    os.path.abspath(_DEFAULT_RAW) if os.path.isdir(_DEFAULT_RAW) else None)
 
 PARADIGMS = ('linear_probe', 'full_finetune', 'partial_finetune', 'lora',
              'prompt_tuning', 'nearest_class_mean', 'lwf', 'replay')
@@ -147,13 +144,25 @@ class FinetuneParadigmsTest(_smoke_run.SmokeRunTestCase):
         trainable, added = expected_counts(self.config, v)
         self.assertEqual(got['trainable_params'], trainable)
         self.assertEqual(got['params_added_per_task'], added)
-    # And at the default sizes (no training needed).
+    # And at the default sizes (no training needed). The counts depend on
+    # shapes only: the pre-trained parameters are abstract (an eval_shape
+    # trace), which initialises nothing and compiles nothing.
     config = configs.get_config('default')
-    pretrained = train.make_model(config).init(
-        jax.random.key(0), jnp.zeros([1, 28, 28, 1]))['params']
+    pretrained = jax.eval_shape(
+        train.make_model(config).init, jax.random.key(0),
+        jnp.zeros([1, 28, 28, 1]))['params']
+    counts = {}
+
+    def count_all(pretrained):
+      for v in config.variants:
+        counts[v.name] = train.param_counts(config, v, pretrained)
+      return ()
+
+    jax.eval_shape(count_all, pretrained)
+    self.assertEqual(list(counts), [v.name for v in config.variants])
     for v in config.variants:
       with self.subTest(f'default/{v.name}'):
-        got = train.param_counts(config, v, pretrained)
+        got = counts[v.name]
         self.assertEqual(
             (got['trainable_params'], got['params_added_per_task']),
             expected_counts(config, v))
@@ -209,12 +218,14 @@ class FinetuneParadigmsTest(_smoke_run.SmokeRunTestCase):
 
 class ViTTest(parameterized.TestCase):
 
-  def setUp(self):
-    super().setUp()
-    self.model = models.ViT(dim=16, depth=3, num_heads=2, mlp_dim=32)
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    # Initialised once (eagerly: seconds): the tests only read them.
+    cls.model = models.ViT(dim=16, depth=3, num_heads=2, mlp_dim=32)
     key = jax.random.key(0)
-    self.x = jax.random.uniform(key, [3, 28, 28, 1])
-    self.params = self.model.init(key, self.x)['params']
+    cls.x = jax.random.uniform(key, [3, 28, 28, 1])
+    cls.params = cls.model.init(key, cls.x)['params']
 
   def test_zero_token_prompt_is_the_plain_model(self):
     plain = self.model.apply({'params': self.params}, self.x)

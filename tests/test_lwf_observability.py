@@ -24,6 +24,7 @@ import numpy as np
 from scipy import stats
 
 import _smoke_run
+from _smoke_run import RAW_DIR
 from experiments.common import models
 from experiments.lwf_observability import _plots
 from experiments.lwf_observability import configs
@@ -31,10 +32,6 @@ from experiments.lwf_observability import main as lwf_main
 from experiments.lwf_observability import train
 import metacf.jacobian
 
-_DEFAULT_RAW = os.path.join(os.path.dirname(__file__), '..', '..', 'shared',
-                            'data')
-RAW_DIR = os.environ.get('METACF_RAW_DIR') or (
-    os.path.abspath(_DEFAULT_RAW) if os.path.isdir(_DEFAULT_RAW) else None)
 
 KINDS = ('fashion_mnist', 'rotation', 'permutation', 'omniglot', 'noise')
 

@@ -149,11 +149,12 @@ class InnerAdaptTest(chex.TestCase):
   def test_optax_sgd_inner_optimizer_equals_inner_lr(self):
     params = _mlp_init(jax.random.key(0))
     tasks = _tasks(jax.random.key(1))
-    a = jax.grad(lambda p: maml.maml_loss(_mse, p, tasks, inner_lr=0.02,
-                                          num_inner_steps=2))(params)
-    b = jax.grad(lambda p: maml.maml_loss(
+    # Jitted: one compilation each, not one per eager op.
+    a = jax.jit(jax.grad(lambda p: maml.maml_loss(
+        _mse, p, tasks, inner_lr=0.02, num_inner_steps=2)))(params)
+    b = jax.jit(jax.grad(lambda p: maml.maml_loss(
         _mse, p, tasks, inner_optimizer=optax.sgd(0.02),
-        num_inner_steps=2))(params)
+        num_inner_steps=2)))(params)
     _tree_allclose(a, b, rtol=1e-5, atol=1e-7)
 
   def test_bad_inputs(self):
@@ -205,13 +206,13 @@ class MamlLossTest(chex.TestCase):
     with jax.enable_x64(True):
       params = _mlp_init(jax.random.key(0), dtype=jnp.float64)
       tasks = _tasks(jax.random.key(1), dtype=jnp.float64)
-      fo = jax.grad(lambda p: maml.maml_loss(
+      fo = jax.jit(jax.grad(lambda p: maml.maml_loss(
           _mse, p, tasks, inner_lr=0.05, num_inner_steps=2,
-          first_order=True))(params)
-      ref = jax.grad(lambda p: _reference_meta_loss(
-          _mse, p, tasks, 0.05, 2, first_order=True))(params)
-      so = jax.grad(lambda p: maml.maml_loss(
-          _mse, p, tasks, inner_lr=0.05, num_inner_steps=2))(params)
+          first_order=True)))(params)
+      ref = jax.jit(jax.grad(lambda p: _reference_meta_loss(
+          _mse, p, tasks, 0.05, 2, first_order=True)))(params)
+      so = jax.jit(jax.grad(lambda p: maml.maml_loss(
+          _mse, p, tasks, inner_lr=0.05, num_inner_steps=2)))(params)
       _tree_allclose(fo, ref, rtol=1e-10, atol=1e-12)
       diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
           jax.tree.leaves(fo), jax.tree.leaves(so)))
@@ -341,8 +342,8 @@ class MetaTrainStepTest(chex.TestCase):
   def _check_step_matches_manual_update_and_compiles_once(self):
     step, params, opt_state = self._step_and_state()
     tasks = _tasks(jax.random.key(1), num_tasks=4)
-    grads = jax.grad(lambda p: maml.maml_loss(
-        _mse, p, tasks, inner_lr=0.01, num_inner_steps=2))(params)
+    grads = jax.jit(jax.grad(lambda p: maml.maml_loss(
+        _mse, p, tasks, inner_lr=0.01, num_inner_steps=2)))(params)
     updates, _ = optax.adam(1e-3).update(grads, optax.adam(1e-3).init(params),
                                          params)
     want = optax.apply_updates(params, updates)

@@ -93,8 +93,10 @@ class HasAuxTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_aux_is_stacked_query_aux_and_loss_unchanged(self):
     params, tasks = _init(jax.random.key(0)), _tasks(jax.random.key(1))
-    loss_plain = maml.maml_loss(_mse, params, tasks, inner_lr=0.1,
-                                num_inner_steps=2)
+    # The references are jitted (the same programs under both variants:
+    # the second one's compilations come from the compilation cache).
+    loss_plain = jax.jit(lambda p: maml.maml_loss(
+        _mse, p, tasks, inner_lr=0.1, num_inner_steps=2))(params)
     loss, aux = self.variant(lambda p: maml.maml_loss(
         _mse_aux, p, tasks, inner_lr=0.1, num_inner_steps=2,
         has_aux=True))(params)
@@ -102,19 +104,23 @@ class HasAuxTest(chex.TestCase):
     self.assertEqual(aux['mae'].shape, (4,))
     self.assertEqual(aux['per_example'].shape, (4, 6))
     self.assertEqual(aux['hits'].dtype, jnp.int32)
-    for t in range(4):
-      task = _task(tasks, t)
+
+    @jax.jit
+    def adapted_aux(task):
       adapted = maml.inner_adapt(_mse, params, task.support_x, task.support_y,
                                  inner_lr=0.1, num_steps=2)
-      _, want = _mse_aux(adapted, task.query_x, task.query_y)
+      return _mse_aux(adapted, task.query_x, task.query_y)[1]
+
+    for t in range(4):
+      want = adapted_aux(_task(tasks, t))
       _tree_allclose(jax.tree.map(lambda a, t=t: a[t], aux), want, rtol=1e-5,
                      atol=1e-6)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_gradients_equal_aux_free_gradients(self):
     params, tasks = _init(jax.random.key(0)), _tasks(jax.random.key(1))
-    want = jax.grad(lambda p: maml.maml_loss(
-        _mse, p, tasks, inner_lr=0.1, num_inner_steps=3))(params)
+    want = jax.jit(jax.grad(lambda p: maml.maml_loss(
+        _mse, p, tasks, inner_lr=0.1, num_inner_steps=3)))(params)
     got, aux = self.variant(jax.grad(lambda p: maml.maml_loss(
         _mse_aux, p, tasks, inner_lr=0.1, num_inner_steps=3, has_aux=True),
                                      has_aux=True))(params)
@@ -191,11 +197,16 @@ class KeyTest(chex.TestCase):
             params, key)
     want = _reference_keyed_meta_loss(params, tasks, key, 0.1, 2)
     np.testing.assert_allclose(got, want, rtol=1e-5)
-    g_got = jax.grad(lambda p: maml.maml_loss(
-        _noisy_mse, p, tasks, inner_lr=0.1, num_inner_steps=2, key=key))(
+
+  def test_gradient_matches_documented_key_derivation(self):
+    # Once, not per variant above: the gradients do not depend on it.
+    params, tasks = _init(jax.random.key(0)), _tasks(jax.random.key(1))
+    key = jax.random.key(7)
+    g_got = jax.jit(jax.grad(lambda p: maml.maml_loss(
+        _noisy_mse, p, tasks, inner_lr=0.1, num_inner_steps=2, key=key)))(
             params)
-    g_want = jax.grad(
-        lambda p: _reference_keyed_meta_loss(p, tasks, key, 0.1, 2))(params)
+    g_want = jax.jit(jax.grad(
+        lambda p: _reference_keyed_meta_loss(p, tasks, key, 0.1, 2)))(params)
     _tree_allclose(g_got, g_want, rtol=1e-4, atol=1e-6)
 
   def test_same_key_same_result_other_key_differs(self):

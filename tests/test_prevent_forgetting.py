@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 import _smoke_run
+from _smoke_run import RAW_DIR
 from experiments.prevent_forgetting import _plots
 from experiments.prevent_forgetting import configs
 from experiments.prevent_forgetting import main as prevent_main
@@ -34,10 +35,6 @@ import metacf.jacobian
 import metacf.metrics
 import metacf.protect
 
-_DEFAULT_RAW = os.path.join(os.path.dirname(__file__), '..', '..', 'shared',
-                            'data')
-RAW_DIR = os.environ.get('METACF_RAW_DIR') or (
-    os.path.abspath(_DEFAULT_RAW) if os.path.isdir(_DEFAULT_RAW) else None)
 
 
 def _run(workdir, config=None):

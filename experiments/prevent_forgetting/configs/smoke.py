@@ -28,7 +28,7 @@ def get_config() -> configs.Config:
       pairs=configs.make_pairs((('permuted', 0, 1), ('rotated', 0, 2))),
       protect_ks=(0, 5, 20),
       jac_examples=10,
-      heldout_examples=50,
+      heldout_examples=10,  # = jac_examples: one compiled prediction for both.
       b_examples=10,
       b_steps=10,
       progress_bar=False,
