@@ -4,7 +4,7 @@ Kernels are plain, jit-compatible functions (not jitted themselves): call them
 inside your own ``jax.jit``/``vmap``/``grad``; ``metacf.maml.make_meta_train_step``
 returns a jitted step. Public API. Subpackages: ``metacf.adapters``, ``metacf.distill``,
 ``metacf.jacobian``, ``metacf.layers``, ``metacf.maml``, ``metacf.masks``,
-``metacf.metrics``, ``metacf.protect``, ``metacf.replay``,
+``metacf.metrics``, ``metacf.noise``, ``metacf.protect``, ``metacf.replay``,
 ``metacf.typing``.
 ``metacf.data`` (the only module that imports tensorflow-datasets) is
 imported on demand, not here.
@@ -17,6 +17,7 @@ from metacf import layers as layers
 from metacf import maml as maml
 from metacf import masks as masks
 from metacf import metrics as metrics
+from metacf import noise as noise
 from metacf import protect as protect
 from metacf import replay as replay
 from metacf import typing as typing
@@ -24,4 +25,4 @@ from metacf import typing as typing
 __version__ = '0.1.0'
 
 __all__ = ['adapters', 'distill', 'jacobian', 'layers', 'maml', 'masks', 'metrics',
-           'protect', 'replay', 'typing']
+           'noise', 'protect', 'replay', 'typing']

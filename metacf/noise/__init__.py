@@ -1,0 +1,44 @@
+"""Denoising noise for sequence-to-sequence pre-training: T5 and BART.
+
+Pure functions of an explicit PRNG key over one unbatched token sequence,
+with static output shapes, so they run inside a jitted input-pipeline step
+(``jax.vmap`` over keys and sequences for a batch):
+
+* :func:`span_corruption` (Raffel et al. 2020): whole noise spans replaced
+  by one sentinel each in the inputs; the targets are the spans after their
+  sentinels. :func:`random_spans_noise_mask` is its mask,
+  :func:`span_corruption_lengths` its static output lengths and
+  :func:`span_corruption_tokens_length` T5's ``random_spans_helper`` (the
+  raw length that corrupts to a wanted inputs length, 512 -> 568).
+* :func:`text_infilling` (Lewis et al. 2020): spans of Poisson length
+  removed, each replaced by one mask token; the model rebuilds the whole
+  sequence.
+
+Example, a word-level toy vocabulary (ids below the sentinels)::
+
+  words = 'Thank you for inviting me to your party last week .'.split()
+  vocab = {w: i for i, w in enumerate(sorted(set(words)))}
+  tokens = jnp.array([vocab[w] for w in words])
+  inputs, targets = metacf.noise.span_corruption(
+      jax.random.key(0), tokens, noise_density=0.2,
+      mean_noise_span_length=1.0, sentinel_start=100)
+  # inputs and targets hold ids 100, 99, ... for <X>, <Y>, ...
+
+The sampling is exact and sort-free (:mod:`metacf.noise._sampling`), which
+is what makes it fast on XLA:CPU; ``benchmarks/bench_noise.py`` measures it
+against the NumPy recipe of HF's ``run_t5_mlm_flax.py``.
+"""
+
+from metacf.noise._infilling import text_infilling
+from metacf.noise._spans import random_spans_noise_mask
+from metacf.noise._spans import span_corruption
+from metacf.noise._spans import span_corruption_lengths
+from metacf.noise._spans import span_corruption_tokens_length
+
+__all__ = [
+    'random_spans_noise_mask',
+    'span_corruption',
+    'span_corruption_lengths',
+    'span_corruption_tokens_length',
+    'text_infilling',
+]
