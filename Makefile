@@ -44,6 +44,7 @@ bench: $(STAMP)  ## microbenchmarks; JSON lines go to benchmarks/results/
 	$(PY) -m benchmarks.bench_replay
 	$(PY) -m benchmarks.bench_jacobian
 	$(PY) -m benchmarks.bench_protect
+	$(PY) -m benchmarks.bench_noise
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m benchmarks.bench_maml
 
