@@ -16,10 +16,12 @@ run falls back to uniform noise and says so in every record.
 
 Variants, all under one ``jax.jit`` with ``k`` and the method static:
 
-* ``dense``, ``gram``, ``randomized``: ``metacf.jacobian.jacobian_svd`` with
-  that ``method`` (library defaults otherwise: ``oversampling=10``,
-  ``num_power_iters=2``, one chunk). The case line also names what
-  ``method='auto'`` picks.
+* ``dense``, ``gram``, ``randomized``, ``subspace_iteration``:
+  ``metacf.jacobian.jacobian_svd`` with that ``method`` and its defaults
+  (``randomized``: Lanczos / block Krylov, ``krylov_dim = 4k + 20``, no
+  early stop; ``subspace_iteration``: the default before 2026-12-03,
+  ``oversampling=10``, ``num_power_iters=2``), one chunk. The case line
+  also names what ``method='auto'`` picks.
 * ``naive``: what a user writes alone: ``jax.jacrev`` of the flattened
   parameters on the whole batch, reshaped to ``[N*C, P]``, then
   ``jnp.linalg.svd(full_matrices=False)``.
@@ -75,6 +77,22 @@ its default thread count, on this shared 2-core host, a QR of a [1e5, 30]
 matrix took 1.9 s against 0.11 s with one thread (SVD of 100 x 1e5: 17 s vs
 9 s). ``OPENBLAS_NUM_THREADS`` is therefore set to 1 unless already set;
 the value is recorded. XLA's own ops still use both cores.
+
+``--peers`` (instead of the sweep): metacf's ``randomized`` default against
+what a user without metacf would run, on the MLPs at P = 1e4 ... 1e7 with
+``--peer-n`` = 100 images (N·C = 1,000) and the CNN on ``--largest-n``
+images: ``scipy.sparse.linalg.svds`` with ``solver='propack'`` and
+``'arpack'`` (``tol = --scipy-tol``, 1e-3) on a ``LinearOperator`` whose
+matvec / rmatvec are jitted JVP / VJP of the flattened parameters (the
+compilation warmed up first and not timed), and ``subspace_iteration``
+(the old default). Per variant: time (interleaved rounds, as above), the
+number of Jacobian products (counted in the matvecs for SciPy, returned by
+metacf), peak RSS growth over the first call, and the largest relative
+error of s_1..s_k against dense SVD where J has at most
+``--dense-max-entries`` entries, else against ``randomized`` with
+``krylov_dim = 8k + 40`` (its largest relative residual printed). A solver
+that raises (PROPACK's "did not converge within kmax") is recorded with the
+time and products it took, and not timed.
 
 ``--quick`` (about a minute): P = 1e4 at N·C 100 and 1000 and the CNN on 2
 images, at most 3 rounds, no memory processes (XLA buffer sizes only).

@@ -381,6 +381,14 @@ class JacobianSvdTest(chex.TestCase):
                                   r'Python float in \[0, 1\), got'):
         jac.jacobian_svd(_mlp_apply, params, x, 3, method='randomized',
                          key=key, tol=tol)
+    with self.assertRaisesRegex(ValueError, r'jacobian_svd: unroll=True '
+                                r'needs tol=0'):
+      jac.jacobian_svd(_mlp_apply, params, x, 3, method='randomized', key=key,
+                       tol=1e-3, unroll=True)
+    with self.assertRaisesRegex(TypeError, 'jacobian_svd: unroll must be '
+                                'None or a bool, got 1'):
+      jac.jacobian_svd(_mlp_apply, params, x, 3, method='randomized', key=key,
+                       unroll=1)
     with self.assertRaisesRegex(ValueError, 'jacobian_svd: block_size must be '
                                 '>= 1, got 0'):
       jac.jacobian_svd(_mlp_apply, params, x, 3, method='randomized', key=key,
@@ -542,6 +550,31 @@ class RandomizedSvdAccuracyTest(chex.TestCase):
     chex.assert_trees_all_equal(fn(params, x, key=jax.random.key(3)), got)
     self.assertFalse(np.array_equal(
         fn(params, x, key=jax.random.key(4)).u, got.u))
+
+  def test_unrolled_steps_equal_the_while_loop(self):
+    s = _flat_spectra(self.k, self.num_rows)['power_law']
+    x = jnp.asarray(_spectrum_features(s, self.num_rows, self.num_params)[0],
+                    jnp.float32)
+    params = {'w': jnp.zeros(self.num_params, jnp.float32)}
+    outs = [jax.jit(functools.partial(
+        jac.jacobian_svd, _linear_features_apply, k=self.k,
+        method='randomized', unroll=unroll))(params, x,
+                                             key=jax.random.key(2))
+            for unroll in (True, False)]
+    for a, b in zip(outs[0][:3], outs[1][:3]):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * s[0])
+    self.assertEqual(int(outs[0].num_products), int(outs[1].num_products))
+
+  def test_auto_unroll_only_for_convolutions_without_tol(self):
+    from metacf.jacobian import _svd  # pylint: disable=g-import-not-at-top
+    flat = jnp.ones(9, jnp.float32)
+    conv = lambda w: jax.lax.conv_general_dilated(
+        jnp.ones((2, 1, 5, 5)), w.reshape(1, 1, 3, 3), (1, 1), 'SAME')
+    dense = lambda w: jnp.ones((2, 9)) @ w
+    on_cpu = jax.default_backend() == 'cpu'
+    self.assertEqual(_svd._auto_unroll(conv, flat, 0.0), on_cpu)
+    self.assertFalse(_svd._auto_unroll(conv, flat, 1e-3))
+    self.assertFalse(_svd._auto_unroll(dense, flat, 0.0))
 
   @parameterized.named_parameters(('single_vectors', 1, None),
                                   ('blocks_of_4', 4, 72))

@@ -20,7 +20,7 @@ with rows and columns in that same (example, output) order.
 
 Static arguments. ``k``, ``method``, ``implementation``, ``mode``, ``loss``,
 ``num_steps``, ``chunk_size``, ``krylov_dim``, ``block_size``, ``oversampling``,
-``num_power_iters`` and ``mesh`` select
+``num_power_iters``, ``tol``, ``unroll`` and ``mesh`` select
 shapes and code paths, so they must be Python values. To use these functions
 inside ``jax.jit``, close over ``apply_fn`` and those arguments (e.g. with
 ``functools.partial``) and pass ``params``, inputs, targets, ``lr`` and ``key``
