@@ -363,8 +363,8 @@ def _block_krylov(jt_fn, j_fn, num_rows: int, num_params: int, dtype,
   keep = dim * num_params * np.dtype(dtype).itemsize <= _KEEP_JT_Q_BYTES
   jt_q = jnp.zeros((dim if keep else 0, num_params), dtype)
 
-  # All the random directions at once: one PRNG call (per-step calls made
-  # compiling the unrolled loop 5x slower).
+  # All the random directions at once: one PRNG call (a call per step made
+  # compiling 100 unrolled steps of an MLP take 24 s instead of 15 s).
   noise = jax.random.normal(noise_key, (num_blocks, num_rows, b), dtype)
   noise = noise / jnp.linalg.norm(noise, axis=1, keepdims=True)
 
