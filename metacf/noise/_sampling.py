@@ -1,9 +1,9 @@
 r"""Exact, sort-free sampling primitives for the noise kernels.
 
 Everything here is elementwise or ``O(k^2)`` on short vectors, so that XLA:CPU
-runs it as a handful of fused loops: no sort, no scatter, no sequential scan
-over the sequence (see ``benchmarks/bench_noise.py`` for the measurements that
-led here).
+runs it as a handful of fused loops (for rows of up to 64 elements): no
+sort, no scatter, no sequential scan over the sequence (see
+``benchmarks/bench_noise.py`` for the measurements that led here).
 
 * :func:`uniform_below`: integers exactly uniform on ``[0, n)`` from 32 random
   bits, by Lemire's multiply-and-reject method (the rejection, probability

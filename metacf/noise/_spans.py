@@ -15,8 +15,9 @@ random composition (each of the ``C(n - 1, n_spans - 1)`` compositions of
 ``nonnoise_0, noise_0, nonnoise_1, noise_1, ...``, so the mask starts with
 non-noise and ends with noise.
 
-How it is computed (no sort, no scatter, one gather): the ``n_spans - 1``
-cut points of each composition are a uniform subset of the ``n - 1`` gaps,
+How it is computed (up to 64 spans: no sort, no scatter, one gather; longer
+rows use scatters and ``jnp.sort``, cheaper there): the ``n_spans - 1`` cut
+points of each composition are a uniform subset of the ``n - 1`` gaps,
 drawn by a vectorised Floyd's algorithm from exactly uniform integers
 (:mod:`metacf.noise._sampling`) and put in order by counting. Every output
 position then finds its span by comparing itself with the ``n_spans`` span
