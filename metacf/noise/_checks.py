@@ -2,7 +2,9 @@
 
 All checks read static information only (Python numbers, shapes, dtypes)
 and skip traced values. Messages follow
-``<function>: <arg> must <expectation>, got <actual>.``
+``<function>: <arg> must <expectation>, got <actual>.``; the checks shared
+with other modules (``check_int``, ``check_integer``) are in
+:mod:`metacf._src.checks`.
 """
 
 import math
@@ -12,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metacf._src import checks
+
 
 def real(value: Any, name: str, fn: str) -> float:
   """Returns a Python real number ``value`` as a float, else TypeError."""
@@ -19,15 +23,6 @@ def real(value: Any, name: str, fn: str) -> float:
       value, (int, float, np.integer, np.floating)):
     raise TypeError(f'{fn}: {name} must be a Python float, got {value!r}.')
   return float(value)
-
-
-def integer(value: Any, name: str, fn: str, *, min_value: int) -> int:
-  """Returns a Python int ``value >= min_value``; TypeError / ValueError."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise TypeError(f'{fn}: {name} must be a Python int, got {value!r}.')
-  if value < min_value:
-    raise ValueError(f'{fn}: {name} must be >= {min_value}, got {value}.')
-  return int(value)
 
 
 def in_open_unit(value: Any, name: str, fn: str) -> float:
@@ -57,9 +52,7 @@ def finite_positive(value: Any, name: str, fn: str) -> float:
 def tokens_1d(tokens: Any, fn: str, *, min_length: int) -> jax.Array:
   """``tokens`` as a 1-D integer array of length ``>= min_length``."""
   tokens = jnp.asarray(tokens)
-  if not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise TypeError(
-        f'{fn}: tokens must have an integer dtype, got {tokens.dtype}.')
+  checks.check_integer(tokens, 'tokens', fn)
   if tokens.ndim != 1:
     raise ValueError(
         f'{fn}: tokens must be 1-D (one sequence; vmap over a batch), got '
@@ -92,6 +85,4 @@ def token_id(value: Any, name: str, fn: str, *,
 
 def concrete_int(value: Any) -> int | None:
   """``int(value)`` when it is not traced, else None."""
-  if isinstance(value, jax.core.Tracer):
-    return None
-  return int(value)
+  return None if checks.is_traced(value) else int(value)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metacf._src import checks
 from metacf.noise import _checks
 from metacf.noise import _sampling
 
@@ -37,10 +38,8 @@ def _span_counts(fn: str, length: int, noise_density: float,
                  mean_noise_span_length: float) -> tuple[int, int]:
   """``(n_noise, n_spans)`` for a sequence of ``length`` tokens."""
   density = _checks.in_open_unit(noise_density, 'noise_density', fn)
-  mean = _checks.real(mean_noise_span_length, 'mean_noise_span_length', fn)
-  if not mean >= 1.0:
-    raise ValueError(f'{fn}: mean_noise_span_length must be >= 1, got '
-                     f'{mean_noise_span_length!r}.')
+  mean = _checks.at_least_one(mean_noise_span_length,
+                              'mean_noise_span_length', fn)
   n_noise = min(max(round(length * density), 1), length - 1)
   # T5 caps only below (>= 1). More spans than non-noise tokens cannot all
   # be separated by a non-empty non-noise segment (T5 then emits empty
@@ -102,7 +101,7 @@ def random_spans_noise_mask(key: jax.Array, length: int,
     Text-to-Text Transformer <https://arxiv.org/abs/1910.10683>`_, JMLR 2020
   """
   fn = 'random_spans_noise_mask'
-  length = _checks.integer(length, 'length', fn, min_value=2)
+  length = checks.check_int(length, 'length', fn, min_value=2)
   n_noise, n_spans = _span_counts(fn, length, noise_density,
                                   mean_noise_span_length)
   a, b = _boundaries(key, n_noise, length - n_noise, n_spans)
@@ -250,7 +249,7 @@ def span_corruption_lengths(length: int, noise_density: float = 0.15,
     TypeError, ValueError: as :func:`random_spans_noise_mask`.
   """
   fn = 'span_corruption_lengths'
-  length = _checks.integer(length, 'length', fn, min_value=2)
+  length = checks.check_int(length, 'length', fn, min_value=2)
   if not isinstance(eos, (bool, np.bool_)):
     raise TypeError(f'{fn}: eos must be a bool, got {eos!r}.')
   n_noise, n_spans = _span_counts(fn, length, noise_density,
@@ -299,13 +298,11 @@ def span_corruption_tokens_length(inputs_length: int,
     (``t5.data.preprocessors.random_spans_helper``)
   """
   fn = 'span_corruption_tokens_length'
-  inputs_length = _checks.integer(inputs_length, 'inputs_length', fn,
+  inputs_length = checks.check_int(inputs_length, 'inputs_length', fn,
                                   min_value=3)
   density = _checks.in_open_unit(noise_density, 'noise_density', fn)
-  mean = _checks.real(mean_noise_span_length, 'mean_noise_span_length', fn)
-  if not mean >= 1.0:
-    raise ValueError(f'{fn}: mean_noise_span_length must be >= 1, got '
-                     f'{mean_noise_span_length!r}.')
+  mean = _checks.at_least_one(mean_noise_span_length,
+                              'mean_noise_span_length', fn)
 
   def lengths(t):
     n = round(t * density)
