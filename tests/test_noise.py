@@ -428,6 +428,16 @@ def _infill_batch(seed, tokens, **kwargs):
   return np.asarray(noised), np.asarray(lengths)
 
 
+def _infill_arange(seed, num, length, ratio, lam):
+  """Text infilling of ``num`` copies of ``arange(length)``; masks -1, pads -2.
+
+  The ids equal the positions, so the kept ones show what was removed.
+  """
+  tokens = np.tile(np.arange(length, dtype=np.int32), (num, 1))
+  return _infill_batch(seed, tokens, mask_ratio=ratio, poisson_lambda=lam,
+                       mask_id=-1, pad_id=-2)
+
+
 def _infill_structure(noised, length, mask_id, num_tokens):
   """(kept token ids, masks per gap) of one output over tokens arange(L).
 
@@ -490,11 +500,8 @@ class TextInfillingTest(parameterized.TestCase):
   def test_invariants(self, length, ratio, lam):
     mask_id, pad_id = -1, -2
     budget = math.ceil(ratio * length)
-    tokens = np.tile(np.arange(length, dtype=np.int32), (64, 1))
-    noised, lengths = _infill_batch(0, tokens, mask_ratio=ratio,
-                                    poisson_lambda=lam, mask_id=mask_id,
-                                    pad_id=pad_id)
-    self.assertEqual(noised.shape, tokens.shape)
+    noised, lengths = _infill_arange(0, 64, length, ratio, lam)
+    self.assertEqual(noised.shape, (64, length))
     self.assertEqual(lengths.dtype, np.int32)
     for out, n in zip(noised, lengths):
       np.testing.assert_array_equal(out[n:], pad_id)
@@ -515,9 +522,7 @@ class TextInfillingTest(parameterized.TestCase):
     # samples): number of masks, first removed index, the length of the
     # removed run there (adjacent spans merge in both samplers).
     length, ratio, lam, num = 64, 0.3, 3.0, 8192
-    tokens = np.tile(np.arange(length, dtype=np.int32), (num, 1))
-    noised, lengths = _infill_batch(5, tokens, mask_ratio=ratio,
-                                    poisson_lambda=lam, mask_id=-1, pad_id=-2)
+    noised, lengths = _infill_arange(5, num, length, ratio, lam)
     ours = []
     for out, n in zip(noised, lengths):
       kept, masks, _ = _infill_structure(out, n, -1, length)
@@ -541,9 +546,7 @@ class TextInfillingTest(parameterized.TestCase):
     # the budget, its length is the zero-truncated Poisson draw. Long
     # sequences make trimmed spans rare: 1 span in ~190 per sequence.
     length, ratio, lam, num = 2000, 0.3, 3.0, 256
-    tokens = np.tile(np.arange(length, dtype=np.int32), (num, 1))
-    noised, lengths = _infill_batch(6, tokens, mask_ratio=ratio,
-                                    poisson_lambda=lam, mask_id=-1, pad_id=-2)
+    noised, lengths = _infill_arange(6, num, length, ratio, lam)
     spans = []
     for i, (out, n) in enumerate(zip(noised, lengths)):
       _, masks, removed = _infill_structure(out, n, -1, length)
