@@ -19,15 +19,19 @@ The selection is resolved once, eagerly (at trace time), into a pytree of
 Python bools, so it is static under ``jit`` and never depends on array values.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 import re
-from typing import Any
+from typing import Any, TypeAlias, Union
 
 import jax
 import numpy as np
 
-# A pytree of bools, a callable (path, leaf) -> bool, or a regex string.
-MaskSpec = Any
+# A pytree of Python bools shaped like the params.
+BoolTree: TypeAlias = Union[bool, Iterable['BoolTree'],
+                             Mapping[Any, 'BoolTree']]
+# None (the argument's default), a regex string searched in the '/'-joined
+# path, a callable (path, leaf) -> bool, or a pytree of bools.
+MaskSpec: TypeAlias = Union[None, str, Callable[[str, Any], bool], BoolTree]
 
 
 def path_str(key_path: tuple[Any, ...]) -> str:

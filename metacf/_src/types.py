@@ -1,11 +1,16 @@
 """Type aliases and callable protocols shared by metacf kernels."""
 
-from typing import Any, Protocol
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, TypeAlias, Union
 
 import jax
+import numpy as np
 
-Params = Any  # A pytree of arrays.
-PRNGKey = jax.Array
+# A pytree of arrays (as chex.ArrayTree): an array, or a container of them.
+ArrayTree: TypeAlias = Union[jax.Array, np.ndarray, Iterable['ArrayTree'],
+                             Mapping[Any, 'ArrayTree']]
+Params: TypeAlias = ArrayTree
+PRNGKey: TypeAlias = jax.Array
 
 
 class ApplyFn(Protocol):
