@@ -168,8 +168,9 @@ class LoraInitTest(chex.TestCase):
       adapters.lora_init(key, params, 1,
                          targets=jax.tree.map(lambda _: False, params))
     with self.assertRaisesRegex(ValueError, re.escape(
-        'lora_init: targets (default: floating leaves with ndim >= 2) matched '
-        "no leaf; paths are like 'b'.")):
+        'lora_init: targets (default: floating leaves with ndim >= 2 not '
+        "named 'bias', 'scale' or 'embedding') matched no leaf; paths are "
+        "like 'b'.")):
       adapters.lora_init(key, {'b': params['b']}, 1)
     with self.assertRaisesRegex(ValueError, re.escape(
         "lora_init: targets must select leaves with ndim >= 2, got shape (4,) "
@@ -275,11 +276,22 @@ class LoraMergeTest(chex.TestCase):
         "'w'.")):
       adapters.lora_merge(params, {'b': None, 'w': params['w']})
     with self.assertRaisesRegex(ValueError, re.escape(
-        'lora_merge: lora_params must hold a of shape (d_in, rank) = (3, r) '
-        "and b of shape (r, d_out) = (r, 4) for the leaf 'w' of shape (3, 4), "
-        'got a (3, 2) and b (2, 5).')):
+        'lora_merge: lora_params must hold a [d_in, r] and b [r, d_out] with '
+        "d_in * d_out = 12, the size of the leaf 'w' of shape (3, 4), got a "
+        '(3, 2) and b (2, 5).')):
       adapters.lora_merge(params, {'b': None, 'w': {
           'a': lora['w']['a'], 'b': jnp.zeros([2, 5])}})
+    with self.assertRaisesRegex(ValueError, re.escape(
+        'lora_merge: lora_params must hold a [d_in, r] and b [r, d_out] with '
+        "d_in * d_out = 12, the size of the leaf 'w' of shape (3, 4), got a "
+        '(3, 2) and b (1, 4).')):
+      adapters.lora_merge(params, {'b': None, 'w': {
+          'a': lora['w']['a'], 'b': jnp.zeros([1, 4])}})
+    with self.assertRaisesRegex(ValueError, re.escape(
+        'lora_merge: lora_params must hold 2-D arrays a [d_in, rank] and b '
+        '[rank, d_out], got a of shape (3, 2, 1).')):
+      adapters.lora_merge(params, {'b': None, 'w': {
+          'a': jnp.zeros([3, 2, 1]), 'b': lora['w']['b']}})
     with self.assertRaisesRegex(ValueError, re.escape(
         'lora_merge: alpha must be a scalar or None, got shape (2,).')):
       adapters.lora_merge(params, lora, alpha=np.ones([2]))
@@ -371,8 +383,30 @@ class LoraDenseTest(chex.TestCase):
     w, a, b = np.zeros([6, 5]), np.zeros([6, 3]), np.zeros([3, 5])
     x = np.zeros([2, 6])
     with self.assertRaisesRegex(ValueError, re.escape(
-        'lora_dense: w must have shape [d_in, d_out], got (6, 5, 1).')):
+        'lora_dense: w must have shape [d_in, d_out] (or ndim > 2 with '
+        'fan_in_axes), got (6,).')):
+      adapters.lora_dense(x, w[:, 0], a, b)
+    with self.assertRaisesRegex(ValueError, re.escape(
+        'lora_dense: fan_in_axes must be given for w of shape (6, 5, 1) (the '
+        'default covers 2-D [d_in, d_out] kernels only), got None.')):
       adapters.lora_dense(x, w[..., None], a, b)
+    for f in (0, 3, -1):
+      with self.assertRaisesRegex(ValueError, re.escape(
+          'lora_dense: fan_in_axes must be in 1..ndim-1 = 1..2 for w of shape '
+          f'(6, 5, 1), got {f}.')):
+        adapters.lora_dense(x, w[..., None], a, b, fan_in_axes=f)
+    with self.assertRaisesRegex(ValueError, re.escape(
+        'lora_dense: fan_in_axes must be in 1..ndim-1 = 1..1 for w of shape '
+        '(6, 5), got 2.')):
+      adapters.lora_dense(x, w, a, b, fan_in_axes=2)
+    with self.assertRaisesRegex(TypeError, re.escape(
+        'lora_dense: fan_in_axes must be a Python int or None, got 1.0.')):
+      adapters.lora_dense(x, w, a, b, fan_in_axes=1.0)
+    with self.assertRaisesRegex(ValueError, re.escape(
+        'lora_dense: x must have shape [..., 6, 5] (the first fan_in_axes = 2 '
+        'axes of w), got (2, 6).')):
+      adapters.lora_dense(x, w[..., None], np.zeros([30, 3]), np.zeros([3, 1]),
+                          fan_in_axes=2)
     with self.assertRaisesRegex(ValueError, re.escape(
         'lora_dense: x must have shape [..., d_in] with d_in = 6, got '
         '(2, 5).')):
@@ -708,7 +742,7 @@ class PublicApiTest(chex.TestCase):
 
   def test_all(self):
     self.assertEqual(sorted(adapters.__all__), [
-        'count_params', 'freeze', 'lora_dense', 'lora_init', 'lora_merge',
+        'count_params', 'flax_fan_in_axes', 'freeze', 'lora_dense', 'lora_init', 'lora_merge',
         'prepend_prompt', 'soft_prompt_init', 'trainable_labels',
         'with_lora'])
     for name in adapters.__all__:

@@ -1,10 +1,16 @@
 """Parameter-efficient adaptation: LoRA, soft prompts, freezing.
 
 * LoRA (Hu et al. 2021): :func:`lora_init` builds low-rank adapters next to
-  any params pytree (dense and conv kernels), :func:`lora_merge` folds them
-  into the weights, :func:`with_lora` wraps an ``apply_fn`` so that
-  ``jax.grad`` w.r.t. the adapters trains them alone, :func:`lora_dense` is
-  the unmerged dense layer.
+  any params pytree (dense, conv and attention kernels), :func:`lora_merge`
+  folds them into the weights, :func:`with_lora` wraps an ``apply_fn`` so
+  that ``jax.grad`` w.r.t. the adapters trains them alone, :func:`lora_dense`
+  is the unmerged dense layer. A kernel's layout, how many of its leading
+  axes are input axes, is ``fan_in_axes=``: by default 1 for 2-D kernels and
+  3 for 4-D (conv HWIO) ones, and any other rank raises; for flax attention
+  (3-D ``DenseGeneral`` kernels: ``query``/``key``/``value`` ``[d_model,
+  heads, head_dim]``, ``out`` ``[heads, head_dim, d_model]``) pass
+  ``fan_in_axes=flax_fan_in_axes``. equinox's ``[out, in]`` weights are
+  adapted transposed (recipe in :func:`lora_init`).
 * Prompt tuning (Lester et al. 2021): :func:`soft_prompt_init` and
   :func:`prepend_prompt`; deep prompts (VPT-deep) are built from these inside
   a model.
@@ -20,7 +26,9 @@ nnx model)::
 
   graphdef, params = nnx.split(model, nnx.Param)
   apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
-  lora_params = metacf.adapters.lora_init(key, params, rank=4)  # kernels
+  lora_params = metacf.adapters.lora_init(
+      key, params, rank=4,  # kernels, not biases / norm scales / embeddings
+      fan_in_axes=metacf.adapters.flax_fan_in_axes)  # needed for attention
   apply_lora = metacf.adapters.with_lora(apply_fn, alpha=8.0)
   loss = lambda lp, x, y: jnp.mean((apply_lora(params, lp, x) - y) ** 2)
   grads = jax.grad(loss)(lora_params, x, y)
@@ -29,6 +37,7 @@ nnx model)::
 from metacf.adapters._freeze import count_params
 from metacf.adapters._freeze import freeze
 from metacf.adapters._freeze import trainable_labels
+from metacf.adapters._lora import flax_fan_in_axes
 from metacf.adapters._lora import lora_dense
 from metacf.adapters._lora import lora_init
 from metacf.adapters._lora import lora_merge
@@ -38,6 +47,7 @@ from metacf.adapters._prompts import soft_prompt_init
 
 __all__ = [
     'count_params',
+    'flax_fan_in_axes',
     'freeze',
     'lora_dense',
     'lora_init',

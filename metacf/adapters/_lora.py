@@ -17,13 +17,52 @@ update to the frozen weights and ``with_lora`` wraps an ``apply_fn`` so that
   lora_params = optax.apply_updates(lora_params, updates)
   served = metacf.adapters.lora_merge(params, lora_params, alpha=8.0)
 
-A kernel ``W`` of any rank is treated as the matrix ``[prod(W.shape[:-1]),
-W.shape[-1]]``: for a dense kernel ``[d_in, d_out]`` that is ``W`` itself, for
-a convolution kernel ``[kh, kw, c_in, c_out]`` it is the ``[kh * kw * c_in,
-c_out]`` matrix that the convolution multiplies image patches with, so the
-update is low-rank in the patch-to-channel map. :func:`lora_dense` is the
-unmerged form of a dense layer, ``x @ W + s * (x @ a) @ b``, which never
-materialises ``a @ b``.
+Layouts. LoRA is low rank in the *matrix* a kernel multiplies its input with,
+and which axes of a kernel are its input axes is not written in its shape. A
+target ``W`` with ``f`` leading input axes (``fan_in_axes``) is the matrix
+``[d_in, d_out] = [prod(W.shape[:f]), prod(W.shape[f:])]``; its adapter is
+``a: [d_in, r]``, ``b: [r, d_out]`` and its update ``(alpha / r) * (a @
+b).reshape(W.shape)``. By default ``f = 1`` for 2-D kernels ``[d_in, d_out]``
+(flax ``Dense``) and ``f = 3`` for 4-D convolution kernels ``[kh, kw, c_in,
+c_out]`` (HWIO: the update is low rank in the patch-to-channel map); any other
+rank raises rather than guess. flax's attention keeps 3-D ``DenseGeneral``
+kernels, ``query``/``key``/``value`` ``[d_model, heads, head_dim]`` (``f =
+1``) and ``out`` ``[heads, head_dim, d_model]`` (``f = 2``):
+:func:`flax_fan_in_axes` tells them apart by name::
+
+  variables = linen.MultiHeadDotProductAttention(num_heads=4,
+                                                 qkv_features=16).init(key, x)
+  lora_params = metacf.adapters.lora_init(
+      key, variables, rank=2, fan_in_axes=metacf.adapters.flax_fan_in_axes)
+  # query/kernel (d_model, 4, 4): a [d_model, 2], b [2, 16]
+  # out/kernel (4, 4, d_model):   a [16, 2],      b [2, d_model]
+  # query/bias (4, 4) etc.: None (biases, norm scales and embeddings are
+  # never default targets)
+
+equinox stores ``Linear.weight`` as ``[out, in]`` (and ``Conv2d.weight`` as
+``[c_out, c_in, kh, kw]``): the input axes come *last*, which no
+``fan_in_axes`` describes. Adapt the transposed weights, which are ``[in,
+out]`` (and ``[kw, kh, c_in, c_out]``)::
+
+  params, static = eqx.partition(model, eqx.is_inexact_array)
+  flip = lambda tree: jax.tree.map(jnp.transpose, tree)  # reverses the axes
+  lora_params = metacf.adapters.lora_init(key, flip(params), rank=4,
+                                          targets='weight$')
+
+  def apply_lora(params, lora_params, x):
+    merged = flip(metacf.adapters.lora_merge(flip(params), lora_params,
+                                             alpha=8.0))
+    return eqx.combine(merged, static)(x)  # W + (alpha / r) (a @ b).T
+
+so that ``x -> W x`` becomes ``x -> W x + (alpha / r) b.T (a.T x)``, the
+paper's ``W + B A`` with ``A = a.T`` (random) and ``B = b.T`` (zero at init).
+(``fan_in_axes=1`` on ``[out, in]`` would also give a rank-``r`` update, but
+with ``a`` on the output side: the random factor and the zero one swap roles,
+``a``'s scale uses ``d_out``, and :func:`lora_dense` would contract ``x``
+with the wrong axis.)
+
+:func:`lora_dense` is the unmerged form of a dense (or ``DenseGeneral``)
+layer, ``x @ W + s * (x @ a) @ b``, which never materialises ``a @ b``.
 """
 
 from collections.abc import Callable, Mapping
@@ -38,7 +77,16 @@ from metacf._src import checks
 from metacf._src import masks
 from metacf._src.types import ApplyFn, Params
 
-_DEFAULT_TARGETS = 'floating leaves with ndim >= 2'
+_DEFAULT_TARGETS = (
+    "floating leaves with ndim >= 2 not named 'bias', 'scale' or 'embedding'")
+_NOT_TARGETS = ('bias', 'scale', 'embedding')
+_FAN_IN_HINT = (
+    'the default covers 2-D [d_in, d_out] and 4-D conv [kh, kw, c_in, c_out] '
+    'kernels only; pass the number of leading input axes, or a callable '
+    '(path, leaf) -> int such as metacf.adapters.flax_fan_in_axes')
+
+# A static int, or a callable (path, leaf) -> int; None: the default layouts.
+FanInAxes = int | Callable[[str, Any], int] | None
 
 
 def _dtype(leaf: Any) -> np.dtype:
@@ -51,25 +99,136 @@ def _is_floating(leaf: Any) -> bool:
   return bool(jnp.issubdtype(_dtype(leaf), jnp.floating))
 
 
-def _default_target(path: str, leaf: Any) -> bool:
-  del path
-  return bool(np.ndim(leaf) >= 2 and _is_floating(leaf))
+def _leaf_name(key_path: tuple[Any, ...]) -> str:
+  """The parameter's name: the last key, skipping nnx's trailing ``.value``.
+
+  The leaves of an ``nnx.State`` sit at ``.../kernel`` + ``GetAttrKey('value')``
+  (the ``nnx.Variable``'s raw value), so their path ends in ``/value``.
+  """
+  keys = list(key_path)
+  last = keys[-1] if keys else None
+  if (len(keys) >= 2 and isinstance(last, jax.tree_util.GetAttrKey)
+      and last.name == 'value'):
+    keys = keys[:-1]
+  return masks.path_str(tuple(keys[-1:])) if keys else ''
 
 
-def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-  """``(d_in, d_out)`` of a kernel: all axes but the last, and the last."""
-  return math.prod(shape[:-1]), shape[-1]
+def _default_target(key_path: tuple[Any, ...], leaf: Any) -> bool:
+  return bool(np.ndim(leaf) >= 2 and _is_floating(leaf)
+              and _leaf_name(key_path) not in _NOT_TARGETS)
+
+
+def _check_fan_in_spec(fan_in_axes: Any, fn: str) -> None:
+  if fan_in_axes is None or callable(fan_in_axes):
+    return
+  if isinstance(fan_in_axes, bool) or not isinstance(
+      fan_in_axes, (int, np.integer)):
+    raise TypeError(
+        f'{fn}: fan_in_axes must be None, a Python int or a callable (path, '
+        f'leaf) -> int, got {type(fan_in_axes).__name__}.')
+
+
+def _fan_in(fan_in_axes: FanInAxes, path: str, leaf: Any, fn: str) -> int:
+  """``f``, the number of leading input axes of the target ``leaf``."""
+  shape = tuple(np.shape(leaf))
+  ndim = len(shape)
+  if fan_in_axes is None:
+    if ndim == 2:
+      return 1
+    if ndim == 4:
+      return 3
+    raise ValueError(
+        f'{fn}: fan_in_axes must be given for the target {path!r} of shape '
+        f'{shape} ({_FAN_IN_HINT}), got None.')
+  source = ''
+  f = fan_in_axes
+  if callable(fan_in_axes):
+    f = fan_in_axes(path, leaf)
+    source = ' (returned by the fan_in_axes callable)'
+    if isinstance(f, bool) or not isinstance(f, (int, np.integer)):
+      raise TypeError(
+          f'{fn}: fan_in_axes must return a Python int for each target, got '
+          f'{type(f).__name__} ({f!r}) for {path!r}.')
+  if not 1 <= f <= ndim - 1:
+    raise ValueError(
+        f'{fn}: fan_in_axes must be in 1..ndim-1 = 1..{ndim - 1} for the '
+        f'target {path!r} of shape {shape}, got {f}{source}.')
+  return int(f)
+
+
+def _matrix_shape(shape: tuple[int, ...], f: int) -> tuple[int, int]:
+  """``(d_in, d_out)``: the products of the first ``f`` axes and the rest."""
+  return math.prod(shape[:f]), math.prod(shape[f:])
+
+
+def flax_fan_in_axes(path: str, leaf: Any) -> int:
+  """``fan_in_axes`` for flax (linen and nnx) models, attention included.
+
+  Pass it as ``lora_init(..., fan_in_axes=flax_fan_in_axes)``. It returns:
+
+  * 1 for 2-D kernels ``[d_in, d_out]`` (``Dense``, ``nnx.Linear``);
+  * 3 for 4-D convolution kernels ``[kh, kw, c_in, c_out]`` (``Conv``);
+  * for the 3-D ``DenseGeneral`` / ``nnx.LinearGeneral`` kernels of
+    ``linen.MultiHeadDotProductAttention`` and ``nnx.MultiHeadAttention``,
+    told apart by the module's name (the path component before ``kernel``):
+    1 for ``query``, ``key`` and ``value``, whose kernels are ``[d_model,
+    heads, head_dim]`` and contract ``d_model``, and 2 for ``out``, whose
+    kernel is ``[heads, head_dim, d_model]`` and contracts ``heads,
+    head_dim``. (Source: ``flax/linen/attention.py``, ``DenseGeneral(axis=-1,
+    features=(num_heads, head_dim))`` for ``query``/``key``/``value`` and
+    ``DenseGeneral(axis=(-2, -1))`` for ``out``; ``flax/nnx/nn/attention.py``,
+    ``LinearGeneral`` with ``out_features=(num_heads, head_dim)`` and
+    ``in_features=(num_heads, head_dim)`` respectively.)
+
+  Paths are the ``/``-joined paths of :mod:`metacf.masks`: linen
+  ``'params/attn/query/kernel'``, nnx ``'attn/query/kernel/value'`` (a
+  trailing ``/value`` after ``kernel`` is skipped). Anything else (a 1-D
+  convolution's 3-D kernel, a ``DenseGeneral`` of another name, 5-D kernels)
+  raises: write a callable that knows the model, e.g. ``lambda path, leaf: 2
+  if path.endswith('proj/kernel') else flax_fan_in_axes(path, leaf)``.
+
+  Args:
+    path: The leaf's ``/``-joined path.
+    leaf: The leaf (only its ``ndim`` is read).
+
+  Returns:
+    The number of leading input axes of the kernel.
+
+  Raises:
+    ValueError: for a leaf this function cannot place (see above).
+  """
+  ndim = np.ndim(leaf)
+  if ndim == 2:
+    return 1
+  if ndim == 4:
+    return 3
+  parts = path.split('/')
+  if len(parts) >= 3 and parts[-1] == 'value' and parts[-2] == 'kernel':
+    parts = parts[:-1]                                   # nnx: .../kernel/value
+  module = parts[-2] if len(parts) >= 2 and parts[-1] == 'kernel' else None
+  if ndim == 3 and module in ('query', 'key', 'value'):
+    return 1
+  if ndim == 3 and module == 'out':
+    return 2
+  raise ValueError(
+      'flax_fan_in_axes: leaf must be a 2-D or 4-D kernel or the 3-D kernel '
+      'of an attention query, key, value or out projection (write a fan_in_axes '
+      f'callable for other layouts), got {path!r} of shape '
+      f'{tuple(np.shape(leaf))}.')
 
 
 def lora_init(key: jax.Array, params: Params, rank: int, *,
-              targets: masks.MaskSpec = None) -> Params:
+              targets: masks.MaskSpec = None,
+              fan_in_axes: FanInAxes = None) -> Params:
   r"""Initialises low-rank adapters ``(a, b)`` for the target leaves of ``params``.
 
-  Every target leaf ``W`` gets ``a`` of shape ``[d_in, rank]`` and ``b`` of
-  shape ``[rank, d_out]``, with ``d_out = W.shape[-1]`` and ``d_in =
-  prod(W.shape[:-1])`` (dense and convolution kernels alike), both of ``W``'s
-  dtype, so that the adapted weight is ``W + (alpha / rank) * (a @ b)``
-  reshaped to ``W.shape`` (:func:`lora_merge`).
+  Every target leaf ``W`` with ``f`` leading input axes (``fan_in_axes``)
+  gets ``a`` of shape ``[d_in, rank]`` and ``b`` of shape ``[rank, d_out]``,
+  with ``d_in = prod(W.shape[:f])`` and ``d_out = prod(W.shape[f:])``, both
+  of ``W``'s dtype, so that the adapted weight is ``W + (alpha / rank) * (a @
+  b).reshape(W.shape)`` (:func:`lora_merge`): a rank-``r`` update of the
+  matrix ``W.reshape(d_in, d_out)`` that maps the input axes to the output
+  axes.
 
   Initialisation. ``b = 0``, so the adapted model starts equal to the
   pretrained one (as in the paper). ``a`` is drawn from
@@ -81,6 +240,36 @@ def lora_init(key: jax.Array, params: Params, rank: int, *,
   order, so the same key gives the same adapters and target leaves of equal
   shape get different ``a``.
 
+  Example (flax linen attention; nnx is the same on ``nnx.split``'s state)::
+
+    model = linen.MultiHeadDotProductAttention(num_heads=4, qkv_features=16)
+    variables = model.init(key, x)                       # x [batch, len, 8]
+    lora_params = lora_init(key, variables, 2, fan_in_axes=flax_fan_in_axes)
+    lora_params['params']['query']['kernel']['a'].shape  # (8, 2)
+    lora_params['params']['query']['kernel']['b'].shape  # (2, 16)
+    lora_params['params']['out']['kernel']['a'].shape    # (16, 2)
+    lora_params['params']['query']['bias']               # None
+    apply_lora = with_lora(model.apply, alpha=4.0)       # (vars, lora, x)
+
+  equinox. ``eqx.nn.Linear.weight`` is ``[out, in]`` (``x -> W x``) and
+  ``Conv2d.weight`` ``[c_out, c_in, kh, kw]``: the input axes come last,
+  which no ``fan_in_axes`` describes. Reverse the axes (``[in, out]``, ``[kw,
+  kh, c_in, c_out]``), adapt, merge, and reverse back::
+
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    flip = lambda tree: jax.tree.map(jnp.transpose, tree)
+    lora_params = lora_init(key, flip(params), 4, targets='weight$')
+
+    def apply_lora(params, lora_params, x):
+      merged = flip(lora_merge(flip(params), lora_params, alpha=8.0))
+      return eqx.combine(merged, static)(x)
+
+  so that ``W x`` becomes ``W x + (alpha / r) b.T (a.T x)``: the paper's
+  ``W + B A`` with ``A = a.T`` random and ``B = b.T`` zero at init.
+  (``fan_in_axes=1`` on ``[out, in]`` would give a rank-``r`` update too, but
+  with ``a`` on the output side: the random and the zero factor swap roles
+  and ``a``'s scale uses ``d_out``.)
+
   Args:
     key: A PRNG key.
     params: A pytree of arrays (e.g. the ``nnx.State`` of ``nnx.split`` or a
@@ -88,20 +277,36 @@ def lora_init(key: jax.Array, params: Params, rank: int, *,
     rank: The adapter rank ``r``, a Python int with ``1 <= r <= min(d_in,
       d_out)`` for every target.
     targets: The leaves to adapt (:mod:`metacf.masks`): ``None`` (default:
-      floating leaves with ``ndim >= 2``, i.e. dense and conv kernels, not
-      biases or norm scales), a pytree of bools like ``params``, a callable
-      ``(path, leaf) -> bool``, or a regex searched in the ``/``-joined path
-      (e.g. ``'attention/(query|value)/kernel'``, the paper's choice of
-      :math:`W_q, W_v`). Targets must be floating with ``ndim >= 2``.
+      floating leaves with ``ndim >= 2`` whose name, the last path component,
+      is not ``bias``, ``scale`` or ``embedding``; a trailing nnx ``/value``
+      is skipped: dense, conv and attention kernels, not flax's 2-D
+      ``DenseGeneral`` biases nor embedding tables), a pytree of bools like
+      ``params``, a callable ``(path, leaf) -> bool``, or a regex searched in
+      the ``/``-joined path (e.g. ``'(query|value)/kernel'``, the paper's
+      choice of :math:`W_q, W_v`). Targets must be floating with ``ndim >=
+      2``.
+    fan_in_axes: How many leading axes of a target are its input axes: a
+      Python int for every target, or a callable ``(path, leaf) -> int``
+      called once per target (e.g. :func:`flax_fan_in_axes`); ``1 <= f <=
+      ndim - 1``. ``None`` (default): 1 for 2-D targets (``[d_in, d_out]``),
+      3 for 4-D ones (conv HWIO, ``[kh, kw, c_in, c_out]``); a target of any
+      other rank then raises, as its layout cannot be told from its shape
+      (flax's attention kernels are 3-D with ``f = 1`` for ``query`` and
+      ``f = 2`` for ``out``). equinox's ``[out, in]`` weights have their
+      input axes last: adapt them transposed (below).
 
   Returns:
     A pytree with ``params``' structure where each target leaf is replaced by
     ``{'a': a, 'b': b}`` and every other leaf by ``None``.
 
   Raises:
-    TypeError: if ``rank`` is not a Python int, or a target is not floating.
+    TypeError: if ``rank`` is not a Python int, a target is not floating,
+      ``fan_in_axes`` is not None, an int or a callable, or the callable
+      returns something other than an int.
     ValueError: if ``rank < 1`` or ``rank > min(d_in, d_out)`` for a target,
-      ``targets`` selects no leaf, or a target has ``ndim < 2``.
+      ``targets`` selects no leaf, a target has ``ndim < 2``,
+      ``fan_in_axes`` is None for a target that is neither 2-D nor 4-D, or
+      ``fan_in_axes`` is outside ``1..ndim-1`` for a target.
 
   References:
     Hu et al, `LoRA: Low-Rank Adaptation of Large Language Models
@@ -109,10 +314,12 @@ def lora_init(key: jax.Array, params: Params, rank: int, *,
   """
   fn = 'lora_init'
   rank = checks.check_int(rank, 'rank', fn, min_value=1)
-  mask = masks.resolve_mask(targets, params, name='targets', fn=fn,
-                            default=_default_target)
+  _check_fan_in_spec(fan_in_axes, fn)
   flat, treedef = jax.tree.flatten_with_path(params)
-  chosen = jax.tree.leaves(mask)
+  if targets is None:
+    chosen = [_default_target(kp, leaf) for kp, leaf in flat]
+  else:
+    chosen = masks.mask_leaves(targets, params, name='targets', fn=fn)
   paths = [masks.path_str(kp) for kp, _ in flat]
   leaves = [leaf for _, leaf in flat]
   if not any(chosen):
@@ -123,10 +330,12 @@ def lora_init(key: jax.Array, params: Params, rank: int, *,
     raise ValueError(
         f'{fn}: {what} matched no leaf; paths are like {shown or "(none)"}.')
 
+  layouts = []
   for path, leaf, is_target in zip(paths, leaves, chosen):
     if not is_target:
+      layouts.append(None)
       continue
-    shape = np.shape(leaf)
+    shape = tuple(np.shape(leaf))
     if len(shape) < 2:
       raise ValueError(
           f'{fn}: targets must select leaves with ndim >= 2, got shape '
@@ -135,20 +344,21 @@ def lora_init(key: jax.Array, params: Params, rank: int, *,
       raise TypeError(
           f'{fn}: targets must select floating leaves, got dtype '
           f'{_dtype(leaf)} at {path!r}.')
-    d_in, d_out = _matrix_shape(shape)
+    d_in, d_out = _matrix_shape(shape, _fan_in(fan_in_axes, path, leaf, fn))
     if rank > min(d_in, d_out):
       raise ValueError(
           f'{fn}: rank must be <= min(d_in, d_out) = {min(d_in, d_out)} for '
           f'the target {path!r} of shape {shape} (d_in = {d_in}, d_out = '
           f'{d_out}), got {rank}.')
+    layouts.append((d_in, d_out))
 
   keys = iter(jax.random.split(key, sum(chosen)))
   out = []
-  for leaf, is_target in zip(leaves, chosen):
-    if not is_target:
+  for leaf, layout in zip(leaves, layouts):
+    if layout is None:
       out.append(None)
       continue
-    d_in, d_out = _matrix_shape(np.shape(leaf))
+    d_in, d_out = layout
     dtype = _dtype(leaf)
     bound = 1.0 / math.sqrt(d_in)
     a = jax.random.uniform(next(keys), (d_in, rank), dtype, -bound, bound)
@@ -188,14 +398,15 @@ def _merge_leaf(w: Any, adapter: Any, alpha: Any, path: str, fn: str) -> Any:
   a, b = adapter['a'], adapter['b']
   _check_factor(a, 'a', fn)
   _check_factor(b, 'b', fn)
-  shape = np.shape(w)
-  d_in, d_out = _matrix_shape(shape) if len(shape) >= 1 else (None, None)
-  rank = np.shape(a)[1]
-  if np.shape(a) != (d_in, rank) or np.shape(b) != (rank, d_out):
+  shape = tuple(np.shape(w))
+  size = math.prod(shape)
+  (d_in, rank), (rank_b, d_out) = np.shape(a), np.shape(b)
+  # The layout (fan_in_axes) is a's and b's: (a @ b) only has to fill W.
+  if rank != rank_b or d_in * d_out != size:
     raise ValueError(
-        f'{fn}: lora_params must hold a of shape (d_in, rank) = ({d_in}, r) '
-        f'and b of shape (r, d_out) = (r, {d_out}) for the leaf {path!r} of '
-        f'shape {shape}, got a {np.shape(a)} and b {np.shape(b)}.')
+        f'{fn}: lora_params must hold a [d_in, r] and b [r, d_out] with '
+        f'd_in * d_out = {size}, the size of the leaf {path!r} of shape '
+        f'{shape}, got a {np.shape(a)} and b {np.shape(b)}.')
   w = jnp.asarray(w)
   delta = jnp.matmul(a, b)
   scale = _scale(alpha, rank, delta.dtype, fn)
@@ -212,6 +423,12 @@ def lora_merge(params: Params, lora_params: Params, *,
   b).reshape(W.shape)`` in ``W``'s dtype; leaves whose adapter is ``None``
   are returned as they are (the same objects). With ``b = 0`` (a fresh
   :func:`lora_init`) the result equals ``params``.
+
+  The layout (which axes of ``W`` are its input axes, ``fan_in_axes`` of
+  :func:`lora_init`) is carried by the shapes of ``a`` ``[prod(W.shape[:f]),
+  r]`` and ``b`` ``[r, prod(W.shape[f:])]``, so no layout argument is needed
+  here: ``a @ b`` is reshaped, row-major, to ``W.shape``, and only ``a.shape[0]
+  * b.shape[1] == W.size`` is checked.
 
   The paper scales the update by :math:`\alpha / r` with :math:`\alpha` fixed
   to the first rank tried, so that changing ``r`` needs no retuning of the
@@ -230,7 +447,8 @@ def lora_merge(params: Params, lora_params: Params, *,
   Raises:
     ValueError: if ``lora_params`` does not have ``params``' structure, holds
       something other than ``{'a', 'b'}`` or ``None`` in place of a leaf, or
-      ``a``/``b`` have the wrong shapes; or if ``alpha`` is not a scalar.
+      ``a``/``b`` are not 2-D, disagree on ``r``, or ``a.shape[0] *
+      b.shape[1] != W.size``; or if ``alpha`` is not a scalar.
 
   References:
     Hu et al, `LoRA: Low-Rank Adaptation of Large Language Models
@@ -298,7 +516,8 @@ def with_lora(apply_fn: ApplyFn, *,
 
 def lora_dense(x: jax.typing.ArrayLike, w: jax.typing.ArrayLike,
                a: jax.typing.ArrayLike, b: jax.typing.ArrayLike, *,
-               alpha: float | jax.typing.ArrayLike | None = None) -> jax.Array:
+               alpha: float | jax.typing.ArrayLike | None = None,
+               fan_in_axes: int | None = None) -> jax.Array:
   """A dense layer with an unmerged adapter: ``x @ w + (alpha/r) (x @ a) @ b``.
 
   Equals ``x @ lora_merge(w, {'a': a, 'b': b}, alpha=alpha)`` up to rounding,
@@ -306,32 +525,62 @@ def lora_dense(x: jax.typing.ArrayLike, w: jax.typing.ArrayLike,
   merge per call: cheaper when the batch is small next to ``d_in * d_out / (d_in
   + d_out)``, or when one frozen ``w`` serves several adapters.
 
+  The layout is :func:`lora_init`'s: ``w``'s first ``f = fan_in_axes`` axes
+  are its input axes, ``x`` ends with them and is contracted over them, as
+  flax's ``DenseGeneral`` does: ``x [..., *w.shape[:f]] -> [...,
+  *w.shape[f:]]``, with ``a [prod(w.shape[:f]), r]`` and ``b [r,
+  prod(w.shape[f:])]``. For a 2-D ``w`` this is ``x @ w``.
+
   Args:
-    x: Inputs, shape ``[..., d_in]``.
-    w: The (frozen) kernel, shape ``[d_in, d_out]``.
-    a: Shape ``[d_in, r]``.
-    b: Shape ``[r, d_out]``.
+    x: Inputs, shape ``[..., *w.shape[:f]]`` (``[..., d_in]`` for 2-D ``w``).
+    w: The (frozen) kernel, shape ``[d_in, d_out]``, or ``ndim > 2`` with
+      ``fan_in_axes`` (e.g. an attention ``query`` kernel ``[d_model, heads,
+      head_dim]`` with ``f = 1``, ``out`` ``[heads, head_dim, d_model]`` with
+      ``f = 2``).
+    a: Shape ``[d_in, r]``, ``d_in = prod(w.shape[:f])``.
+    b: Shape ``[r, d_out]``, ``d_out = prod(w.shape[f:])``.
     alpha: The LoRA scaling numerator; ``None`` means ``alpha = r``.
+    fan_in_axes: ``f``, a Python int in ``1..w.ndim-1``. ``None`` (default)
+      means 1 for a 2-D ``w`` and raises for any other rank (this is a dense
+      contraction, not a convolution: no default for 4-D).
 
   Returns:
-    Outputs of shape ``[..., d_out]``.
+    Outputs of shape ``[..., *w.shape[f:]]`` (``[..., d_out]`` for 2-D ``w``).
 
   Raises:
-    ValueError: on shapes that do not fit together.
+    TypeError: if ``fan_in_axes`` is neither None nor a Python int.
+    ValueError: on shapes that do not fit together, or a ``fan_in_axes``
+      that is missing (``w`` not 2-D) or outside ``1..w.ndim-1``.
 
   References:
     Hu et al, `LoRA: Low-Rank Adaptation of Large Language Models
     <https://arxiv.org/abs/2106.09685>`_, 2021
   """
   fn = 'lora_dense'
-  if np.ndim(w) != 2:
+  shape = tuple(np.shape(w))
+  if len(shape) < 2:
     raise ValueError(
-        f'{fn}: w must have shape [d_in, d_out], got {np.shape(w)}.')
-  d_in, d_out = np.shape(w)
-  if np.ndim(x) < 1 or np.shape(x)[-1] != d_in:
+        f'{fn}: w must have shape [d_in, d_out] (or ndim > 2 with '
+        f'fan_in_axes), got {shape}.')
+  f = checks.check_int(fan_in_axes, 'fan_in_axes', fn, optional=True)
+  if f is None:
+    if len(shape) != 2:
+      raise ValueError(
+          f'{fn}: fan_in_axes must be given for w of shape {shape} (the '
+          f'default covers 2-D [d_in, d_out] kernels only), got None.')
+    f = 1
+  if not 1 <= f <= len(shape) - 1:
     raise ValueError(
-        f'{fn}: x must have shape [..., d_in] with d_in = {d_in}, got '
-        f'{np.shape(x)}.')
+        f'{fn}: fan_in_axes must be in 1..ndim-1 = 1..{len(shape) - 1} for w '
+        f'of shape {shape}, got {f}.')
+  in_shape = shape[:f]
+  d_in, d_out = _matrix_shape(shape, f)
+  if np.ndim(x) < f or tuple(np.shape(x)[np.ndim(x) - f:]) != in_shape:
+    expected = (f'[..., d_in] with d_in = {d_in}' if f == 1 else
+                f'[..., {", ".join(map(str, in_shape))}] (the first '
+                f'fan_in_axes = {f} axes of w)')
+    raise ValueError(
+        f'{fn}: x must have shape {expected}, got {np.shape(x)}.')
   if np.ndim(a) != 2 or np.shape(a)[0] != d_in:
     raise ValueError(
         f'{fn}: a must have shape [d_in, r] with d_in = {d_in}, got '
@@ -342,8 +591,13 @@ def lora_dense(x: jax.typing.ArrayLike, w: jax.typing.ArrayLike,
         f'{fn}: b must have shape [r, d_out] = {(rank, d_out)}, got '
         f'{np.shape(b)}.')
   x, w, a, b = (jnp.asarray(v) for v in (x, w, a, b))
+  batch = x.shape[:x.ndim - f]
+  if len(shape) != 2:                # DenseGeneral: contract the matrix view
+    x = x.reshape(*batch, d_in)
+    w = w.reshape(d_in, d_out)
   low_rank = jnp.matmul(jnp.matmul(x, a), b)
   scale = _scale(alpha, rank, low_rank.dtype, fn)
   if scale is not None:
     low_rank = scale * low_rank
-  return jnp.matmul(x, w) + low_rank
+  y = jnp.matmul(x, w) + low_rank
+  return y if len(shape) == 2 else y.reshape(*batch, *shape[f:])
