@@ -1,6 +1,7 @@
 """Tests for metacf.maml: closed forms, hand-unrolled references, finite differences."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 from jax.test_util import check_grads
 import numpy as np
 import optax
+import pytest
 
 from metacf import maml
 
@@ -113,7 +115,7 @@ class InnerAdaptTest(chex.TestCase):
     params = _mlp_init(jax.random.key(0))
     task = jax.tree.map(lambda a: a[0], _tasks(jax.random.key(1)))
     got = self.variant(lambda p, x, y: maml.inner_adapt(
-        _mse, p, x, y, inner_lr=0.01, num_steps=3))(params, task.support_x,
+        _mse, p, x, y, inner_lr=0.01, num_inner_steps=3))(params, task.support_x,
                                                     task.support_y)
     want = params
     for _ in range(3):
@@ -127,7 +129,7 @@ class InnerAdaptTest(chex.TestCase):
     mask = [{'w': False, 'b': False}, {'w': False, 'b': True},
             {'w': True, 'b': True}]
     out = jax.jit(lambda p: maml.inner_adapt(
-        _mse, p, task.support_x, task.support_y, inner_lr=0.1, num_steps=2,
+        _mse, p, task.support_x, task.support_y, inner_lr=0.1, num_inner_steps=2,
         adapt_mask=mask))(params)
     for m_layer, p_layer, o_layer in zip(mask, params, out):
       for name in ('w', 'b'):
@@ -140,10 +142,10 @@ class InnerAdaptTest(chex.TestCase):
     params = _mlp_init(jax.random.key(0))
     task = jax.tree.map(lambda a: a[0], _tasks(jax.random.key(1)))
     out = maml.inner_adapt(_mse, params, task.support_x, task.support_y,
-                           inner_lr=0.1, num_steps=0)
+                           inner_lr=0.1, num_inner_steps=0)
     _tree_allclose(out, params, rtol=0, atol=0)
     out = maml.inner_adapt(_mse, params, task.support_x, task.support_y,
-                           inner_lr=0.0, num_steps=3)
+                           inner_lr=0.0, num_inner_steps=3)
     _tree_allclose(out, params, rtol=0, atol=0)
 
   def test_optax_sgd_inner_optimizer_equals_inner_lr(self):
@@ -161,8 +163,8 @@ class InnerAdaptTest(chex.TestCase):
     params = _mlp_init(jax.random.key(0))
     x, y = jnp.zeros((5, 1)), jnp.zeros((5, 1))
     with self.assertRaisesRegex(ValueError,
-                                'inner_adapt: num_steps must be >= 0, got -1'):
-      maml.inner_adapt(_mse, params, x, y, inner_lr=0.1, num_steps=-1)
+                                'inner_adapt: num_inner_steps must be >= 0, got -1'):
+      maml.inner_adapt(_mse, params, x, y, inner_lr=0.1, num_inner_steps=-1)
     with self.assertRaisesRegex(
         ValueError, 'inner_adapt: inner_lr must have the same pytree '
         'structure as params'):
@@ -178,6 +180,45 @@ class InnerAdaptTest(chex.TestCase):
                                 'or match the shape'):
       maml.inner_adapt(_mse, params, x, y, inner_lr=jax.tree.map(
           lambda p: jnp.ones(3), params))
+
+  def test_num_steps_is_a_deprecated_alias(self):
+    params = _mlp_init(jax.random.key(0))
+    task = jax.tree.map(lambda a: a[0], _tasks(jax.random.key(1)))
+    args = (_mse, params, task.support_x, task.support_y)
+    want = maml.inner_adapt(*args, inner_lr=0.1, num_inner_steps=2)
+    deprecation = re.escape(
+        'inner_adapt: num_steps is deprecated and will be removed in the '
+        'next release; use num_inner_steps (as in maml_loss).')
+    with pytest.warns(DeprecationWarning, match=deprecation):
+      got = maml.inner_adapt(*args, inner_lr=0.1, num_steps=2)
+    _tree_allclose(got, want, rtol=0, atol=0)
+    # Under jit too (the warning is emitted at trace time).
+    with pytest.warns(DeprecationWarning, match=deprecation):
+      got = jax.jit(lambda p: maml.inner_adapt(
+          _mse, p, task.support_x, task.support_y, inner_lr=0.1,
+          num_steps=2))(params)
+    _tree_allclose(got, want, rtol=1e-6, atol=1e-7)
+    with pytest.warns(DeprecationWarning, match=deprecation):
+      with self.assertRaisesRegex(ValueError, re.escape(
+          'inner_adapt: num_steps must be >= 0, got -1.')):
+        maml.inner_adapt(*args, inner_lr=0.1, num_steps=-1)
+    with pytest.warns(DeprecationWarning, match=deprecation):
+      with self.assertRaisesRegex(TypeError, re.escape(
+          'inner_adapt: num_steps is a deprecated alias of num_inner_steps '
+          'and must not be given with it, got num_steps=2 and '
+          'num_inner_steps=3.')):
+        maml.inner_adapt(*args, inner_lr=0.1, num_steps=2, num_inner_steps=3)
+
+  def test_num_inner_steps_matches_maml_loss(self):
+    params = _mlp_init(jax.random.key(0))
+    tasks = _tasks(jax.random.key(1))
+    task = jax.tree.map(lambda a: a[0], tasks)
+    adapted = maml.inner_adapt(_mse, params, task.support_x, task.support_y,
+                               inner_lr=0.05, num_inner_steps=3)
+    want = _mse(adapted, task.query_x, task.query_y)
+    got = maml.maml_loss(_mse, params, jax.tree.map(lambda a: a[:1], tasks),
+                         inner_lr=0.05, num_inner_steps=3)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 class MamlLossTest(chex.TestCase):
@@ -324,6 +365,36 @@ class MamlLossTest(chex.TestCase):
     with self.assertRaisesRegex(TypeError, 'maml_loss: tasks must be a '
                                 r'metacf.maml.Task'):
       maml.maml_loss(_mse, params, tuple(tasks), inner_lr=0.1)
+
+  @parameterized.named_parameters(
+      ('support_x_1d', 'support_x', (4,), ''),
+      ('support_y_scalar', 'support_y', (), ''),
+      ('query_x_dict_leaf', 'query_x', (4,), "['a']"),
+      ('query_y_1d', 'query_y', (4,), ''))
+  def test_task_leaf_with_fewer_than_two_axes_raises(self, field, shape,
+                                                      path):
+    params = _mlp_init(jax.random.key(0))
+    tasks = _tasks(jax.random.key(1))
+    leaf = jnp.zeros(shape)
+    bad = tasks._replace(**{field: {'a': leaf} if path else leaf})
+    message = (f'maml_loss: tasks.{field}{path} must have at least 2 axes, '
+               f'[num_tasks, num_examples, ...], got shape {shape}.')
+    with self.assertRaisesRegex(ValueError, re.escape(message)):
+      maml.maml_loss(_mse, params, bad, inner_lr=0.1)
+    step = maml.make_meta_train_step(_mse, optax.sgd(0.1), inner_lr=0.1)
+    with self.assertRaisesRegex(ValueError, re.escape(
+        message.replace('maml_loss', 'make_meta_train_step'))):
+      step(params, optax.sgd(0.1).init(params), bad)
+
+  def test_task_field_leaves_must_share_the_task_axis(self):
+    params = _mlp_init(jax.random.key(0))
+    tasks = _tasks(jax.random.key(1))
+    bad = tasks._replace(support_x={'a': tasks.support_x,
+                                    'b': tasks.support_x[:2]})
+    with self.assertRaisesRegex(ValueError, re.escape(
+        'maml_loss: tasks.support_x must have a leading task axis shared by '
+        'all its leaves, got shapes')):
+      maml.maml_loss(_mse, params, bad, inner_lr=0.1)
 
 
 class MetaTrainStepTest(chex.TestCase):

@@ -108,7 +108,7 @@ class HasAuxTest(chex.TestCase):
     @jax.jit
     def adapted_aux(task):
       adapted = maml.inner_adapt(_mse, params, task.support_x, task.support_y,
-                                 inner_lr=0.1, num_steps=2)
+                                 inner_lr=0.1, num_inner_steps=2)
       return _mse_aux(adapted, task.query_x, task.query_y)[1]
 
     for t in range(4):
@@ -131,9 +131,9 @@ class HasAuxTest(chex.TestCase):
     params, tasks = _init(jax.random.key(0)), _tasks(jax.random.key(1))
     task = _task(tasks, 0)
     got = maml.inner_adapt(_mse_aux, params, task.support_x, task.support_y,
-                           inner_lr=0.1, num_steps=3, has_aux=True)
+                           inner_lr=0.1, num_inner_steps=3, has_aux=True)
     want = maml.inner_adapt(_mse, params, task.support_x, task.support_y,
-                            inner_lr=0.1, num_steps=3)
+                            inner_lr=0.1, num_inner_steps=3)
     chex.assert_trees_all_equal(got, want)
 
   @parameterized.named_parameters(('whole', None), ('chunked', 2))
@@ -222,7 +222,7 @@ class KeyTest(chex.TestCase):
     params, tasks = _init(jax.random.key(0)), _tasks(jax.random.key(1))
     task, key = _task(tasks, 0), jax.random.key(5)
     got = maml.inner_adapt(_noisy_mse, params, task.support_x, task.support_y,
-                           inner_lr=0.1, num_steps=3, key=key)
+                           inner_lr=0.1, num_inner_steps=3, key=key)
     p = params
     for s in range(3):
       g = jax.grad(_noisy_mse)(p, task.support_x, task.support_y,
@@ -235,7 +235,7 @@ class KeyTest(chex.TestCase):
     task, key = _task(tasks, 1), jax.random.key(5)
     run = lambda n, remat: maml.inner_adapt(
         _noisy_mse, params, task.support_x, task.support_y, inner_lr=0.05,
-        num_steps=n, key=key, remat=remat)
+        num_inner_steps=n, key=key, remat=remat)
     # 20 steps run as lax.scan (> 16), remat always scans, 3 steps unroll.
     _tree_allclose(run(20, False), run(20, True), rtol=1e-5, atol=1e-6)
     _tree_allclose(run(3, False), run(3, True), rtol=1e-5, atol=1e-6)
@@ -340,7 +340,7 @@ class InnerOptimizerPytreeTest(chex.TestCase):
 
     opt = optax.GradientTransformation(lambda p: optax.EmptyState(), update)
     maml.inner_adapt(_mse, params, tasks.support_x[0], tasks.support_y[0],
-                     inner_optimizer=opt, num_steps=1, adapt_mask='head')
+                     inner_optimizer=opt, num_inner_steps=1, adapt_mask='head')
     want = jax.tree.structure(params)
     self.assertEqual(seen, [(want, want)])
 
@@ -349,7 +349,7 @@ class InnerOptimizerPytreeTest(chex.TestCase):
     params['body']['b'] = params['body']['b'] + 0.5
     adapted = maml.inner_adapt(
         _mse, params, tasks.support_x[0], tasks.support_y[0],
-        inner_optimizer=optax.adamw(0.01, weight_decay=0.5), num_steps=3,
+        inner_optimizer=optax.adamw(0.01, weight_decay=0.5), num_inner_steps=3,
         adapt_mask='head')
     chex.assert_trees_all_equal(adapted['body'], params['body'])
     self.assertFalse(np.allclose(adapted['head']['w'], params['head']['w']))

@@ -361,7 +361,7 @@ def _evaluation_fn(setting: Setting, config: Config):
     def per_task(task):
       def body(p, _):
         p = maml.inner_adapt(loss_fn, p, task.support_x, task.support_y,
-                             inner_lr=setting.inner_lr, num_steps=1,
+                             inner_lr=setting.inner_lr, num_inner_steps=1,
                              has_aux=True)
         return p, score(p, task.query_x, task.query_y)
 

@@ -322,7 +322,7 @@ def _adaptation_curve_fn(num_steps: int):
     def per_task(task):
       def body(p, _):
         p = maml.inner_adapt(mse_loss, p, task.support_x, task.support_y,
-                             inner_lr=lr, num_steps=1)
+                             inner_lr=lr, num_inner_steps=1)
         return p, mse_loss(p, task.query_x, task.query_y)
 
       _, after = jax.lax.scan(body, params, None, length=num_steps)
@@ -366,7 +366,7 @@ def _fit_fn(num_steps: int):
   def fit(params, support_x, support_y, x, lr):
     def body(p, _):
       p = maml.inner_adapt(mse_loss, p, support_x, support_y, inner_lr=lr,
-                           num_steps=1)
+                           num_inner_steps=1)
       return p, apply_mlp(p, x)[:, 0]
 
     _, after = jax.lax.scan(body, params, None, length=num_steps)

@@ -1,20 +1,88 @@
-"""Eager, trace-time argument checks with uniform error messages.
+"""Argument checks with uniform error messages, eager and (opt-in) under jit.
 
-Every check looks only at static information (shapes, dtypes, Python numbers)
-and is skipped for traced values, so it never forces a host sync and never
-branches on data inside ``jit``. Messages follow
-``<function>: <arg> must <expectation>, got <actual>.``
+Static checks (shapes, dtypes, Python numbers) run at trace time and never
+branch on data. Value checks (signs, label ranges, finiteness) raise
+``ValueError`` eagerly on concrete values; on traced values they emit a
+``checkify.debug_check`` when runtime checks are on (:mod:`metacf.checks`,
+which documents the eager/jit difference), and nothing when they are off.
+Messages follow ``<function>: <arg> must <expectation>, got <actual>.``
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+import os
+from types import ModuleType
 from typing import Any
 
 import jax
+from jax.experimental import checkify
+import jax.numpy as jnp
 import numpy as np
+
+ENV_VAR = 'METACF_RUNTIME_CHECKS'
+_TRUE = ('1', 'true', 'yes', 'on')
+_FALSE = ('', '0', 'false', 'no', 'off')
+
+
+def _env_default() -> bool:
+  value = os.environ.get(ENV_VAR, '').strip().lower()
+  if value in _TRUE:
+    return True
+  if value in _FALSE:
+    return False
+  raise ValueError(
+      f'metacf: the environment variable {ENV_VAR} must be one of '
+      f'{", ".join(repr(v) for v in _TRUE + _FALSE[1:])} or unset, got '
+      f'{os.environ[ENV_VAR]!r}.')
+
+
+# Part of jax's trace context and jit cache key (jax.make_user_context): a
+# jitted function traced with checks off is traced again when they are on.
+RUNTIME_CHECKS = jax.make_user_context(default_value=_env_default())
+
+
+def runtime_checks_enabled() -> bool:
+  """Whether value checks on traced values emit ``checkify`` checks now."""
+  return bool(RUNTIME_CHECKS.value)
 
 
 def is_traced(x: Any) -> bool:
   return isinstance(x, jax.core.Tracer)
+
+
+def any_traced(*xs: Any) -> bool:
+  return any(is_traced(leaf) for leaf in jax.tree.leaves(xs))
+
+
+def value_check(inputs: Sequence[Any],
+                predicate: Callable[..., Any],
+                message: str,
+                details: Callable[..., dict[str, Any]] | None = None) -> None:
+  """Checks a value condition: eagerly, or under ``checkify`` when traced.
+
+  Args:
+    inputs: The arrays the condition reads.
+    predicate: ``predicate(xp, *inputs) -> bool`` scalar, written with ``xp``
+      (``numpy`` for concrete inputs, ``jax.numpy`` for traced ones); NaN
+      must make it False where NaN is invalid.
+    message: The error message, a ``str.format`` template whose fields are
+      filled from ``details``.
+    details: ``details(xp, *inputs) -> {field: scalar}`` for the message
+      (computed only when needed: on failure eagerly, inside the check when
+      traced).
+
+  Raises:
+    ValueError: if every input is concrete and the predicate is False.
+  """
+  if any_traced(*inputs):
+    if runtime_checks_enabled():
+      xs = [jnp.asarray(x) for x in inputs]
+      fields = {} if details is None else details(jnp, *xs)
+      checkify.debug_check(predicate(jnp, *xs), message, **fields)
+    return
+  xs = [np.asarray(x) for x in inputs]
+  if not bool(predicate(np, *xs)):
+    fields = {} if details is None else details(np, *xs)
+    raise ValueError(message.format(**fields))
 
 
 def static_value(x: Any) -> float | None:
@@ -30,15 +98,143 @@ def static_value(x: Any) -> float | None:
   return float(arr)
 
 
-def check_positive(value: Any, name: str, fn: str) -> None:
-  """Raises ValueError if a concrete scalar ``value`` is not > 0 (or NaN)."""
+def _check_real(value: Any, name: str, fn: str) -> None:
   if is_traced(value):
-    return
-  arr = np.asarray(value)
-  if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
+    dtype = value.dtype
+  else:
+    dtype = np.asarray(value).dtype
+  if dtype == object or not np.issubdtype(dtype, np.number):
     raise TypeError(f'{fn}: {name} must be a real number, got {value!r}.')
-  if arr.size and not np.all(arr > 0):
-    raise ValueError(f'{fn}: {name} must be > 0, got {value!r}.')
+
+
+def _got(value: Any) -> str:
+  """The ``got ...`` part for a scalar (its repr) or an array (a template)."""
+  if np.ndim(value) == 0 and not is_traced(value):
+    return f'{value!r}'.replace('{', '{{').replace('}', '}}')
+  if np.ndim(value) == 0:
+    return '{value}'
+  return 'a minimum of {value}'
+
+
+def _min(xp: ModuleType, x: Any) -> dict[str, Any]:
+  # NaN propagates through xp.min: the message then says 'nan'.
+  return {'value': xp.min(x)}
+
+
+def check_positive(value: Any, name: str, fn: str) -> None:
+  """``value > 0`` everywhere (NaN fails); ``TypeError`` if not a number."""
+  _check_real(value, name, fn)
+  if np.size(value) == 0:
+    return
+  value_check([value], lambda xp, v: xp.all(v > 0),
+              f'{fn}: {name} must be > 0, got {_got(value)}.', _min)
+
+
+def check_nonnegative(value: Any, name: str, fn: str, *,
+                      where: Any = None) -> None:
+  """``value >= 0`` everywhere (NaN fails: NaN is not non-negative).
+
+  Args:
+    value: A number or an array.
+    name: Its name, for the message.
+    fn: The calling function's name, for the message.
+    where: Optional boolean mask of ``value``'s leading shape: entries of
+      rows where it is False are not checked.
+
+  Raises:
+    TypeError: if ``value`` is not a real number or array.
+    ValueError: ``'<fn>: <name> must be >= 0, got <value>.'`` for a scalar,
+      ``'... got a minimum of <min>.'`` for an array (``nan`` when a NaN is
+      there).
+  """
+  _check_real(value, name, fn)
+  if np.size(value) == 0:
+    return
+  if where is None:
+    value_check([value], lambda xp, v: xp.all(v >= 0),
+                f'{fn}: {name} must be >= 0, got {_got(value)}.', _min)
+    return
+  extra = np.ndim(value) - np.ndim(where)
+
+  def rows(xp, w):
+    return xp.reshape(xp.asarray(w, bool), np.shape(w) + (1,) * extra)
+
+  def keep(xp, v, w):
+    return ~rows(xp, w) | (v >= 0)
+
+  def details(xp, v, w):
+    return {'value': xp.min(xp.where(rows(xp, w), v, xp.inf))}
+
+  value_check([value, where], lambda xp, v, w: xp.all(keep(xp, v, w)),
+              f'{fn}: {name} must be >= 0, got a minimum of {{value}}.',
+              details)
+
+
+def check_finite(value: Any, name: str, fn: str) -> None:
+  """No infinity or NaN in ``value``."""
+  if np.size(value) == 0:
+    return
+  if np.ndim(value) == 0:
+    message = f'{fn}: {name} must be finite, got {_got(value)}.'
+    details = lambda xp, v: {'value': v}
+  else:
+    message = (f'{fn}: {name} must be finite, got {{count}} non-finite '
+               'entries.')
+    details = lambda xp, v: {'count': xp.sum(~xp.isfinite(v))}
+  value_check([value], lambda xp, v: xp.all(xp.isfinite(v)), message,
+              details)
+
+
+def check_labels(labels: Any, num_classes: int, name: str, fn: str) -> None:
+  """Integer labels in ``[0, num_classes)`` (the dtype is checked apart).
+
+  Raises:
+    ValueError: ``'<fn>: <name> must be in [0, <num_classes>), got values
+      in [<min>, <max>].'``
+  """
+  if np.size(labels) == 0:
+    return
+  value_check(
+      [labels], lambda xp, y: xp.all((y >= 0) & (y < num_classes)),
+      f'{fn}: {name} must be in [0, {num_classes}), got values in '
+      '[{low}, {high}].',
+      lambda xp, y: {'low': xp.min(y), 'high': xp.max(y)})
+
+
+def leading_size(tree: Any, name: str, fn: str, *, axis: str = 'example',
+                 min_size: int = 0) -> int:
+  """The leading size shared by every leaf of ``tree`` (static shapes only).
+
+  Args:
+    tree: An array or a pytree of arrays.
+    name: Its name, for the message.
+    fn: The calling function's name, for the message.
+    axis: What the leading axis holds, for the message (``'example'``,
+      ``'batch'``, ``'task'``).
+    min_size: The smallest accepted leading size.
+
+  Returns:
+    The shared leading size.
+
+  Raises:
+    ValueError: ``'<fn>: <name> must have a leading <axis> axis shared by
+      all its leaves, got shapes [...].'`` (also for a tree with no leaf or
+      a scalar leaf), or ``'<fn>: <name> must have >= <min_size> <axis>s on
+      its leading axis, got <n>.'``
+  """
+  leaves = jax.tree.leaves(tree)
+  shapes = [tuple(np.shape(leaf)) for leaf in leaves]
+  sizes = {s[0] if s else None for s in shapes}
+  if not leaves or None in sizes or len(sizes) != 1:
+    raise ValueError(
+        f'{fn}: {name} must have a leading {axis} axis shared by all its '
+        f'leaves, got shapes {shapes}.')
+  n = sizes.pop()
+  if n < min_size:
+    raise ValueError(
+        f'{fn}: {name} must have >= {min_size} {axis}s on its leading axis, '
+        f'got {n}.')
+  return n
 
 
 def check_int(value: Any, name: str, fn: str, *,

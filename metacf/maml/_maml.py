@@ -48,6 +48,7 @@ ordinary parameters and are adapted like any other.
 from collections.abc import Callable
 import functools
 from typing import Any, NamedTuple
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,10 @@ _MAX_UNROLLED_STEPS = 16
 
 class Task(NamedTuple):
   """One few-shot task, or a batch of them with a leading task axis.
+
+  :func:`maml_loss` and :func:`make_meta_train_step` take a batch: every
+  leaf is ``[num_tasks, num_examples, ...]`` (at least 2 axes; a leaf with
+  fewer raises ``ValueError`` naming its field).
 
   Attributes:
     support_x: Inputs the inner loop adapts on, ``[num_support, ...]``.
@@ -171,13 +176,14 @@ def _step_key(key: jax.Array | None, step: Any) -> jax.Array | None:
 
 
 def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
-                inner_lr: Any = None, num_steps: int = 1,
+                inner_lr: Any = None, num_inner_steps: int = 1,
                 first_order: bool = False, adapt_mask: Any = None,
                 remat: bool = False,
                 inner_optimizer: optax.GradientTransformation | None = None,
                 has_aux: bool = False,
-                key: jax.Array | None = None) -> Params:
-  r"""Adapts ``params`` to one task by ``num_steps`` of gradient descent.
+                key: jax.Array | None = None,
+                num_steps: int | None = None) -> Params:
+  r"""Adapts ``params`` to one task by ``num_inner_steps`` of gradient descent.
 
   Each step is :math:`\theta \leftarrow \theta - \alpha \nabla_\theta
   L(\theta; x, y)`, differentiable through every step (so ``jax.grad`` of a
@@ -195,7 +201,8 @@ def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
       ``params`` of scalars or per-parameter arrays (Meta-SGD, Li et al. 2017;
       differentiable, so it can be meta-learned). Required unless
       ``inner_optimizer`` is given.
-    num_steps: Number of inner steps (static, >= 0).
+    num_inner_steps: Number of inner steps (static, >= 0), as in
+      :func:`maml_loss`.
     first_order: If True, ``stop_gradient`` the inner gradients (FOMAML).
     adapt_mask: Which leaves are adapted (:mod:`metacf.masks`): a pytree
       of Python bools like ``params``, a callable ``(path, leaf) -> bool``, or
@@ -204,7 +211,8 @@ def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
       no gradient is computed for them. A callable or regex that matches no
       leaf raises.
     remat: If True, each inner step is rematerialised (``jax.checkpoint``) in
-      the backward pass, so memory does not grow with ``num_steps``. Without
+      the backward pass, so memory does not grow with ``num_inner_steps``.
+      Without
       it, loops of up to 16 steps are unrolled (fastest) and longer ones run
       as a ``lax.scan``.
     inner_optimizer: Optional optax transformation unrolled differentiably in
@@ -219,16 +227,19 @@ def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
     key: Optional PRNG key for a stochastic ``loss_fn`` (dropout,
       augmentation). Step ``s`` (0-based) calls ``loss_fn(params, x, y,
       jax.random.fold_in(key, s))``. Same key, same result.
+    num_steps: Deprecated alias of ``num_inner_steps`` (emits a
+      ``DeprecationWarning``; removed in the next release).
 
   Returns:
     The adapted parameters, same structure as ``params``.
 
   Raises:
-    ValueError: if ``num_steps < 0``, ``inner_lr``/``adapt_mask`` do not match
-      the structure of ``params``, ``adapt_mask`` matches no leaf, or not
-      exactly one of ``inner_lr`` and ``inner_optimizer`` is given.
-    TypeError: if ``key`` is not a PRNG key, or ``loss_fn``'s output does not
-      match ``has_aux``.
+    ValueError: if ``num_inner_steps < 0``, ``inner_lr``/``adapt_mask`` do
+      not match the structure of ``params``, ``adapt_mask`` matches no leaf,
+      or not exactly one of ``inner_lr`` and ``inner_optimizer`` is given.
+    TypeError: if ``key`` is not a PRNG key, ``loss_fn``'s output does not
+      match ``has_aux``, or both ``num_steps`` and a ``num_inner_steps``
+      other than 1 are given.
 
   References:
     Finn et al., `Model-Agnostic Meta-Learning for Fast Adaptation of Deep
@@ -238,14 +249,26 @@ def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
     <https://arxiv.org/abs/1909.09157>`_, 2020
   """
   fn = 'inner_adapt'
-  num_steps = checks.check_int(num_steps, 'num_steps', fn, min_value=0)
+  name = 'num_inner_steps'
+  if num_steps is not None:
+    warnings.warn(
+        f'{fn}: num_steps is deprecated and will be removed in the next '
+        'release; use num_inner_steps (as in maml_loss).', DeprecationWarning,
+        stacklevel=2)
+    if not (isinstance(num_inner_steps, int) and num_inner_steps == 1):
+      raise TypeError(
+          f'{fn}: num_steps is a deprecated alias of num_inner_steps and '
+          f'must not be given with it, got num_steps={num_steps!r} and '
+          f'num_inner_steps={num_inner_steps!r}.')
+    num_inner_steps, name = num_steps, 'num_steps'
+  num_inner_steps = checks.check_int(num_inner_steps, name, fn, min_value=0)
   _check_optimizer_choice(inner_lr, inner_optimizer, fn)
   _check_inner_lr(inner_lr, params, fn)
   _check_key(key, fn)
   mask = _mask_leaves(adapt_mask, params, fn)
   return _inner_adapt(
       _loss_value(loss_fn, has_aux, fn), params, x, y, mask, inner_lr=inner_lr,
-      num_steps=num_steps, first_order=first_order, remat=remat,
+      num_steps=num_inner_steps, first_order=first_order, remat=remat,
       inner_optimizer=inner_optimizer, key=key)
 
 
@@ -333,7 +356,11 @@ def _inner_adapt(value: Callable[..., Any], params: Params, x: Any, y: Any,
 
 
 def check_tasks(tasks: Task, fn: str, *, batched: bool = True) -> int:
-  """Checks that every field of ``tasks`` shares its leading (task) size."""
+  """Checks a batch of tasks: leaves ``[num_tasks, num_examples, ...]``.
+
+  Every leaf has at least 2 axes and every field shares the leading (task)
+  size. Returns it.
+  """
   if not isinstance(tasks, Task):
     raise TypeError(
         f'{fn}: tasks must be a metacf.maml.Task(support_x, support_y, '
@@ -342,16 +369,16 @@ def check_tasks(tasks: Task, fn: str, *, batched: bool = True) -> int:
     return 1
   sizes = {}
   for field in Task._fields:
-    for leaf in jax.tree.leaves(getattr(tasks, field)):
-      if np.ndim(leaf) == 0:
+    value = getattr(tasks, field)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(value):
+      if np.ndim(leaf) < 2:
         raise ValueError(
-            f'{fn}: tasks.{field} must have a leading task axis, got a '
-            f'scalar.')
-      sizes.setdefault(field, np.shape(leaf)[0])
-      if np.shape(leaf)[0] != sizes[field]:
-        raise ValueError(
-            f'{fn}: tasks.{field} leaves must share the leading task axis, '
-            f'got sizes {sizes[field]} and {np.shape(leaf)[0]}.')
+            f'{fn}: tasks.{field}{jax.tree_util.keystr(path)} must have at '
+            'least 2 axes, [num_tasks, num_examples, ...], got shape '
+            f'{np.shape(leaf)}.')
+    if jax.tree.leaves(value):
+      sizes[field] = checks.leading_size(value, f'tasks.{field}', fn,
+                                         axis='task')
   if len(set(sizes.values())) > 1:
     raise ValueError(
         f'{fn}: tasks fields must have the same leading (task) size, got '
