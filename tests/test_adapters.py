@@ -11,6 +11,7 @@ import re
 
 from absl.testing import parameterized
 import chex
+import equinox as eqx
 from flax import linen
 from flax import nnx
 import jax
@@ -47,8 +48,11 @@ def _with_random_b(lora_params, seed=10):
       return None
     b = _normal(seed, adapter['b'].shape)
     return {'a': adapter['a'], 'b': jnp.asarray(b)}
-  return jax.tree.map(fill, lora_params,
-                      is_leaf=lambda x: x is None or 'a' in x)
+  return jax.tree.map(fill, lora_params, is_leaf=_is_adapter)
+
+
+def _is_adapter(x):
+  return x is None or (isinstance(x, dict) and set(x) == {'a', 'b'})
 
 
 def _merge_reference(w, a, b, alpha):
@@ -417,6 +421,472 @@ class LoraDenseTest(chex.TestCase):
     with self.assertRaisesRegex(ValueError, re.escape(
         'lora_dense: b must have shape [r, d_out] = (3, 5), got (2, 5).')):
       adapters.lora_dense(x, w, a, b[:2])
+
+
+# ---------------------------------------------------------------------------
+# Layouts: fan_in_axes, default targets, flax attention, equinox
+
+
+def _old_lora_init(key, params, rank):
+  """The algorithm before fan_in_axes (kept here as the regression oracle).
+
+  Targets were every floating leaf with ndim >= 2, and a kernel of any rank
+  was the matrix [prod(shape[:-1]), shape[-1]].
+  """
+  flat, treedef = jax.tree.flatten(params)
+  chosen = [np.ndim(w) >= 2 and jnp.issubdtype(np.asarray(w).dtype,
+                                               jnp.floating) for w in flat]
+  keys = iter(jax.random.split(key, sum(chosen)))
+  out = []
+  for w, is_target in zip(flat, chosen):
+    if not is_target:
+      out.append(None)
+      continue
+    d_in, d_out = int(np.prod(np.shape(w)[:-1])), np.shape(w)[-1]
+    bound = 1.0 / np.sqrt(d_in)
+    out.append({
+        'a': jax.random.uniform(next(keys), (d_in, rank), np.asarray(w).dtype,
+                                -bound, bound),
+        'b': jnp.zeros((rank, d_out), np.asarray(w).dtype)})
+  return jax.tree.unflatten(treedef, out)
+
+
+def _old_lora_merge(params, lora_params, alpha):
+  """The previous merge, written out: W + (alpha / r) (a @ b).reshape."""
+  def merge(w, adapter):
+    if adapter is None:
+      return w
+    a, b = adapter['a'], adapter['b']
+    delta = (alpha / a.shape[1]) * jnp.matmul(a, b)
+    return jnp.asarray(w) + delta.reshape(np.shape(w)).astype(w.dtype)
+  flat, treedef = jax.tree.flatten(params)
+  return jax.tree.unflatten(treedef, [
+      merge(w, adapter)
+      for w, adapter in zip(flat, treedef.flatten_up_to(lora_params))])
+
+
+def _matrix_rank(delta, f):
+  """Rank of the update in the layout's matrix view [prod(:f), prod(f:)]."""
+  delta = np.asarray(delta, np.float64)
+  return np.linalg.matrix_rank(
+      delta.reshape(int(np.prod(delta.shape[:f])), -1), tol=1e-4)
+
+
+class LoraLayoutTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_2d_and_4d_unchanged_from_previous_algorithm(self):
+    params = _params()                    # dense 2-D, conv 4-D, 1-D, int
+    new = self.variant(functools.partial(adapters.lora_init, rank=2))(
+        jax.random.key(5), params)
+    old = _old_lora_init(jax.random.key(5), params, 2)
+    chex.assert_trees_all_equal(new, old)        # bitwise, None off-target
+    lora = _with_random_b(new)
+    merged = self.variant(functools.partial(adapters.lora_merge, alpha=6.0))(
+        params, lora)
+    old_merge = self.variant(functools.partial(_old_lora_merge, alpha=6.0))
+    chex.assert_trees_all_equal(merged, old_merge(params, lora))
+    # Explicit fan_in_axes equal to the defaults gives the same adapters.
+    explicit = adapters.lora_init(
+        jax.random.key(5), params, 2,
+        fan_in_axes=lambda path, leaf: np.ndim(leaf) - 1)
+    chex.assert_trees_all_equal(explicit, old)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+      ('f1', 1, (6, 2), (2, 10)),
+      ('f2', 2, (12, 2), (2, 5)),
+  )
+  def test_int_fan_in_axes_shapes_and_merge(self, f, a_shape, b_shape):
+    params = {'w': _normal(0, (6, 2, 5))}
+    init = self.variant(functools.partial(adapters.lora_init, rank=2,
+                                          fan_in_axes=f))
+    lora = init(jax.random.key(0), params)
+    chex.assert_shape(lora['w']['a'], a_shape)
+    chex.assert_shape(lora['w']['b'], b_shape)
+    a = np.asarray(lora['w']['a'], np.float64)
+    bound = 1.0 / np.sqrt(a_shape[0])                 # 1/sqrt(d_in), new d_in
+    self.assertLessEqual(np.max(np.abs(a)), bound)
+    lora = _with_random_b(lora)
+    merged = self.variant(functools.partial(adapters.lora_merge, alpha=3.0))(
+        params, lora)
+    want = _merge_reference(params['w'], lora['w']['a'], lora['w']['b'], 3.0)
+    np.testing.assert_allclose(np.asarray(merged['w'], np.float64), want,
+                               rtol=_RTOL32, atol=1e-6)
+    delta = np.asarray(merged['w'], np.float64) - params['w']
+    self.assertEqual(_matrix_rank(delta, f), 2)
+
+  def test_callable_fan_in_axes_gets_path_and_leaf_of_targets_only(self):
+    params = {'q': np.zeros([6, 2, 3], np.float32),
+              'o': np.zeros([2, 3, 6], np.float32),
+              'bias': np.zeros([2, 3], np.float32)}
+    seen = []
+
+    def fan_in(path, leaf):
+      seen.append((path, np.shape(leaf)))
+      return 2 if path == 'o' else 1
+
+    lora = adapters.lora_init(jax.random.key(0), params, 2, fan_in_axes=fan_in)
+    self.assertEqual(sorted(seen), [('o', (2, 3, 6)), ('q', (6, 2, 3))])
+    chex.assert_shape(lora['q']['a'], (6, 2))
+    chex.assert_shape(lora['q']['b'], (2, 6))
+    chex.assert_shape(lora['o']['a'], (6, 2))
+    chex.assert_shape(lora['o']['b'], (2, 6))
+    self.assertIsNone(lora['bias'])
+
+  def test_default_targets_skip_bias_scale_embedding(self):
+    params = {'bias': np.zeros([4, 4], np.float32),       # DenseGeneral bias
+              'scale': np.zeros([4, 4], np.float32),
+              'embedding': np.zeros([10, 4], np.float32),  # linen Embed
+              'kernel': np.zeros([4, 4], np.float32),
+              'block': {'bias': np.zeros([3, 2], np.float32),
+                        'w': np.zeros([3, 2], np.float32)}}
+    lora = adapters.lora_init(jax.random.key(0), params, 1)
+    for name in ('bias', 'scale', 'embedding'):
+      self.assertIsNone(lora[name])
+    self.assertIsNone(lora['block']['bias'])
+    self.assertIsNotNone(lora['kernel'])
+    self.assertIsNotNone(lora['block']['w'])
+    # Explicit targets may still pick a 2-D bias.
+    explicit = adapters.lora_init(jax.random.key(0), params, 1,
+                                  targets='^bias$')
+    chex.assert_shape(explicit['bias']['a'], (4, 1))
+
+  def test_default_targets_on_flax_embed_and_norm(self):
+    # nnx leaves sit at '.../embedding/value': the trailing value is skipped.
+    class Net(nnx.Module):
+
+      def __init__(self, rngs):
+        self.embed = nnx.Embed(10, 4, rngs=rngs)
+        self.norm = nnx.LayerNorm(4, rngs=rngs)
+        self.dense = nnx.Linear(4, 3, rngs=rngs)
+
+    _, state = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+    lora = adapters.lora_init(jax.random.key(0), state, 2)
+    got = dict(zip(masks.leaf_paths(state),
+                   jax.tree.structure(state).flatten_up_to(lora)))
+    self.assertEqual(sorted(p for p, v in got.items() if v is not None),
+                     ['dense/kernel/value'])
+
+  def test_bad_fan_in_axes(self):
+    params = {'q': np.zeros([8, 4, 4], np.float32),
+              'w': np.zeros([8, 4], np.float32)}
+    key = jax.random.key(0)
+    with self.assertRaisesRegex(ValueError, re.escape(
+        "lora_init: fan_in_axes must be given for the target 'q' of shape "
+        '(8, 4, 4) (the default covers 2-D [d_in, d_out] and 4-D conv [kh, '
+        'kw, c_in, c_out] kernels only; pass the number of leading input '
+        'axes, or a callable (path, leaf) -> int such as '
+        'metacf.adapters.flax_fan_in_axes), got None.')):
+      adapters.lora_init(key, params, 2)
+    with self.assertRaisesRegex(ValueError, re.escape(
+        "lora_init: fan_in_axes must be given for the target 'v' of shape "
+        '(2, 3, 4, 5, 6)')):
+      adapters.lora_init(key, {'v': np.zeros([2, 3, 4, 5, 6], np.float32)}, 1)
+    for f in (0, 3, -1):
+      with self.assertRaisesRegex(ValueError, re.escape(
+          "lora_init: fan_in_axes must be in 1..ndim-1 = 1..2 for the target "
+          f"'q' of shape (8, 4, 4), got {f}.")):
+        adapters.lora_init(key, params, 2, targets='q', fan_in_axes=f)
+    # An int applies to every target: 2 is out of range for the 2-D 'w'.
+    with self.assertRaisesRegex(ValueError, re.escape(
+        "lora_init: fan_in_axes must be in 1..ndim-1 = 1..1 for the target "
+        "'w' of shape (8, 4), got 2.")):
+      adapters.lora_init(key, params, 2, fan_in_axes=2)
+    with self.assertRaisesRegex(ValueError, re.escape(
+        "lora_init: fan_in_axes must be in 1..ndim-1 = 1..2 for the target "
+        "'q' of shape (8, 4, 4), got 3 (returned by the fan_in_axes "
+        'callable).')):
+      adapters.lora_init(key, params, 2, fan_in_axes=lambda p, l: l.ndim)
+    with self.assertRaisesRegex(TypeError, re.escape(
+        'lora_init: fan_in_axes must return a Python int for each target, got '
+        "float (1.0) for 'q'.")):
+      adapters.lora_init(key, params, 2, fan_in_axes=lambda p, l: 1.0)
+    with self.assertRaisesRegex(TypeError, re.escape(
+        'lora_init: fan_in_axes must be None, a Python int or a callable '
+        '(path, leaf) -> int, got str.')):
+      adapters.lora_init(key, params, 2, fan_in_axes='1')
+    with self.assertRaisesRegex(TypeError, re.escape(
+        'lora_init: fan_in_axes must be None, a Python int or a callable '
+        '(path, leaf) -> int, got bool.')):
+      adapters.lora_init(key, params, 2, fan_in_axes=True)
+    # The rank bound uses the layout's matrix: q with f = 2 is [32, 4].
+    with self.assertRaisesRegex(ValueError, re.escape(
+        "lora_init: rank must be <= min(d_in, d_out) = 4 for the target 'q' "
+        'of shape (8, 4, 4) (d_in = 32, d_out = 4), got 5.')):
+      adapters.lora_init(key, params, 5, targets='q', fan_in_axes=2)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(('f1', 1, (2, 5, 6)), ('f2', 2, (2, 5, 6, 4)))
+  def test_lora_dense_general_matches_float64(self, f, x_shape):
+    w = _normal(0, (6, 4, 3))
+    d_in = int(np.prod(w.shape[:f]))
+    a, b = _normal(1, (d_in, 2)), _normal(2, (2, w.size // d_in))
+    x = _normal(3, x_shape)
+    dense = self.variant(functools.partial(adapters.lora_dense, alpha=4.0,
+                                           fan_in_axes=f))
+    with jax.default_matmul_precision('highest'):
+      got = dense(x, w, a, b)
+      merged = adapters.lora_merge({'w': w}, {'w': {'a': a, 'b': b}},
+                                   alpha=4.0)['w']
+      via_merge = jnp.tensordot(x, merged, axes=f)
+    chex.assert_shape(got, (2, 5) + w.shape[f:])
+    x64, w64, a64, b64 = (v.astype(np.float64) for v in (x, w, a, b))
+    w_eff = w64 + 2.0 * (a64 @ b64).reshape(w.shape)
+    want = np.tensordot(x64, w_eff, axes=f)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, via_merge, rtol=1e-4, atol=1e-5)
+
+  def test_lora_dense_2d_is_bitwise_the_previous_formula(self):
+    w, a, b = _normal(0, (6, 5)), _normal(1, (6, 3)), _normal(2, (3, 5))
+    x = _normal(3, (2, 4, 6))
+    for fn in (adapters.lora_dense, jax.jit(adapters.lora_dense)):
+      got = fn(x, w, a, b)
+      want = jnp.matmul(x, w) + jnp.matmul(jnp.matmul(x, a), b)
+      np.testing.assert_array_equal(got, want)
+
+
+def _softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+def _attention_reference(x, p, lora, scale):
+  """float64 multi-head self-attention with W + scale (a @ b).reshape(W).
+
+  ``p[name] = (kernel, bias)`` and ``lora[name] = (a, b)`` for name in query,
+  key, value, out; einsums written out, independent of flax and metacf.
+  """
+  x = np.asarray(x, np.float64)
+  w = {}
+  for name, (kernel, _) in p.items():
+    a, b = (np.asarray(v, np.float64) for v in lora[name])
+    kernel = np.asarray(kernel, np.float64)
+    w[name] = kernel + scale * np.einsum('ir,rj->ij', a, b).reshape(
+        kernel.shape)
+  bias = {name: np.asarray(v[1], np.float64) for name, v in p.items()}
+  q = np.einsum('btd,dhk->bthk', x, w['query']) + bias['query']
+  k = np.einsum('btd,dhk->bthk', x, w['key']) + bias['key']
+  v = np.einsum('btd,dhk->bthk', x, w['value']) + bias['value']
+  logits = np.einsum('bqhk,bshk->bhqs', q, k) / np.sqrt(q.shape[-1])
+  o = np.einsum('bhqs,bshk->bqhk', _softmax(logits), v)
+  return np.einsum('bqhk,hkd->bqd', o, w['out']) + bias['out']
+
+
+_PROJ = ('query', 'key', 'value', 'out')
+
+
+class FlaxAttentionTest(chex.TestCase):
+  """LoRA on flax's own attention with ``fan_in_axes=flax_fan_in_axes``."""
+
+  def _linen(self):
+    model = linen.MultiHeadDotProductAttention(num_heads=4, qkv_features=16)
+    x = _normal(0, (2, 3, 8))
+    variables = model.init(jax.random.key(0), x)
+    prefix = 'params/'
+    return variables, model.apply, x, prefix, ''
+
+  def _nnx(self, float64=False):
+    kwargs = {}
+    if float64:
+      # nnx's default attention calls jax.nn.dot_product_attention, whose
+      # softmax runs in float32 even for float64 inputs: check_grads needs
+      # linen's float64-exact attention weights + einsum.
+      def attention_fn(query, key, value, **unused_kwargs):
+        weights = linen.dot_product_attention_weights(query, key)
+        return jnp.einsum('...hqk,...khd->...qhd', weights, value)
+      kwargs['attention_fn'] = attention_fn
+    model = nnx.MultiHeadAttention(num_heads=4, in_features=8,
+                                   qkv_features=16, out_features=6,
+                                   decode=False, rngs=nnx.Rngs(0), **kwargs)
+    graphdef, state = nnx.split(model, nnx.Param)
+    x = _normal(0, (2, 3, 8))
+    return state, lambda p, x: nnx.merge(graphdef, p)(x), x, '', '/value'
+
+  def _flat(self, params, lora):
+    return dict(zip(masks.leaf_paths(params),
+                    jax.tree.structure(params).flatten_up_to(lora)))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(('linen', '_linen', 8), ('nnx', '_nnx', 6))
+  def test_shapes_biases_and_ranks(self, build, d_out):
+    params, _, _, prefix, suffix = getattr(self, build)()
+    init = self.variant(functools.partial(
+        adapters.lora_init, rank=2, fan_in_axes=adapters.flax_fan_in_axes))
+    lora = init(jax.random.key(1), params)
+    flat = self._flat(params, lora)
+    for name in ('query', 'key', 'value'):
+      adapter = flat[f'{prefix}{name}/kernel{suffix}']
+      chex.assert_shape(adapter['a'], (8, 2))           # d_model
+      chex.assert_shape(adapter['b'], (2, 16))          # heads * head_dim
+    adapter = flat[f'{prefix}out/kernel{suffix}']
+    chex.assert_shape(adapter['a'], (16, 2))
+    chex.assert_shape(adapter['b'], (2, d_out))
+    for name in _PROJ:                                  # biases untouched
+      self.assertIsNone(flat[f'{prefix}{name}/bias{suffix}'])
+    # Same key, same adapters.
+    chex.assert_trees_all_equal(lora, init(jax.random.key(1), params))
+    # The merged update has rank <= r in the layout's matrix view.
+    merged = adapters.lora_merge(params, _with_random_b(lora), alpha=4.0)
+    flat_p = dict(zip(masks.leaf_paths(params), jax.tree.leaves(params)))
+    flat_m = dict(zip(masks.leaf_paths(params), jax.tree.leaves(merged)))
+    for name, f in (('query', 1), ('key', 1), ('value', 1), ('out', 2)):
+      path = f'{prefix}{name}/kernel{suffix}'
+      delta = (np.asarray(flat_m[path], np.float64)
+               - np.asarray(flat_p[path], np.float64))
+      self.assertEqual(_matrix_rank(delta, f), 2, path)
+    for name in _PROJ:
+      path = f'{prefix}{name}/bias{suffix}'
+      self.assertIs(flat_m[path], flat_p[path])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(('linen', '_linen'), ('nnx', '_nnx'))
+  def test_output_matches_float64_einsum_reference(self, build):
+    params, apply_fn, x, prefix, suffix = getattr(self, build)()
+    lora = _with_random_b(adapters.lora_init(
+        jax.random.key(1), params, 2, fan_in_axes=adapters.flax_fan_in_axes))
+    fn = self.variant(adapters.with_lora(apply_fn, alpha=3.0))
+    with jax.default_matmul_precision('highest'):
+      got = fn(params, lora, x)
+    flat_p = dict(zip(masks.leaf_paths(params), jax.tree.leaves(params)))
+    flat_l = self._flat(params, lora)
+    p = {n: (flat_p[f'{prefix}{n}/kernel{suffix}'],
+             flat_p[f'{prefix}{n}/bias{suffix}']) for n in _PROJ}
+    ab = {n: (flat_l[f'{prefix}{n}/kernel{suffix}']['a'],
+              flat_l[f'{prefix}{n}/kernel{suffix}']['b']) for n in _PROJ}
+    want = _attention_reference(x, p, ab, 3.0 / 2)
+    self.assertEqual(got.dtype, jnp.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # The update is not a no-op: without it the output differs.
+    self.assertFalse(np.allclose(apply_fn(params, x), want, atol=1e-3))
+
+  @parameterized.named_parameters(('linen', '_linen'), ('nnx', '_nnx'))
+  def test_check_grads_float64(self, build):
+    with jax.enable_x64(True):
+      params, apply_fn, x, _, _ = (self._nnx(float64=True) if build == '_nnx'
+                                   else self._linen())
+      lora = _with_random_b(adapters.lora_init(
+          jax.random.key(1), params, 2,
+          fan_in_axes=adapters.flax_fan_in_axes))
+      params, lora, x = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64),
+                                     (params, lora, x))
+      fn = adapters.with_lora(apply_fn, alpha=3.0)
+      t = jnp.asarray(_normal(5, (2, 3, 6 if build == '_nnx' else 8)),
+                      jnp.float64)
+      check_grads(jax.jit(lambda lp: jnp.sum((fn(params, lp, x) - t) ** 2)),
+                  (lora,), order=1, modes=('rev',))
+
+  def test_without_fan_in_axes_raises_naming_it(self):
+    params, *_ = self._linen()
+    with self.assertRaisesRegex(ValueError, re.escape(
+        "lora_init: fan_in_axes must be given for the target "
+        "'params/key/kernel' of shape (8, 4, 4)")):
+      adapters.lora_init(jax.random.key(0), params, 2)
+
+  def test_flax_fan_in_axes(self):
+    cases = [('params/attn/query/kernel', (8, 4, 4), 1),
+             ('attn/key/kernel/value', (8, 4, 4), 1),
+             ('value/kernel/value', (8, 4, 4), 1),
+             ('params/out/kernel', (4, 4, 8), 2),
+             ('out/kernel/value', (4, 4, 8), 2),
+             ('params/Dense_0/kernel', (8, 3), 1),
+             ('params/Conv_0/kernel', (3, 3, 2, 6), 3)]
+    for path, shape, want in cases:
+      self.assertEqual(
+          adapters.flax_fan_in_axes(path, np.zeros(shape)), want, path)
+    for path, shape in (('params/Conv_0/kernel', (3, 2, 6)),
+                        ('params/proj/kernel', (8, 4, 4)),
+                        ('params/query/bias', (4, 4, 1)),
+                        ('params/x/kernel', (2, 2, 2, 2, 2))):
+      with self.assertRaisesRegex(ValueError, re.escape(
+          'flax_fan_in_axes: leaf must be a 2-D or 4-D kernel or the 3-D '
+          'kernel of an attention query, key, value or out projection (write '
+          f'a fan_in_axes callable for other layouts), got {path!r} of shape '
+          f'{shape}.')):
+        adapters.flax_fan_in_axes(path, np.zeros(shape))
+
+
+class EquinoxRecipeTest(chex.TestCase):
+  """The documented recipe for equinox's [out, in] weights: adapt W.T."""
+
+  @staticmethod
+  def _flip(tree):
+    return jax.tree.map(jnp.transpose, tree)
+
+  def _lora_apply(self, static, alpha):
+    def apply_lora(params, lora_params, x):
+      merged = self._flip(adapters.lora_merge(self._flip(params), lora_params,
+                                              alpha=alpha))
+      return eqx.combine(merged, static)(x)
+    return apply_lora
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_linear_is_w_plus_b_t_a_t(self):
+    model = eqx.nn.Linear(5, 3, key=jax.random.key(0))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    lora = adapters.lora_init(jax.random.key(1), self._flip(params), 2,
+                              targets='weight$')
+    self.assertIsNone(lora.bias)
+    chex.assert_shape(lora.weight['a'], (5, 2))          # [in, r], random
+    chex.assert_shape(lora.weight['b'], (2, 3))          # [r, out], zero
+    lora = _with_random_b(lora)
+    apply_lora = self._lora_apply(static, 4.0)
+    x = _normal(2, (4, 5))
+    with jax.default_matmul_precision('highest'):
+      got = self.variant(lambda p, lp, x: jax.vmap(
+          lambda xi: apply_lora(p, lp, xi))(x))(params, lora, x)
+    w, c, a, b = (np.asarray(v, np.float64) for v in (
+        model.weight, model.bias, lora.weight['a'], lora.weight['b']))
+    # x -> W x + s b.T (a.T x): rows x @ (W.T + s a b).
+    want = x.astype(np.float64) @ (w.T + 2.0 * a @ b) + c
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    merged = self._flip(adapters.lora_merge(self._flip(params), lora,
+                                            alpha=4.0))
+    delta = np.asarray(merged.weight, np.float64) - w     # [out, in]
+    chex.assert_shape(delta, (3, 5))
+    self.assertEqual(np.linalg.matrix_rank(delta, tol=1e-4), 2)
+    # Its row space (what it reads of x) is a's columns: input side.
+    proj = a @ np.linalg.pinv(a)
+    np.testing.assert_allclose(delta @ proj, delta, atol=1e-5)
+
+  def test_linear_check_grads_float64(self):
+    with jax.enable_x64(True):
+      model = eqx.nn.Linear(5, 3, key=jax.random.key(0), dtype=jnp.float64)
+      params, static = eqx.partition(model, eqx.is_inexact_array)
+      lora = _with_random_b(adapters.lora_init(
+          jax.random.key(1), self._flip(params), 2, targets='weight$'))
+      lora = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), lora)
+      x = jnp.asarray(_normal(2, (4, 5)), jnp.float64)
+      apply_lora = self._lora_apply(static, 4.0)
+      loss = lambda lp: jnp.sum(
+          jax.vmap(lambda xi: apply_lora(params, lp, xi))(x) ** 2)
+      check_grads(jax.jit(loss), (lora,), order=1, modes=('rev',))
+
+  def test_conv2d(self):
+    model = eqx.nn.Conv2d(2, 6, 3, padding=1, key=jax.random.key(0))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    lora = _with_random_b(adapters.lora_init(
+        jax.random.key(1), self._flip(params), 2, targets='weight$'))
+    chex.assert_shape(lora.weight['a'], (18, 2))         # kw * kh * c_in
+    chex.assert_shape(lora.weight['b'], (2, 6))
+    x = _normal(2, (2, 5, 5))                            # [c_in, H, W]
+    with jax.default_matmul_precision('highest'):
+      got = self._lora_apply(static, 2.0)(params, lora, x)
+      # Reference: the OIHW kernel W + (a @ b) reshaped [kw, kh, c_in, c_out]
+      # and transposed back, in a plain convolution.
+      a, b = (np.asarray(v, np.float64) for v in (lora.weight['a'],
+                                                    lora.weight['b']))
+      w_ref = (np.asarray(model.weight, np.float64)
+               + (a @ b).reshape(3, 3, 2, 6).transpose(3, 2, 1, 0))
+      want = jax.lax.conv_general_dilated(
+          jnp.asarray(x[None]), jnp.asarray(w_ref, jnp.float32), (1, 1),
+          'SAME', dimension_numbers=('NCHW', 'OIHW', 'NCHW'))[0]
+      want = want + model.bias
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    delta = (np.asarray(w_ref) - np.asarray(model.weight, np.float64))
+    # Rank 2 as the patch-to-channel map [c_out, c_in * kh * kw].
+    self.assertEqual(np.linalg.matrix_rank(delta.reshape(6, -1), tol=1e-4), 2)
 
 
 class FlaxModelTest(chex.TestCase):
