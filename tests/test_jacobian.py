@@ -402,8 +402,8 @@ class JacobianSvdTest(chex.TestCase):
       jac.jacobian_svd(_mlp_apply, params, x, 3, method='subspace_iteration',
                        key=key, block_size=2)
     with self.assertRaisesRegex(ValueError, 'jacobian_svd: key must be a '
-                                "jax.random key when method is .* "
-                                "'subspace_iteration'"):
+                                "jax.random key when method is "
+                                "'subspace_iteration', got None"):
       jac.jacobian_svd(_mlp_apply, params, x, 2, method='subspace_iteration')
     with self.assertRaisesRegex(TypeError, 'jacobian_svd: mesh must be a '
                                 'jax.sharding.Mesh or None, got str'):
@@ -417,13 +417,17 @@ class JacobianSvdTest(chex.TestCase):
                                   r"over which the examples are sharded\), "
                                   r"got axes \('a', 'b'\)"):
         fn()
-    # 'auto' on a large Jacobian resolves to 'randomized' and needs a key; the
-    # check runs at trace time, before any Jacobian product.
+    # 'auto' never needs a key: on a Jacobian that 'randomized' would serve
+    # with a key it falls back to the deterministic 'gram' without one (the
+    # choice runs at trace time, before any Jacobian product).
     big = jax.ShapeDtypeStruct((4097, 1100), jnp.float32)
     w = jax.ShapeDtypeStruct((1100, 1), jnp.float32)
-    with self.assertRaisesRegex(ValueError, "'auto' resolves to"):
-      jax.eval_shape(lambda w, x: jac.jacobian_svd(
-          lambda p, x: x @ p, w, x, 2), w, big)
+    out = jax.eval_shape(lambda w, x: jac.jacobian_svd(
+        lambda p, x: x @ p, w, x, 2), w, big)
+    self.assertEqual(out.s.shape, (2,))
+    self.assertEqual(jac.auto_svd_method(4097, 1100), 'randomized')
+    self.assertEqual(jac.auto_svd_method(4097, 1100, has_key=False), 'gram')
+    self.assertEqual(jac.auto_svd_method(64, 2**16, has_key=False), 'dense')
 
   def test_nan_inputs_propagate(self):
     with jax.enable_x64(True):

@@ -115,26 +115,31 @@ def check_rank(k: Any, num_rows: int, num_params: int, fn: str) -> int:
   return k
 
 
-def auto_svd_method(num_rows: int, num_params: int) -> str:
+def auto_svd_method(num_rows: int, num_params: int, *,
+                    has_key: bool = True) -> str:
   """The method ``jacobian_svd(..., method='auto')`` uses for a ``J`` shape.
 
   The rule, for ``J`` of shape ``[num_rows, num_params] = [N * C, P]``:
 
   1. ``'dense'`` if ``N * C * P <= 2**22`` (the dense Jacobian is at most
      about 4M entries, 32 MiB in float64);
-  2. else ``'gram'`` if ``N * C <= 4096`` (the NTK is at most 4096 x 4096);
-  3. else ``'randomized'`` (which then needs a ``key``).
+  2. else ``'gram'`` if ``N * C <= 4096`` (the NTK is at most 4096 x 4096)
+     or if no key is given (``has_key=False``: ``'auto'`` never needs a key,
+     so a call that works on a small problem does not fail on a large one
+     for want of it; the NTK then costs ``(N * C)**2`` memory);
+  3. else ``'randomized'`` (with the caller's key).
 
   Args:
     num_rows: ``N * C``.
     num_params: ``P``.
+    has_key: Whether the caller passed a PRNG key.
 
   Returns:
     One of ``'dense'``, ``'gram'``, ``'randomized'``.
   """
   if num_rows * num_params <= _DENSE_MAX_ENTRIES:
     return 'dense'
-  if num_rows <= _GRAM_MAX_ROWS:
+  if num_rows <= _GRAM_MAX_ROWS or not has_key:
     return 'gram'
   return 'randomized'
 
@@ -181,11 +186,11 @@ def check_svd_options(method: Any, key: Any, oversampling: Any,
     raise ValueError(f'{fn}: tol must be a Python float in [0, 1), got '
                      f'{tol!r}.')
   if method == 'auto':
-    method = auto_svd_method(num_rows, num_params)
+    method = auto_svd_method(num_rows, num_params, has_key=key is not None)
   if method in ('randomized', 'subspace_iteration') and key is None:
     raise ValueError(
-        f"{fn}: key must be a jax.random key when method is (or 'auto' "
-        f"resolves to) {method!r}, got None.")
+        f'{fn}: key must be a jax.random key when method is {method!r}, got '
+        'None.')
   legacy = oversampling is not None or num_power_iters is not None
   krylov = krylov_dim is not None or block_size is not None
   if method == 'subspace_iteration' and krylov:
@@ -477,7 +482,9 @@ def jacobian_svd(apply_fn: ApplyFn, params: Params, x: Any, k: int, *,
     benchmark and for reproducing earlier results.
   * ``'auto'``: chosen from the shape of ``J`` by :func:`auto_svd_method`:
     ``'dense'`` if ``N * C * P <= 2**22``, else ``'gram'`` if
-    ``N * C <= 4096``, else ``'randomized'``.
+    ``N * C <= 4096``, else ``'randomized'`` when a ``key`` is given and
+    ``'gram'`` when none is (``'auto'`` never needs a key: randomness only
+    comes from a key the caller passes).
 
   The gram method deviates from the textbook :math:`V^\top = S^{-1} U^\top J`:
   it takes the SVD of :math:`U_k^\top J` instead of dividing by ``s``, which
@@ -514,8 +521,9 @@ def jacobian_svd(apply_fn: ApplyFn, params: Params, x: Any, k: int, *,
     method: ``'auto'``, ``'dense'``, ``'gram'``, ``'randomized'`` or
       ``'subspace_iteration'``.
     key: A ``jax.random`` key; required for ``'randomized'`` and
-      ``'subspace_iteration'`` (or ``'auto'`` resolving to them), ignored
-      otherwise. Same key, same result.
+      ``'subspace_iteration'``, optional for ``'auto'`` (which picks
+      ``'randomized'`` only with a key), ignored otherwise. Same key, same
+      result.
     krylov_dim: Columns of the randomized method's Krylov basis (static,
       ``>= k``; default ``4 k + 20``, capped at ``min(N * C, P)``, where the
       result is exact).

@@ -30,12 +30,16 @@ against the NumPy recipe of HF's ``run_t5_mlm_flax.py``.
 """
 
 from metacf.noise._infilling import text_infilling
+from metacf.noise._infilling import TextInfilling
 from metacf.noise._spans import random_spans_noise_mask
 from metacf.noise._spans import span_corruption
 from metacf.noise._spans import span_corruption_lengths
 from metacf.noise._spans import span_corruption_tokens_length
+from metacf.noise._spans import SpanCorruption
 
 __all__ = [
+    'SpanCorruption',
+    'TextInfilling',
     'random_spans_noise_mask',
     'span_corruption',
     'span_corruption_lengths',

@@ -43,6 +43,7 @@ Where this differs from fairseq's ``DenoisingDataset`` (BART's code):
 """
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,12 @@ import numpy as np
 
 from metacf.noise import _checks
 from metacf.noise import _sampling
+
+
+class TextInfilling(NamedTuple):
+  """What :func:`text_infilling` returns; unpacks as ``noised, length``."""
+  noised: jax.Array  # [L], tokens' dtype; pad_id after `length`.
+  length: jax.Array  # shape=(), dtype=int32: tokens before the padding.
 
 
 def _truncated_poisson_pmf(lam: float, max_length: int) -> np.ndarray:
@@ -76,7 +83,7 @@ def text_infilling(key: jax.Array, tokens: jax.typing.ArrayLike, *,
                    mask_ratio: float = 0.3, poisson_lambda: float = 3.0,
                    mask_id: jax.typing.ArrayLike,
                    pad_id: jax.typing.ArrayLike
-                   ) -> tuple[jax.Array, jax.Array]:
+                   ) -> TextInfilling:
   r"""BART text infilling of one sequence: ``(noised, length)``.
 
   ``R = ceil(mask_ratio * len(tokens))`` tokens are removed in spans of
@@ -95,7 +102,8 @@ def text_infilling(key: jax.Array, tokens: jax.typing.ArrayLike, *,
     pad_id: Integer scalar (may be traced) filling positions ``>= length``.
 
   Returns:
-    ``(noised, length)``: ``noised`` of ``tokens``' shape and dtype, int32
+    A :class:`TextInfilling` ``(noised, length)`` (it unpacks as a pair):
+    ``noised`` of ``tokens``' shape and dtype, int32
     scalar ``length = L - R + (number of spans)``.
 
   Raises:
@@ -160,4 +168,4 @@ def text_infilling(key: jax.Array, tokens: jax.typing.ArrayLike, *,
   noised = jnp.where(
       q >= out_length, jnp.asarray(pad_id).astype(dtype),
       jnp.where(is_mask, jnp.asarray(mask_id).astype(dtype), tokens[source]))
-  return noised, out_length
+  return TextInfilling(noised, out_length)

@@ -25,6 +25,8 @@ boundaries (a ``[positions, n_spans]`` compare-and-sum that XLA fuses), which
 gives the source index of each token; one gather reads the tokens.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +34,12 @@ import numpy as np
 from metacf._src import checks
 from metacf.noise import _checks
 from metacf.noise import _sampling
+
+
+class SpanCorruption(NamedTuple):
+  """What :func:`span_corruption` returns; unpacks as ``inputs, targets``."""
+  inputs: jax.Array   # [n_nonnoise + n_spans (+ 1)], tokens' dtype.
+  targets: jax.Array  # [n_noise + n_spans (+ 1)], tokens' dtype.
 
 
 def _span_counts(fn: str, length: int, noise_density: float,
@@ -157,7 +165,7 @@ def _corrupt(tokens: jax.Array, a: jax.Array, b: jax.Array,
     eos = jnp.asarray(eos_id).astype(dtype)[None]
     inputs = jnp.concatenate([inputs, eos])
     targets = jnp.concatenate([targets, eos])
-  return inputs, targets
+  return SpanCorruption(inputs, targets)
 
 
 def span_corruption(key: jax.Array, tokens: jax.typing.ArrayLike, *,
@@ -165,7 +173,7 @@ def span_corruption(key: jax.Array, tokens: jax.typing.ArrayLike, *,
                     mean_noise_span_length: float = 3.0,
                     sentinel_start: jax.typing.ArrayLike,
                     eos_id: jax.typing.ArrayLike | None = None
-                    ) -> tuple[jax.Array, jax.Array]:
+                    ) -> SpanCorruption:
   r"""T5 span corruption of one sequence: ``(inputs, targets)``.
 
   With the mask of :func:`random_spans_noise_mask` (``length =
@@ -196,7 +204,8 @@ def span_corruption(key: jax.Array, tokens: jax.typing.ArrayLike, *,
     eos_id: Optional integer scalar appended to inputs and targets.
 
   Returns:
-    ``(inputs, targets)`` of ``tokens``' dtype, shapes ``[n_nonnoise +
+    A :class:`SpanCorruption` ``(inputs, targets)`` (it unpacks as a pair),
+    both of ``tokens``' dtype, shapes ``[n_nonnoise +
     n_spans (+ 1)]`` and ``[n_noise + n_spans (+ 1)]``.
 
   Raises:

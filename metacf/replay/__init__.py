@@ -46,10 +46,12 @@ from metacf.replay._buffer import ReplayBuffer
 from metacf.replay._buffer import ReplaySample
 from metacf.replay._buffer import ReplayState
 from metacf.replay._mixing import mix_replay
+from metacf.replay._mixing import MixedBatch
 
 __all__ = [
     'ClassBalancedBuffer',
     'ClassBalancedState',
+    'MixedBatch',
     'ReplayBuffer',
     'ReplaySample',
     'ReplayState',

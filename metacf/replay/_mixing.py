@@ -10,6 +10,8 @@ The older form, items and mask apart, gives the same result:
 ``mix_replay(key_mix, batch, replay.items, 0.5, replay_valid=replay.valid)``.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -20,11 +22,17 @@ from metacf.replay import _buffer
 ArrayLike = jax.typing.ArrayLike
 
 
+class MixedBatch(NamedTuple):
+  """What :func:`mix_replay` returns; unpacks as ``batch, is_replay``."""
+  batch: Params         # like new_batch: [B, ...] per leaf.
+  is_replay: jax.Array  # shape=[B], dtype=bool: the rows taken from replay.
+
+
 def mix_replay(key: jax.Array, new_batch: Params,
                replay_sample: Params | _buffer.ReplaySample,
                fraction: ArrayLike, *,
                replay_valid: ArrayLike | None = None
-               ) -> tuple[Params, jax.Array]:
+               ) -> MixedBatch:
   r"""Replaces a fraction of ``new_batch``'s rows by replayed rows.
 
   Returns a batch of ``new_batch``'s size :math:`B` in which
@@ -68,8 +76,8 @@ def mix_replay(key: jax.Array, new_batch: Params,
       ``replay_sample`` is not a :class:`ReplaySample`.
 
   Returns:
-    ``(mixed, is_replay)``: ``mixed`` like ``new_batch``, ``is_replay`` bool
-    of shape ``[B]``.
+    A :class:`MixedBatch` ``(batch, is_replay)`` (it unpacks as a pair):
+    ``batch`` like ``new_batch``, ``is_replay`` bool of shape ``[B]``.
 
   Raises:
     ValueError: if the batches differ in structure or item shapes, a batch's
@@ -144,8 +152,9 @@ def mix_replay(key: jax.Array, new_batch: Params,
     return jnp.where(is_nan, jnp.asarray(jnp.nan, x.dtype), x)
 
   if num_rows == 0:  # then num_replay == 0
-    return (jax.tree.map(lambda x: propagate_nan(jnp.asarray(x)), new_batch),
-            jnp.zeros([size], jnp.bool_))
+    return MixedBatch(
+        jax.tree.map(lambda x: propagate_nan(jnp.asarray(x)), new_batch),
+        jnp.zeros([size], jnp.bool_))
 
   # Position p takes replay row rank[p] when rank[p] < num_replay: the replay
   # rows land on a uniformly random set of positions, in random order.
@@ -164,4 +173,4 @@ def mix_replay(key: jax.Array, new_batch: Params,
     mask = is_replay.reshape((size,) + (1,) * (new.ndim - 1))
     return propagate_nan(jnp.where(mask, picked, new))
 
-  return jax.tree.map(mix, new_batch, replay_sample), is_replay
+  return MixedBatch(jax.tree.map(mix, new_batch, replay_sample), is_replay)
