@@ -221,14 +221,14 @@ class ProtectionTest(absltest.TestCase):
     cls.task0 = _low_rank_task(jax.random.key(0), 100, 10)
     cls.task1 = _low_rank_task(jax.random.key(1), 100, 10)
     params = train.init_params(jax.random.key(2), cls.config.hidden)
-    cls.params0 = cls._train(params, 'naive', {}, cls.task0)
+    cls.params0 = cls._train(params, 'naive', None, cls.task0)
 
   @classmethod
-  def _train(cls, params, strategy, protect, task):
+  def _train(cls, params, strategy, memory, task):
     order = train.batch_order(jax.random.key(3), len(task[1]), cls.config)
-    return train._trainer(cls.config, strategy)(
-        params, protect, jnp.asarray(task[0]), jnp.asarray(task[1]),
-        jnp.asarray(order), jax.random.key(4))
+    memory = memory or train.Memory(strategy, cls.config, params)
+    return memory.train(params, jnp.asarray(task[0]), jnp.asarray(task[1]),
+                        jnp.asarray(order), jax.random.key(4))
 
   def test_gpm_keeps_task0_layer_outputs(self):
     memory = train.Memory('gpm', self.config, self.params0)
@@ -241,8 +241,8 @@ class ProtectionTest(absltest.TestCase):
 
     before = layer_outputs(self.params0)
     changes = {}
-    for strategy, protect in (('naive', {}), ('gpm', memory.protect)):
-      after = layer_outputs(self._train(self.params0, strategy, protect,
+    for strategy, mem in (('naive', None), ('gpm', memory)):
+      after = layer_outputs(self._train(self.params0, strategy, mem,
                                         self.task1))
       changes[strategy] = [float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
                            for a, b in zip(after, before)]
@@ -262,8 +262,8 @@ class ProtectionTest(absltest.TestCase):
     gtl = lambda p: jnp.take_along_axis(train.apply_fn(p, x0), y0[:, None],
                                         axis=1)
     moved = {}
-    for strategy, protect in (('naive', {}), ('ogd', memory.protect)):
-      after = self._train(self.params0, strategy, protect, self.task1)
+    for strategy, mem in (('naive', None), ('ogd', memory)):
+      after = self._train(self.params0, strategy, mem, self.task1)
       moved[strategy] = float(jnp.max(jnp.abs(gtl(after) -
                                                gtl(self.params0))))
     self.assertGreater(moved['naive'], 0.1)
@@ -273,16 +273,43 @@ class ProtectionTest(absltest.TestCase):
     memory = train.Memory('ogd', self.config, self.params0)
     memory.remember(self.params0, *self.task0, 0, jax.random.key(5))
     rows = memory.floats()['rows']
-    self.assertGreater(memory.protect.shape[0], rows)  # Padded.
-    np.testing.assert_array_equal(memory.protect[rows:], 0.0)
+    padded = optax.tree.get(memory.opt_state, 'basis')  # Swapped in.
+    self.assertGreater(padded.shape[0], rows)  # Padded.
+    np.testing.assert_array_equal(padded[rows:], 0.0)
+    np.testing.assert_array_equal(padded[:rows], memory.basis)
     grads = jax.grad(lambda p: train.cross_entropy(
         train.apply_fn, p, jnp.asarray(self.task1[0]),
         jnp.asarray(self.task1[1])))(self.params0)
-    project = lambda basis: flatten_util.ravel_pytree(
-        metacf.protect.orthogonal_projection(basis).update(
-            grads, optax.EmptyState())[0])[0]
-    np.testing.assert_allclose(project(jnp.asarray(memory.protect)),
-                               project(memory.basis), atol=1e-6)
+
+    def project(basis):
+      tx = metacf.protect.orthogonal_projection(basis)
+      return flatten_util.ravel_pytree(
+          tx.update(grads, tx.init(grads))[0])[0]
+
+    np.testing.assert_allclose(project(padded), project(memory.basis),
+                               atol=1e-6)
+
+  def test_state_swaps_reuse_one_compiled_trainer(self):
+    # Each strategy's chain is built once; remember() swaps the arrays in
+    # its state (optax.tree.set) and the same compiled loop runs again.
+    for strategy, field in (('ogd', 'basis'), ('gpm', 'bases'),
+                            ('online_ewc', 'anchor'), ('ewc', 'anchor')):
+      with self.subTest(strategy):
+        memory = train.Memory(strategy, self.config, self.params0)
+        trainer = train._trainer(self.config, strategy)
+        before = optax.tree.get_all_with_path(memory.opt_state, field)
+        self._train(self.params0, strategy, memory, self.task0)
+        size = trainer.train._cache_size()
+        memory.remember(self.params0, *self.task0, 0, jax.random.key(5))
+        after = optax.tree.get_all_with_path(memory.opt_state, field)
+        self.assertEqual(len(before), len(after))
+        changed = [not all(np.array_equal(a, b) for a, b in zip(
+            jax.tree.leaves(x), jax.tree.leaves(y)))
+                   for (_, x), (_, y) in zip(before, after)]
+        self.assertTrue(changed[0])  # Task 0's slot is filled ...
+        self.assertFalse(any(changed[1:]))  # ... and only it (offline EWC).
+        self._train(self.params0, strategy, memory, self.task1)
+        self.assertEqual(trainer.train._cache_size(), size)
 
 
 # ------------------------------------------- predicted vs measured forgetting

@@ -5,6 +5,8 @@ every reference below (projections, Saha et al.'s GPM rule, A-GEM, the
 softmax-regression Fisher, EWC) is recomputed here in NumPy float64.
 """
 
+import re
+
 from absl.testing import parameterized
 import chex
 import jax
@@ -514,6 +516,32 @@ class GpmBasisTest(chex.TestCase):
     m = protect.gpm_basis(r1, 0.9)
     with self.assertRaisesRegex(ValueError, r'gpm_basis: basis'):
       protect.gpm_basis(r1[:-1], 0.9, m)
+
+  def test_non_orthonormal_basis_is_rejected(self):
+    # The issue's example: ones((4, 2)) used to come back, extended, as a
+    # "basis" whose columns are neither unit nor orthogonal.
+    r = np.random.default_rng(3).standard_normal((4, 10)).astype(np.float32)
+    number = r'[0-9.e+-]+'
+    message = ('gpm_basis: basis must have orthonormal columns (M^T M = I; '
+               'zero columns allowed), got max |(M^T M)^2 q - M^T M q| / '
+               'max |q| = NUMBER for a random q (tolerance 0.001); '
+               'orthonormalise it, e.g. with jnp.linalg.qr(basis)[0].')
+    pattern = '^' + re.escape(message).replace('NUMBER', number) + '$'
+    with self.assertRaisesRegex(ValueError, pattern):
+      protect.gpm_basis(r, 0.9, basis=jnp.ones((4, 2)))
+    scaled = 2.0 * protect.gpm_basis(r, 0.9)  # orthogonal, not unit
+    with self.assertRaisesRegex(ValueError, pattern):
+      protect.gpm_basis(r, 0.9, basis=scaled)
+    with self.assertRaisesRegex(
+        ValueError, r'^gpm_basis: basis must be finite, got NaN or inf\.$'):
+      protect.gpm_basis(r, 0.9, basis=jnp.full((4, 1), jnp.nan))
+    with self.assertRaisesRegex(
+        TypeError, r'^gpm_basis: basis must be floating, got dtype int32\.$'):
+      protect.gpm_basis(r, 0.9, basis=np.eye(4, 2, dtype=np.int32))
+    # An orthonormal basis (with a zero column) still passes.
+    padded = np.zeros((4, 3), np.float32)
+    padded[:, :1] = protect.gpm_basis(r, 0.9)[:, :1]
+    protect.gpm_basis(r, 0.9, basis=padded)
 
 
 # ---------------------------------------------------------------------------
@@ -1032,7 +1060,8 @@ class ZeroRowsTest(chex.TestCase):
     basis = _orthonormal_rows(rng, 3, _NUM_PARAMS).astype(np.float32)
     padded = np.concatenate([basis, np.zeros((4, _NUM_PARAMS), np.float32)])
     g = _tree(12, _SHAPES)
-    want, _ = protect.orthogonal_projection(basis).update(g, None)
+    unpadded = protect.orthogonal_projection(basis)
+    want, _ = unpadded.update(g, unpadded.init(g))
     tx = protect.orthogonal_projection(padded)
     got, _ = tx.update(g, tx.init(g))
     chex.assert_trees_all_close(got, want, rtol=_RTOL, atol=_ATOL)
@@ -1045,3 +1074,314 @@ class ZeroRowsTest(chex.TestCase):
                                 r'orthogonal_projection: basis must have '
                                 r'orthonormal rows'):
       protect.orthogonal_projection(basis)
+
+
+# ---------------------------------------------------------------------------
+# Arrays live in the optax state (issue 24, item 2).
+# ---------------------------------------------------------------------------
+
+
+def _user_step(tx):
+  """A user's own jitted SGD step, the optimizer state an argument.
+
+  Returns the step and the list it appends to each time it is traced
+  (``chex.assert_max_traces`` counts per code object, so it would count
+  this helper's traces across tests).
+  """
+  traces = []
+
+  @jax.jit
+  def step(params, opt_state, grads):
+    traces.append(None)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step, traces
+
+
+def _lowered_bytes(tx, params):
+  """Size of the StableHLO text of :func:`_user_step` for ``tx``."""
+  state = tx.init(params)
+
+  def step(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return len(jax.jit(step).lower(params, state, params).as_text().encode())
+
+
+def _one_hot_rows(k, p, offset=0):
+  """``[k, P]`` orthonormal rows with distinct entries (no splat constant)."""
+  rows = np.zeros((k, p), np.float32)
+  rows[np.arange(k), (np.arange(k) * 7 + offset) % p] = 1.0
+  return rows
+
+
+class OrthogonalProjectionStateTest(chex.TestCase):
+
+  def test_init_puts_the_basis_in_the_state(self):
+    basis = _orthonormal_rows(np.random.default_rng(0), 3, _NUM_PARAMS)
+    basis = basis.astype(np.float32)
+    tx = optax.chain(protect.orthogonal_projection(basis), optax.sgd(0.1))
+    state = tx.init(_tree(1, _SHAPES))
+    self.assertIsInstance(state[0], protect.OrthogonalProjectionState)
+    self.assertEqual(protect.OrthogonalProjectionState._fields, ('basis',))
+    np.testing.assert_array_equal(optax.tree.get(state, 'basis'), basis)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_update_reads_the_swapped_basis(self):
+    rng = np.random.default_rng(1)
+    first = _orthonormal_rows(rng, 3, _NUM_PARAMS).astype(np.float32)
+    second = _orthonormal_rows(rng, 3, _NUM_PARAMS)
+    lr = 0.1
+    tx = optax.chain(protect.orthogonal_projection(first), optax.sgd(lr))
+    params, grads = _tree(2, _SHAPES), _tree(3, _SHAPES)
+    state = optax.tree.set(tx.init(params),
+                           basis=jnp.asarray(second, jnp.float32))
+
+    @self.variant
+    def update(grads, state, params):
+      return tx.update(grads, state, params)
+
+    got, new_state = update(grads, state, params)
+    g = _np_ravel(grads)
+    want = _np_unravel(-lr * (g - second.T @ (second @ g)), grads)
+    chex.assert_trees_all_close(got, want, rtol=_RTOL, atol=_ATOL)
+    np.testing.assert_array_equal(new_state[0].basis,
+                                  np.float32(second))  # Passed through.
+
+  def test_user_step_compiles_once_across_tasks(self):
+    # Ten tasks' bases, each k = 3 rows padded to k_max = 6 (zero rows
+    # project nothing), swapped with optax.tree.set: one trace, one compile.
+    rng = np.random.default_rng(4)
+    lr = 0.05
+    padded = np.zeros((6, _NUM_PARAMS), np.float32)
+    tx = optax.chain(protect.orthogonal_projection(padded), optax.sgd(lr))
+    params = jax.tree.map(jnp.asarray, _tree(5, _SHAPES))
+    opt_state = tx.init(params)
+    step, traces = _user_step(tx)
+    for task in range(10):
+      basis = _orthonormal_rows(rng, 3, _NUM_PARAMS)
+      padded = np.zeros((6, _NUM_PARAMS), np.float32)
+      padded[:3] = basis
+      opt_state = optax.tree.set(opt_state, basis=jnp.asarray(padded))
+      grads = _tree(40 + task, _SHAPES)
+      before = _np_ravel(params)
+      params, opt_state = step(params, opt_state, grads)
+      g = _np_ravel(grads)
+      np.testing.assert_allclose(
+          _np_ravel(params), before - lr * (g - basis.T @ (basis @ g)),
+          rtol=_RTOL, atol=_ATOL)
+    self.assertEqual(step._cache_size(), 1)
+    self.assertLen(traces, 1)
+
+  def test_lowered_program_does_not_grow_with_num_params(self):
+    k = 4
+    sizes = {}
+    for p in (10_000, 100_000):
+      params = {'w': jnp.zeros((p // 10, 10), jnp.float32)}
+      tx = optax.chain(protect.orthogonal_projection(_one_hot_rows(k, p)),
+                       optax.sgd(0.1))
+      sizes[p] = _lowered_bytes(tx, params)
+    self.assertLess(sizes[100_000], 20_000)
+    self.assertLess(abs(sizes[100_000] - sizes[10_000]), 100)
+    # What the state avoids: the same basis closed over is a constant of the
+    # program, at least its 4 k P bytes.
+    basis = jnp.asarray(_one_hot_rows(k, 10_000))
+    baked = jax.jit(lambda g: g - basis.T @ (basis @ g)).lower(
+        jnp.zeros((10_000,), jnp.float32)).as_text()
+    self.assertGreater(len(baked), 4 * k * 10_000)
+
+  def test_shape_errors(self):
+    params = _tree(6, _SHAPES)
+    basis = _orthonormal_rows(np.random.default_rng(7), 2, _NUM_PARAMS)
+    tx = protect.orthogonal_projection(basis.astype(np.float32))
+    with self.assertRaisesRegex(ValueError, re.escape(
+        'orthogonal_projection: basis must have shape [k, P] with P = 10, '
+        'the number of parameters in the params, got shape (2, 11).')):
+      tx.init({'a': params['a'], 'b': params['b']})
+    state = optax.tree.set(tx.init(params),
+                           basis=jnp.zeros((2, _NUM_PARAMS - 1)))
+    with self.assertRaisesRegex(ValueError, re.escape(
+        'orthogonal_projection: basis must have shape [k, P] with P = 11, '
+        'the number of parameters in the updates, got shape (2, 10).')):
+      jax.jit(tx.update)(params, state)  # Raised at trace time.
+    with self.assertRaisesRegex(ValueError, re.escape(
+        'orthogonal_projection: state must be the OrthogonalProjectionState '
+        'that init returns, got EmptyState.')):
+      tx.update(params, optax.EmptyState())
+
+
+def _gpm_one_hot_bases(d_in, r, offset=0):
+  cols = np.zeros((d_in, r), np.float32)
+  cols[(np.arange(r) * 3 + offset) % d_in, np.arange(r)] = 1.0
+  return {'dense': {'kernel': cols, 'bias': None}}
+
+
+class GpmProjectionStateTest(chex.TestCase):
+
+  def test_init_puts_the_bases_in_the_state(self):
+    bases = _gpm_bases()
+    tx = optax.chain(protect.gpm_projection(bases), optax.sgd(0.1))
+    state = tx.init(_tree(1, _gpm_params()))
+    self.assertIsInstance(state[0], protect.GpmProjectionState)
+    self.assertEqual(protect.GpmProjectionState._fields, ('bases',))
+    got = optax.tree.get(state, 'bases')
+    self.assertIsNone(got['dense1']['bias'])
+    chex.assert_trees_all_equal(got, bases)
+
+  def test_user_step_compiles_once_across_tasks(self):
+    # optax.tree.set replaces the whole bases tree, None leaves included.
+    lr = 0.1
+    rng = np.random.default_rng(8)
+    tx = optax.chain(protect.gpm_projection(_gpm_bases()), optax.sgd(lr))
+    params = jax.tree.map(jnp.asarray, _tree(9, _gpm_params()))
+    opt_state = tx.init(params)
+    step, traces = _user_step(tx)
+    for task in range(4):
+      bases = {'dense1': {'kernel': _orthonormal_rows(rng, 2, 5).T.astype(
+                   np.float32), 'bias': None},
+               'conv': {'kernel': _orthonormal_rows(rng, 7, 18).T.astype(
+                   np.float32), 'bias': None}}
+      opt_state = optax.tree.set(opt_state, bases=bases)
+      grads = _tree(50 + task, _gpm_params())
+      before = params
+      params, opt_state = step(params, opt_state, grads)
+      want = jax.tree.map(lambda p, g: np.float64(p) - lr * g, before,
+                          _np_gpm_project(grads, bases))
+      chex.assert_trees_all_close(params, want, rtol=_RTOL, atol=_ATOL)
+    self.assertEqual(step._cache_size(), 1)
+    self.assertLen(traces, 1)
+
+  def test_lowered_program_does_not_grow_with_d_in(self):
+    sizes = {}
+    for d_in in (1_000, 10_000):
+      params = {'dense': {'kernel': jnp.zeros((d_in, 16), jnp.float32),
+                          'bias': jnp.zeros((16,), jnp.float32)}}
+      tx = optax.chain(protect.gpm_projection(_gpm_one_hot_bases(d_in, 32)),
+                       optax.sgd(0.1))
+      sizes[d_in] = _lowered_bytes(tx, params)
+    self.assertLess(sizes[10_000], 20_000)
+    self.assertLess(abs(sizes[10_000] - sizes[1_000]), 100)
+
+  def test_shape_and_orthonormality_errors(self):
+    params = _tree(10, _gpm_params())
+    tx = protect.gpm_projection(_gpm_bases())
+    bad = _gpm_bases()
+    bad['conv']['kernel'] = bad['conv']['kernel'][:-1]  # [17, 7]
+    state = optax.tree.set(tx.init(params), bases=bad)
+    with self.assertRaisesRegex(ValueError, re.escape(
+        "gpm_projection: bases['conv']['kernel'] must have shape [d_in, r] "
+        'with d_in = prod(kernel.shape[:-1]) rows for the kernel of shape '
+        '(3, 3, 2, 6), got shape (17, 7).')):
+      jax.jit(tx.update)(params, state)  # Raised at trace time.
+    scaled = _gpm_bases()
+    scaled['dense1']['kernel'] = 2.0 * scaled['dense1']['kernel']
+    with self.assertRaisesRegex(
+        ValueError, r"^gpm_projection: bases\['dense1'\]\['kernel'\] must "
+        r'have orthonormal columns \(M\^T M = I; zero columns allowed\)'):
+      protect.gpm_projection(scaled)
+
+
+class EwcStateTest(chex.TestCase):
+
+  def test_init_puts_the_arrays_in_the_state(self):
+    params, anchor, fisher = _ewc_trees(20)
+    tx = optax.chain(protect.ewc(anchor, fisher, 3.0), optax.sgd(0.1))
+    state = tx.init(params)
+    self.assertIsInstance(state[0], protect.EwcState)
+    self.assertEqual(protect.EwcState._fields,
+                     ('anchor', 'fisher', 'strength'))
+    chex.assert_trees_all_equal(optax.tree.get(state, 'anchor'), anchor)
+    chex.assert_trees_all_equal(optax.tree.get(state, 'fisher'), fisher)
+    self.assertEqual(float(optax.tree.get(state, 'strength')), 3.0)
+
+  def test_user_step_compiles_once_across_tasks(self):
+    # anchor, fisher (params-like trees) and strength swapped by name.
+    lr = 0.1
+    params, anchor, fisher = _ewc_trees(21)
+    tx = optax.chain(protect.ewc(anchor, fisher, 2.0), optax.sgd(lr))
+    params = jax.tree.map(jnp.asarray, params)
+    opt_state = tx.init(params)
+    step, traces = _user_step(tx)
+    for task in range(4):
+      _, anchor, fisher = _ewc_trees(30 + task)
+      strength = 1.0 + task
+      opt_state = optax.tree.set(opt_state, anchor=anchor, fisher=fisher,
+                                 strength=strength)
+      grads = _ewc_trees(40 + task)[0]
+      before = params
+      params, opt_state = step(params, opt_state, grads)
+      want = jax.tree.map(
+          lambda p, g, a, f: np.float64(p) - lr * (
+              np.float64(g) + strength * np.float64(f) *
+              (np.float64(p) - np.float64(a))),
+          before, grads, anchor, fisher)
+      chex.assert_trees_all_close(params, want, rtol=_RTOL, atol=_ATOL)
+    self.assertEqual(step._cache_size(), 1)
+    self.assertLen(traces, 1)
+
+  def test_filtering_swaps_one_of_several_penalties(self):
+    # Offline EWC: one ewc per task; filtering on the chain index picks one.
+    params, anchor0, fisher0 = _ewc_trees(22)
+    _, anchor1, fisher1 = _ewc_trees(23)
+    tx = optax.chain(protect.ewc(anchor0, fisher0, 1.0),
+                     protect.ewc(anchor1, fisher1, 1.0), optax.sgd(0.1))
+    state = tx.init(params)
+    new_anchor = _ewc_trees(24)[1]
+    state = optax.tree.set(state, lambda path, _: path[0].idx == 1,
+                           anchor=new_anchor)
+    chex.assert_trees_all_equal(state[0].anchor, anchor0)
+    chex.assert_trees_all_equal(state[1].anchor, new_anchor)
+
+  def test_lowered_program_does_not_grow_with_num_params(self):
+    sizes = {}
+    for p in (10_000, 100_000):
+      rng = np.random.default_rng(p)
+      params = {'w': jnp.zeros((p,), jnp.float32)}
+      anchor = {'w': rng.standard_normal(p).astype(np.float32)}
+      fisher = {'w': np.abs(rng.standard_normal(p)).astype(np.float32)}
+      tx = optax.chain(protect.ewc(anchor, fisher, 2.0), optax.sgd(0.1))
+      sizes[p] = _lowered_bytes(tx, params)
+    self.assertLess(sizes[100_000], 20_000)
+    self.assertLess(abs(sizes[100_000] - sizes[10_000]), 100)
+
+  def test_shape_errors(self):
+    params, anchor, fisher = _ewc_trees(25)
+    tx = protect.ewc(anchor, fisher, 1.0)
+    state = optax.tree.set(tx.init(params),
+                           fisher={'w': np.zeros((3, 3), np.float32),
+                                   'b': fisher['b']})
+    with self.assertRaisesRegex(ValueError, re.escape(
+        "ewc: fisher must have the shapes of params, got (3, 3) for "
+        "params['w'] of shape (3, 2).")):
+      jax.jit(tx.update)(params, state, params)  # Raised at trace time.
+    with self.assertRaisesRegex(ValueError, re.escape(
+        'ewc: strength must be a scalar, got shape (2,).')):
+      protect.ewc(anchor, fisher, np.ones((2,), np.float32))
+
+
+class AgemStateTest(chex.TestCase):
+
+  def test_user_step_compiles_once_across_reference_grads(self):
+    lr = 0.1
+    tx = optax.chain(protect.agem(), optax.sgd(lr))
+    params = jax.tree.map(jnp.asarray, _tree(60, _SHAPES))
+    opt_state = tx.init(params)
+    self.assertIsInstance(opt_state[0], protect.AgemState)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, opt_state, grads, reference):
+      updates, opt_state = tx.update(grads, opt_state, params,
+                                     reference_grads=reference)
+      return optax.apply_updates(params, updates), opt_state
+
+    for seed in range(3):
+      g, r = _agem_pair(negative=seed % 2 == 0)
+      before = params
+      params, opt_state = step(params, opt_state, g, r)
+      want = jax.tree.map(lambda p, u: np.float64(p) - lr * u, before,
+                          _np_agem(g, r))
+      chex.assert_trees_all_close(params, want, rtol=_RTOL, atol=_ATOL)
+    self.assertEqual(step._cache_size(), 1)

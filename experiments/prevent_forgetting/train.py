@@ -19,13 +19,17 @@ earlier tasks, ``extend_basis``, ``orthogonal_projection``); ``pca_ogd``
 spaces, ``gpm_basis``, ``gpm_projection``); ``joint`` (one model on the
 union of all tasks, the multitask upper bound).
 
-One jitted function per strategy runs all epochs of a task as one
-``lax.scan`` over minibatches; the memories it reads (EWC anchors and
-Fishers, replay state, bases) are arguments of fixed shape (bases padded
-with zero rows or columns), so it compiles once per strategy and is reused
-for every task, benchmark and seed. Bases passed this way are traced, so
-``orthogonal_projection``'s orthonormality probe does not run inside the
-step (``extend_basis`` returns orthonormal rows, zero rows project nothing).
+Each strategy's optimizer, ``optax.chain(<protection>, optax.sgd(lr))``, is
+built once, and one jitted function per strategy runs all epochs of a task
+as one ``lax.scan`` over minibatches. The protection keeps its arrays in
+its optax state (EWC's ``anchor`` and ``fisher``, OGD's ``basis``, GPM's
+``bases``: zeros of a fixed shape at first, bases padded with zero rows or
+columns, which project nothing); after each task they are swapped in with
+``optax.tree.set`` and the state goes back into the same compiled function,
+with the replay state of A-GEM and ER, so it compiles once per strategy and
+is reused for every task, benchmark and seed. Swapped bases are not
+probed for orthonormality (``extend_basis`` and ``gpm_basis`` return
+orthonormal rows and columns).
 
 Then, for a few task pairs A -> B, forgetting under protection is predicted
 (``metacf.jacobian.predicted_forgetting(..., protect_basis=V_k)``, V_k the
@@ -173,33 +177,48 @@ def cross_entropy(apply: Any, params: Params, x: jax.Array, y: jax.Array,
   return jnp.sum(w * nll) / jnp.maximum(jnp.sum(w), jnp.ones_like(nll[0]))
 
 
-def _update(tx: optax.GradientTransformation, grads: Params, params: Params,
-            **extra: Any) -> Params:
-  """One stateless ``tx`` step (every chain here has an empty state)."""
+def _apply_update(tx: optax.GradientTransformation, grads: Params,
+                  opt_state: Any, params: Params, **extra: Any
+                  ) -> tuple[Params, Any]:
+  """One ``tx`` step: ``(params, opt_state)`` after ``grads``."""
   with jax.numpy_dtype_promotion('standard'):  # See utils.optimizer_update.
-    updates, _ = tx.update(grads, tx.init(params), params, **extra)
-  return optax.apply_updates(params, updates)
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+  return optax.apply_updates(params, updates), opt_state
 
 
 # ---------------------------------------------------------------- training
 
 
-def _tree_index(tree: Params, i: int) -> Params:
-  return jax.tree.map(lambda leaf: leaf[i], tree)
+class Trainer(NamedTuple):
+  """A strategy's optimizer, built once, and its jitted task loop.
 
-
-def _trainer(config: Config, strategy: str):
-  """``train(params, protect, x, y, order, key) -> params``, jitted.
-
-  Runs ``order.shape[0]`` SGD steps, step ``i`` on the minibatch
-  ``x[order[i]]``, as one ``lax.scan``. ``protect`` is the strategy's
-  memory (see :class:`Memory`), an argument of fixed shape. Cached on the
-  settings the step reads, so configs that differ elsewhere share it.
+  ``tx`` is ``optax.chain(<protection>, optax.sgd(lr))``; the arrays the
+  protection reads (EWC anchors and Fishers, OGD's basis, GPM's bases) live
+  in its state, initially zeros of their fixed shapes (zero bases project
+  nothing, zero Fishers penalise nothing), and :class:`Memory` swaps them
+  with ``optax.tree.set`` after each task. ``train(params, opt_state,
+  buffer, x, y, order, key) -> (params, opt_state)`` runs
+  ``order.shape[0]`` SGD steps, step ``i`` on the minibatch ``x[order[i]]``,
+  as one ``lax.scan``; ``buffer`` is the replay state of ``agem`` and
+  ``er`` (``{}`` otherwise).
   """
+  tx: optax.GradientTransformation
+  train: Any
+
+
+def _trainer(config: Config, strategy: str) -> Trainer:
+  """The :class:`Trainer` of ``strategy``, cached on what it reads.
+
+  Configs that differ elsewhere share it, so its loop compiles once per
+  strategy and serves every task, benchmark and seed.
+  """
+  per_task = {'ogd': config.ogd_examples, 'pca_ogd': config.pca_k}
+  rows = per_task.get(strategy, 0) * max(config.num_tasks - 1, 1)
   return _trainer_for(strategy, _Settings(
       config.lr, config.num_tasks, config.ewc_strength,
       config.online_ewc_strength, config.agem_sample_size,
-      config.er_fraction, _buffer_capacity(config)))
+      config.er_fraction, _buffer_capacity(config), tuple(config.hidden),
+      rows))
 
 
 class _Settings(NamedTuple):
@@ -210,59 +229,71 @@ class _Settings(NamedTuple):
   agem_sample_size: int
   er_fraction: float
   buffer_capacity: int
+  hidden: tuple[int, ...]
+  basis_rows: int  # OGD / PCA-OGD: rows of the zero-padded basis.
+
+
+def _zero_params(hidden: Sequence[int]) -> Params:
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(
+      lambda: init_params(jax.random.key(0), hidden)))
+
+
+def _protection(strategy: str, config: _Settings
+                ) -> list[optax.GradientTransformation]:
+  """The transformations before SGD, their arrays zeros of fixed shape."""
+  zeros = _zero_params(config.hidden)
+  if strategy == 'ewc':  # One penalty per earlier task (offline EWC).
+    return [metacf.protect.ewc(zeros, zeros, config.ewc_strength)
+            for _ in range(config.num_tasks - 1)]
+  if strategy == 'online_ewc':
+    return [metacf.protect.ewc(zeros, zeros, config.online_ewc_strength)]
+  if strategy == 'agem':
+    return [metacf.protect.agem()]
+  if strategy in ('ogd', 'pca_ogd'):
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(zeros))
+    return [metacf.protect.orthogonal_projection(
+        np.zeros((config.basis_rows, num_params), np.float32))]
+  if strategy == 'gpm':
+    return [metacf.protect.gpm_projection(jax.tree.map(
+        lambda k: np.zeros((k.shape[0], k.shape[0]), np.float32), zeros))]
+  if strategy in ('naive', 'joint', 'er'):
+    return []
+  raise ValueError(f'_trainer: unknown strategy {strategy!r}.')
 
 
 @functools.lru_cache(maxsize=None)
-def _trainer_for(strategy: str, config: _Settings):
-  """The jitted trainer of :func:`_trainer`."""
-  sgd = optax.sgd(config.lr)
+def _trainer_for(strategy: str, config: _Settings) -> Trainer:
+  """The :class:`Trainer` of :func:`_trainer`."""
+  tx = optax.chain(*_protection(strategy, config), optax.sgd(config.lr))
   buffer = metacf.replay.replay_buffer(config.buffer_capacity)
   loss = functools.partial(cross_entropy, apply_fn)
 
-  def step_fn(params, protect, xb, yb, key):
+  def step_fn(params, opt_state, memory, xb, yb, key):
     if strategy == 'er':
       key_sample, key_mix = jax.random.split(key)
-      sample = buffer.sample(key_sample, protect, xb.shape[0])
+      sample = buffer.sample(key_sample, memory, xb.shape[0])
       mixed, _ = metacf.replay.mix_replay(key_mix, {'x': xb, 'y': yb},
                                           sample, config.er_fraction)
       xb, yb = mixed['x'], mixed['y']
     grads = jax.grad(loss)(params, xb, yb)
-    if strategy in ('naive', 'joint', 'er'):
-      return _update(sgd, grads, params)
-    if strategy == 'ewc':
-      penalties = [metacf.protect.ewc(_tree_index(protect['anchor'], t),
-                                      _tree_index(protect['fisher'], t),
-                                      config.ewc_strength)
-                   for t in range(config.num_tasks - 1)]
-      return _update(optax.chain(*penalties, sgd), grads, params)
-    if strategy == 'online_ewc':
-      return _update(optax.chain(
-          metacf.protect.ewc(protect['anchor'], protect['fisher'],
-                             config.online_ewc_strength), sgd), grads, params)
+    extra = {}
     if strategy == 'agem':
-      memory = buffer.sample(key, protect, config.agem_sample_size)
-      reference = jax.grad(loss)(params, memory.items['x'],
-                                 memory.items['y'], memory.valid)
-      return _update(optax.chain(metacf.protect.agem(), sgd), grads, params,
-                     reference_grads=reference)
-    if strategy in ('ogd', 'pca_ogd'):
-      return _update(optax.chain(
-          metacf.protect.orthogonal_projection(protect), sgd), grads, params)
-    if strategy == 'gpm':
-      return _update(optax.chain(metacf.protect.gpm_projection(protect), sgd),
-                     grads, params)
-    raise ValueError(f'_trainer: unknown strategy {strategy!r}.')
+      sample = buffer.sample(key, memory, config.agem_sample_size)
+      extra['reference_grads'] = jax.grad(loss)(
+          params, sample.items['x'], sample.items['y'], sample.valid)
+    return _apply_update(tx, grads, opt_state, params, **extra)
 
-  def train(params, protect, x, y, order, key):
-    def body(p, inputs):
+  def train(params, opt_state, memory, x, y, order, key):
+    def body(carry, inputs):
       idx, i = inputs
-      return step_fn(p, protect, x[idx], y[idx], jax.random.fold_in(key, i)
-                     ), None
+      return step_fn(*carry, memory, x[idx], y[idx],
+                     jax.random.fold_in(key, i)), None
     steps = jnp.arange(order.shape[0], dtype=jnp.uint32)
-    params, _ = jax.lax.scan(body, params, (order, steps))
-    return params
+    (params, opt_state), _ = jax.lax.scan(body, (params, opt_state),
+                                          (order, steps))
+    return params, opt_state
 
-  return jax.jit(train)
+  return Trainer(tx, jax.jit(train))
 
 
 def _all_finite(params: Params) -> bool:
@@ -366,43 +397,41 @@ def _pad_columns(basis: jax.Array) -> np.ndarray:
 
 
 class Memory:
-  """What a strategy keeps between tasks, and its fixed-shape ``protect``.
+  """What a strategy keeps between tasks, in fixed shapes.
 
-  ``remember(params, x, y, task, key)`` updates it after a task;
-  ``protect`` is the argument of the jitted trainer; ``floats()`` counts
-  the stored floats.
+  ``opt_state`` is the state of the strategy's :attr:`Trainer.tx`, made
+  once by ``tx.init``: the protection's arrays live there (EWC's
+  ``anchor``/``fisher``, OGD's ``basis``, GPM's ``bases``) and
+  ``remember(params, x, y, task, key)`` swaps them after a task with
+  ``optax.tree.set``; ``buffer`` is the replay state of ``agem`` and ``er``
+  (``{}`` otherwise). Both are arguments of the jitted trainer.
+  ``floats()`` counts the stored floats.
   """
 
   def __init__(self, strategy: str, config: Config, params: Params):
     self.strategy, self.config = strategy, config
     flat = flatten_util.ravel_pytree(params)[0]
     self.num_params = int(flat.shape[0])
-    t = config.num_tasks
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    self.protect: Any = {}
+    self.opt_state = _trainer(config, strategy).tx.init(params)
+    self.buffer: Any = {}
     self.basis = None        # OGD / PCA-OGD: [rows, P], unpadded.
     self.gpm = None          # GPM: {layer: [d_in, r]}, unpadded.
     self.stored = 0          # Examples in the buffer.
     self.tasks_remembered = 0
-    if strategy == 'ewc':
-      stack = lambda tree: jax.tree.map(
-          lambda leaf: np.zeros((t - 1,) + leaf.shape, np.float32), tree)
-      self.protect = {'anchor': stack(zeros), 'fisher': stack(zeros)}
-    elif strategy == 'online_ewc':
-      self.protect = {'anchor': zeros, 'fisher': zeros}
-    elif strategy in ('agem', 'er'):
-      self.buffer = metacf.replay.replay_buffer(_buffer_capacity(config))
-      self.protect = self.buffer.init(
-          {'x': jnp.zeros((NUM_PIXELS,), jnp.float32),
-           'y': jnp.zeros((), jnp.int32)})
+    if strategy in ('agem', 'er'):
+      self.buffer = metacf.replay.replay_buffer(
+          _buffer_capacity(config)).init(
+              {'x': jnp.zeros((NUM_PIXELS,), jnp.float32),
+               'y': jnp.zeros((), jnp.int32)})
     elif strategy in ('ogd', 'pca_ogd'):
-      per_task = (config.ogd_examples if strategy == 'ogd'
-                  else config.pca_k)
-      self.max_rows = per_task * max(t - 1, 1)
-      self.protect = np.zeros((self.max_rows, self.num_params), np.float32)
-    elif strategy == 'gpm':
-      self.protect = jax.tree.map(
-          lambda k: np.zeros((k.shape[0], k.shape[0]), np.float32), params)
+      self.padded = np.array(optax.tree.get(self.opt_state, 'basis'))
+
+  def train(self, params: Params, x: jax.Array, y: jax.Array,
+            order: jax.Array, key: jax.Array) -> Params:
+    """Trains on one task (:attr:`Trainer.train`); keeps the new state."""
+    params, self.opt_state = _trainer(self.config, self.strategy).train(
+        params, self.opt_state, self.buffer, x, y, order, key)
+    return params
 
   def remember(self, params: Params, x: np.ndarray, y: np.ndarray,
                task: int, key: jax.Array) -> None:
@@ -410,20 +439,21 @@ class Memory:
     self.tasks_remembered += 1
     if s in ('ewc', 'online_ewc'):
       fisher = _fisher_fn()(params, jnp.asarray(x[:config.fisher_examples]))
-      if s == 'ewc':
-        for name, tree in (('anchor', params), ('fisher', fisher)):
-          for stack, leaf in zip(jax.tree.leaves(self.protect[name]),
-                                 jax.tree.leaves(tree)):
-            stack[task] = np.asarray(leaf)
+      if s == 'ewc':  # The penalty of this task: element `task` of the chain.
+        self.opt_state = optax.tree.set(
+            self.opt_state, lambda path, _: path[0].idx == task,
+            anchor=params, fisher=fisher)
       else:
-        self.protect = {'anchor': params, 'fisher': (
-            metacf.protect.online_ewc_update(
-                self.protect['fisher'], fisher, config.online_ewc_gamma))}
+        self.opt_state = optax.tree.set(
+            self.opt_state, anchor=params,
+            fisher=metacf.protect.online_ewc_update(
+                optax.tree.get(self.opt_state, 'fisher'), fisher,
+                config.online_ewc_gamma))
     elif s in ('agem', 'er'):
       idx = utils.numpy_rng(key).permutation(len(y))[:config.memory_per_task]
-      self.protect = _buffer_add_fn(_buffer_capacity(config))(
-          key, self.protect, {'x': jnp.asarray(x[idx]),
-                              'y': jnp.asarray(y[idx])})
+      self.buffer = _buffer_add_fn(_buffer_capacity(config))(
+          key, self.buffer, {'x': jnp.asarray(x[idx]),
+                             'y': jnp.asarray(y[idx])})
       self.stored += len(idx)
     elif s in ('ogd', 'pca_ogd'):
       n = config.ogd_examples if s == 'ogd' else config.pca_examples
@@ -433,9 +463,11 @@ class Memory:
         grads = top_right_singular_vectors(grads, config.pca_k)
       self.basis = metacf.protect.extend_basis(
           self.basis, jnp.asarray(grads, jnp.float32))
-      rows = min(self.basis.shape[0], self.max_rows)
-      self.protect = np.zeros_like(self.protect)
-      self.protect[:rows] = np.asarray(self.basis[:rows])
+      rows = min(self.basis.shape[0], self.padded.shape[0])
+      self.padded[:] = 0.0
+      self.padded[:rows] = np.asarray(self.basis[:rows])
+      self.opt_state = optax.tree.set(self.opt_state,
+                                      basis=jnp.asarray(self.padded))
     elif s == 'gpm':
       names = layer_names(config.hidden)
       reps = layer_inputs(params, jnp.asarray(x[:config.gpm_examples]))
@@ -443,8 +475,9 @@ class Memory:
       self.gpm = {name: metacf.protect.gpm_basis(
           rep.T, gpm_threshold(config, i, task), old.get(name))
                   for i, (name, rep) in enumerate(zip(names, reps))}
-      self.protect = {name: {'kernel': _pad_columns(m)}
-                      for name, m in self.gpm.items()}
+      self.opt_state = optax.tree.set(self.opt_state, bases={
+          name: {'kernel': jnp.asarray(_pad_columns(m))}
+          for name, m in self.gpm.items()})
 
   def floats(self) -> dict[str, Any]:
     """Stored floats after the last update, and how they are made up."""
@@ -478,15 +511,15 @@ def run_strategy(config: Config, benchmark: str, data: Benchmark,
   root = jax.random.key(seed)
   params = init_params(utils.name_key(root, 'init'), config.hidden)
   num_params = int(flatten_util.ravel_pytree(params)[0].shape[0])
-  train = _trainer(config, strategy)
+  memory = Memory(strategy, config, params)
   t_all = config.num_tasks
   if strategy == 'joint':
     x = jnp.asarray(data.x_train.reshape(-1, NUM_PIXELS))
     y = jnp.asarray(data.y_train.reshape(-1))
     order = batch_order(utils.name_key(root, 'order', benchmark, 'joint'),
                         int(y.shape[0]), config)
-    params = train(params, {}, x, y, jnp.asarray(order),
-                   utils.name_key(root, strategy, benchmark))
+    params = memory.train(params, x, y, jnp.asarray(order),
+                          utils.name_key(root, strategy, benchmark))
     final = accuracies(params, data, config)
     return {'params_finite': _all_finite(params),
             'final_accuracies': final.tolist(), 'acc': float(np.mean(final)),
@@ -495,15 +528,14 @@ def run_strategy(config: Config, benchmark: str, data: Benchmark,
             'memory': {'floats': int(y.shape[0]) * (NUM_PIXELS + 1),
                        'what': f'all {int(y.shape[0])} examples x 785'},
             'time_s': time.perf_counter() - start}
-  memory = Memory(strategy, config, params)
   matrix = np.zeros((t_all, t_all))
   finite = True
   for t in range(t_all):
     order = batch_order(utils.name_key(root, 'order', benchmark, t),
                         config.num_train, config)
-    params = train(params, memory.protect, jnp.asarray(data.x_train[t]),
-                   jnp.asarray(data.y_train[t]), jnp.asarray(order),
-                   utils.name_key(root, strategy, benchmark, t))
+    params = memory.train(params, jnp.asarray(data.x_train[t]),
+                          jnp.asarray(data.y_train[t]), jnp.asarray(order),
+                          utils.name_key(root, strategy, benchmark, t))
     matrix[t] = accuracies(params, data, config)
     finite = finite and _all_finite(params)
     if t < t_all - 1:
@@ -526,22 +558,36 @@ def run_strategy(config: Config, benchmark: str, data: Benchmark,
 # ------------------------------------------- predicted vs measured forgetting
 
 
-@functools.partial(jax.jit, static_argnames=('apply', 'num_steps'))
-def descend(apply: Any, params: Params, x: jax.Array, y: jax.Array,
-            basis: jax.Array, lr: Any, num_steps: int) -> Params:
-  """Full-batch GD on ``(x, y)`` through ``orthogonal_projection(basis)``.
+@functools.lru_cache(maxsize=None)
+def _projected_sgd(rows: int, num_params: int, lr: float
+                   ) -> optax.GradientTransformation:
+  """``chain(orthogonal_projection(V), sgd(lr))``, built once per shape.
 
-  ``basis [k, P]`` is traced (zero rows project nothing), so one compile
-  serves every k padded to the same rows.
+  Its initial basis is zeros ``[rows, P]``; :func:`forgetting_under_protection`
+  swaps each ``k``'s padded basis into the state (``optax.tree.set``), so
+  one compile of :func:`descend` serves every ``k``.
   """
-  tx = optax.chain(metacf.protect.orthogonal_projection(basis),
-                   optax.sgd(lr))
+  return optax.chain(metacf.protect.orthogonal_projection(
+      np.zeros((rows, num_params), np.float32)), optax.sgd(lr))
 
-  def step(p, _):
+
+@functools.partial(jax.jit, static_argnames=('apply', 'tx', 'num_steps'))
+def descend(apply: Any, tx: optax.GradientTransformation, params: Params,
+            x: jax.Array, y: jax.Array, opt_state: Any, num_steps: int
+            ) -> Params:
+  """Full-batch GD on ``(x, y)`` through ``tx`` from ``opt_state``.
+
+  ``tx`` is :func:`_projected_sgd`'s; the basis it projects out is in
+  ``opt_state`` (zero rows project nothing).
+  """
+
+  def step(carry, _):
+    p, s = carry
     grads = jax.grad(functools.partial(cross_entropy, apply))(p, x, y)
-    return _update(tx, grads, p), None
+    return _apply_update(tx, grads, s, p), None
 
-  params, _ = jax.lax.scan(step, params, None, length=num_steps)
+  (params, _), _ = jax.lax.scan(step, (params, opt_state), None,
+                                length=num_steps)
   return params
 
 
@@ -593,7 +639,9 @@ def forgetting_under_protection(
   if k:
     padded[:k] = np.asarray(basis[:k])
   padded = jnp.asarray(padded)
-  after = descend(apply, params, *task_b, padded, lr, num_steps)
+  tx = _projected_sgd(rows, num_params, lr)
+  opt_state = optax.tree.set(tx.init(params), basis=padded)
+  after = descend(apply, tx, params, *task_b, opt_state, num_steps)
   out: dict[str, Any] = {}
   for name, (x_a, y_a) in evals.items():
     predicted = _predict(apply, params, (x_a, y_a), task_b,
@@ -616,8 +664,8 @@ def run_pair(config: Config, pair: Pair, data: Benchmark) -> dict[str, Any]:
   order = batch_order(utils.name_key(root, 'order', pair.name),
                       config.num_train, config)
   a, b = pair.task_a, pair.task_b
-  params = _trainer(config, 'naive')(
-      params, {}, jnp.asarray(data.x_train[a]), jnp.asarray(data.y_train[a]),
+  params = Memory('naive', config, params).train(
+      params, jnp.asarray(data.x_train[a]), jnp.asarray(data.y_train[a]),
       jnp.asarray(order), utils.name_key(root, 'naive', pair.name))
   x_a = jnp.asarray(data.x_train[a][:config.jac_examples])
   y_a = jnp.asarray(data.y_train[a][:config.jac_examples])

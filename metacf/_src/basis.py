@@ -19,7 +19,7 @@ ORTHONORMAL_TOL = 1e-3
 
 
 def check_basis(basis: Any, num_params: int | None, name: str,
-                fn: str) -> None:
+                fn: str, *, columns: bool = False) -> None:
   """Checks ``basis [k, P]``: rank 2, floating, width P, orthonormal rows.
 
   Rows that are all zero are allowed (padding that keeps a growing basis at
@@ -32,28 +32,46 @@ def check_basis(basis: Any, num_params: int | None, name: str,
   unit, or not orthogonal) ``(V V^T)^2 q != V V^T q`` and it fails. What
   passes is (up to the probe) any ``V`` whose ``V^T V`` is an orthogonal
   projector, which is all that :func:`project_out` needs.
+
+  With ``columns=True`` the basis is ``M [d, r]`` with one direction per
+  column (GPM's layout, :func:`metacf.protect.gpm_basis`): the same checks
+  on ``M^T``, ``num_params`` is ``d`` and the messages say columns.
   """
   shape = np.shape(basis)
   if len(shape) != 2:
-    raise ValueError(f'{fn}: {name} must have shape [k, P] (one orthonormal '
-                     f'direction per row), got shape {shape}.')
+    layout = ('[d, r] (one orthonormal direction per column)' if columns
+              else '[k, P] (one orthonormal direction per row)')
+    raise ValueError(f'{fn}: {name} must have shape {layout}, got shape '
+                     f'{shape}.')
   dtype = jnp.result_type(basis)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f'{fn}: {name} must be floating, got dtype {dtype}.')
-  if num_params is not None and shape[1] != num_params:
+  width = shape[0] if columns else shape[1]
+  if num_params is not None and width != num_params:
+    what = 'row per input dimension, d' if columns else (
+        'column per parameter, P')
     raise ValueError(
-        f'{fn}: {name} must have one column per parameter, P = '
-        f'{num_params}, got shape {shape}.')
-  if checks.is_traced(basis) or shape[0] == 0:
+        f'{fn}: {name} must have one {what} = {num_params}, got shape '
+        f'{shape}.')
+  k = shape[1] if columns else shape[0]
+  if checks.is_traced(basis) or k == 0:
     return
-  probe = np.random.default_rng(0).standard_normal(shape[0]).astype(dtype)
+  probe = np.random.default_rng(0).standard_normal(k).astype(dtype)
   v = jnp.asarray(basis)
+  if columns:
+    v = v.T
   gram_times = lambda q: jnp.matmul(v, jnp.matmul(q, v, precision=_HIGHEST),
                                     precision=_HIGHEST)
   once = gram_times(jnp.asarray(probe))
   err = float(jnp.max(jnp.abs(gram_times(once) - once)) /
               np.max(np.abs(probe)))
   if not err <= ORTHONORMAL_TOL:  # Also catches NaN.
+    if columns:
+      raise ValueError(
+          f'{fn}: {name} must have orthonormal columns (M^T M = I; zero '
+          f'columns allowed), got max |(M^T M)^2 q - M^T M q| / max |q| = '
+          f'{err:.3g} for a random q (tolerance {ORTHONORMAL_TOL:g}); '
+          'orthonormalise it, e.g. with jnp.linalg.qr(basis)[0].')
     raise ValueError(
         f'{fn}: {name} must have orthonormal rows (V V^T = I; zero rows '
         f'allowed), got max |(V V^T)^2 q - V V^T q| / max |q| = {err:.3g} '

@@ -21,33 +21,60 @@ Projections chain with any optax optimizer, first in the chain::
   # metacf.jacobian.predicted_forgetting(..., protect_basis=svd_a.vt)
   # predicts the forgetting of this projected training before it runs.
 
+The arrays a transformation needs live in its optax state, never in its
+closure (STYLE.md section 15): :class:`OrthogonalProjectionState` ``(basis)``,
+:class:`GpmProjectionState` ``(bases)`` and :class:`EwcState` ``(anchor,
+fisher, strength)``. The constructor's arguments are the initial state; a
+jitted step that takes the optimizer state as an argument compiles once, its
+program holds no ``[k, P]`` constant, and the arrays are swapped between
+tasks by field name::
+
+  opt_state = tx.init(params)
+  ...                                          # train on task A
+  opt_state = optax.tree.set(opt_state, basis=basis_after_a)
+  ...                                          # train on task B, same compile
+
+Bases that grow keep one shape with zero rows (or GPM's zero columns),
+which project nothing: allocate ``k_max`` rows, fill them as tasks come,
+swap the padded array in. Rows ``[k, P]`` (``orthogonal_projection``, as
+:attr:`metacf.jacobian.JacobianSVD.vt`: one direction of all parameters per
+row) and columns ``[d_in, r]`` (``gpm_basis``, Saha et al.'s ``M``: one
+direction of a layer's inputs per column) differ on purpose, each that of
+its source.
+
 Flattened parameter vectors use ``jax.flatten_util.ravel_pytree`` order, as
 in :mod:`metacf.jacobian`. Models from flax and equinox enter as a params
 pytree (``nnx.split(model, nnx.Param)``, ``eqx.partition``), as there.
 """
 
 from metacf.protect._ewc import ewc
+from metacf.protect._ewc import EwcState
 from metacf.protect._ewc import ewc_penalty
 from metacf.protect._ewc import fisher_diagonal
 from metacf.protect._ewc import online_ewc_update
 from metacf.protect._gpm import gpm_basis
 from metacf.protect._gpm import gpm_projection
+from metacf.protect._gpm import GpmProjectionState
 from metacf.protect._projection import agem
 from metacf.protect._projection import agem_project
 from metacf.protect._projection import AgemState
 from metacf.protect._projection import extend_basis
 from metacf.protect._projection import orthogonal_projection
+from metacf.protect._projection import OrthogonalProjectionState
 
 __all__ = [
     'AgemState',
     'agem',
     'agem_project',
+    'EwcState',
     'ewc',
     'ewc_penalty',
     'extend_basis',
     'fisher_diagonal',
     'gpm_basis',
+    'GpmProjectionState',
     'gpm_projection',
     'online_ewc_update',
+    'OrthogonalProjectionState',
     'orthogonal_projection',
 ]

@@ -19,7 +19,7 @@ Offline EWC keeps one ``(anchor, fisher)`` pair per task and sums their
 penalties.
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -275,6 +275,13 @@ def online_ewc_update(fisher: Params, new_fisher: Params, gamma: Any
                       fisher, new_fisher)
 
 
+class EwcState(NamedTuple):
+  """State of :func:`ewc`: what its penalty gradient reads."""
+  anchor: Params    # like the params: the old task's solution.
+  fisher: Params    # like the params: the (running) Fisher diagonal.
+  strength: jax.Array  # shape=(), floating: lambda.
+
+
 def ewc(anchor: Params, fisher: Params, strength: Any
         ) -> optax.GradientTransformation:
   r"""Adds EWC's penalty gradient :math:`\lambda F (\theta - \theta^*)`.
@@ -285,31 +292,90 @@ def ewc(anchor: Params, fisher: Params, strength: Any
   ``optax.add_decayed_weights`` does for weight decay. ``update`` needs
   ``params``.
 
+  **The arrays live in the state** (:class:`EwcState`, fields ``anchor``,
+  ``fisher`` and ``strength``): ``init`` puts the constructor's arguments
+  there and ``update`` reads them from there, so a jitted step that takes
+  the optimizer state as an argument compiles once for every anchor,
+  Fisher and strength of the same shapes and dtypes, and holds none of them
+  as constants (its program does not grow with ``P``). After a task, swap
+  them by name (online EWC, Schwarz et al. 2018)::
+
+    tx = optax.chain(metacf.protect.ewc(params, zero_fisher, 30.0), sgd)
+    opt_state = tx.init(params)
+    for task in tasks:
+      params, opt_state = train(params, opt_state, task)   # one compile
+      fisher = metacf.protect.online_ewc_update(
+          optax.tree.get(opt_state, 'fisher'), fisher_diagonal(...), 0.9)
+      opt_state = optax.tree.set(opt_state, anchor=params, fisher=fisher)
+
+  ``strength`` is state too, so it can be swapped the same way
+  (``optax.tree.set(opt_state, strength=10.0)``; a Python number stays the
+  same weak-typed scalar as the initial one when that was a Python number,
+  so no retrace). Offline EWC chains one ``ewc`` per task; ``optax.tree.set``
+  then sets every ``anchor`` in the chain unless its ``filtering`` argument
+  picks one by path, e.g. ``lambda path, _: path[0].idx == t`` for the
+  ``t``-th element of the chain's state tuple. Swapped values are checked
+  for their tree and shapes when ``update`` is traced, not for values.
+
   Args:
-    anchor: The old task's solution, like the params.
+    anchor: The old task's solution, like the params: the initial state.
     fisher: The (running) Fisher diagonal, like the params.
-    strength: :math:`\lambda \ge 0`.
+    strength: :math:`\lambda \ge 0`, a scalar (stored as a floating array).
 
   Returns:
-    An ``optax.GradientTransformation`` with an empty state.
+    An ``optax.GradientTransformation`` whose state is an :class:`EwcState`;
+    ``init`` and ``update`` raise ``ValueError`` if ``anchor`` or
+    ``fisher`` does not have the params' structure and shapes, ``update``
+    if it gets no ``params``.
+
+  Raises:
+    ValueError: if ``fisher`` does not have ``anchor``'s structure and
+      shapes, or a concrete ``strength`` is negative, NaN or not a scalar.
+
+  References:
+    Kirkpatrick et al., `Overcoming catastrophic forgetting in neural
+    networks <https://arxiv.org/abs/1612.00796>`_, PNAS 2017; Schwarz et
+    al., `Progress & Compress: A scalable framework for continual learning
+    <https://arxiv.org/abs/1805.06370>`_, ICML 2018
   """
   fn = 'ewc'
   _check_like(fisher, anchor, 'fisher', fn)
+  if np.ndim(strength) != 0:
+    raise ValueError(f'{fn}: strength must be a scalar, got shape '
+                     f'{np.shape(strength)}.')
   _check_nonnegative(strength, 'strength', fn)
+  initial = EwcState(anchor=jax.tree.map(jnp.asarray, anchor),
+                     fisher=jax.tree.map(jnp.asarray, fisher),
+                     strength=_float_scalar(strength))
 
   def init_fn(params):
     _check_like(anchor, params, 'anchor', fn)
-    return optax.EmptyState()
+    return initial
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(f'{fn}: update needs params (the penalty gradient is '
                        'strength * fisher * (params - anchor)), got None.')
-    _check_like(anchor, params, 'anchor', fn)
+    if not all(hasattr(state, f) for f in EwcState._fields):
+      raise ValueError(f'{fn}: state must be the EwcState that init '
+                       f'returns, got {type(state).__name__}.')
+    _check_like(state.anchor, params, 'anchor', fn)
+    _check_like(state.fisher, params, 'fisher', fn)
+    strength = state.strength
     updates = jax.tree.map(
-        lambda u, p, a, f: u + (jnp.asarray(strength, f.dtype) * f *
+        lambda u, p, a, f: u + (jnp.asarray(strength).astype(f.dtype) * f *
                                 (p - a)).astype(u.dtype),
-        updates, params, anchor, fisher)
+        updates, params, state.anchor, state.fisher)
     return updates, state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _float_scalar(value: Any) -> jax.Array:
+  """``value`` as a floating scalar array; Python numbers stay weak-typed."""
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return jnp.asarray(float(value))
+  value = jnp.asarray(value)
+  if not jnp.issubdtype(value.dtype, jnp.floating):
+    value = value.astype(jnp.result_type(float))
+  return value

@@ -8,13 +8,14 @@ that span from later gradients (:func:`gpm_projection`), so the layer's
 response to earlier tasks' inputs does not change.
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from metacf._src import basis as basis_lib
 from metacf._src import checks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -59,6 +60,9 @@ def gpm_basis(representation: jax.Array, threshold: float,
     representation: ``[d, n]``, one column per example.
     threshold: :math:`\epsilon \in (0, 1)`.
     basis: ``[d, r0]`` with orthonormal columns from earlier tasks, or None.
+      Checked like :func:`extend_basis` checks its rows (a probe of
+      :math:`4 d r_0` flops): the columns must be orthonormal (the
+      unpadded basis: zero columns pass the check but stay in the output).
 
   Returns:
     ``[d, r]`` with orthonormal columns, ``basis``' columns first, in the
@@ -66,7 +70,9 @@ def gpm_basis(representation: jax.Array, threshold: float,
 
   Raises:
     ValueError: if ``threshold`` is not in (0, 1), ``representation`` is
-      not 2-D or not finite, or ``basis`` is not ``[d, r0]``.
+      not 2-D or not finite, or ``basis`` is not ``[d, r0]``, not finite or
+      its columns are not orthonormal.
+    TypeError: if ``basis`` is not floating.
 
   References:
     Saha, Garg & Roy, `Gradient Projection Memory for Continual Learning
@@ -98,6 +104,9 @@ def gpm_basis(representation: jax.Array, threshold: float,
     raise ValueError(f'{fn}: basis must have shape [d, r] = [{d}, r] (the '
                      "representation's d rows), got shape "
                      f'{np.shape(basis)}.')
+  if not np.all(np.isfinite(np.asarray(basis))):
+    raise ValueError(f'{fn}: basis must be finite, got NaN or inf.')
+  basis_lib.check_basis(basis, d, 'basis', fn, columns=True)
   m = np.asarray(basis, np.float64)
   if total == 0:
     return jnp.asarray(m, dtype)
@@ -109,6 +118,11 @@ def gpm_basis(representation: jax.Array, threshold: float,
   rank = int(np.sum(before < epsilon))
   out = np.concatenate([m, u[:, :rank]], axis=1)[:, :d]
   return jnp.asarray(out, dtype)
+
+
+class GpmProjectionState(NamedTuple):
+  """State of :func:`gpm_projection`: the per-leaf bases it projects out."""
+  bases: Any  # the params' tree; leaves None or [d_in, r] (orthonormal cols).
 
 
 def gpm_projection(bases: Any) -> optax.GradientTransformation:
@@ -130,53 +144,82 @@ def gpm_projection(bases: Any) -> optax.GradientTransformation:
     bases = {'dense1': {'kernel': m1, 'bias': None}, ...}   # params' tree
     tx = optax.chain(metacf.protect.gpm_projection(bases), optax.sgd(0.01))
 
+  **The bases live in the state** (:class:`GpmProjectionState`, field
+  ``bases``): ``init`` puts them there and ``update`` reads them from
+  there, so a jitted step that takes the optimizer state as an argument
+  compiles once for every set of bases of the same shapes and holds none of
+  them as constants. Swap them between tasks with
+  ``optax.tree.set(opt_state, bases=new_bases)`` (a whole tree, ``None``
+  leaves where they were). GPM's bases grow from task to task: keep one
+  shape by zero padding, e.g. ``[d_in, d_in]`` (or ``[d_in, r_max]``) with
+  :func:`gpm_basis`' columns first and zero columns after (zero columns
+  project nothing)::
+
+    padded = {'dense1': {'kernel': np.zeros((d_in, d_in), np.float32),
+                         'bias': None}, ...}
+    tx = optax.chain(metacf.protect.gpm_projection(padded), sgd)
+    opt_state = tx.init(params)
+    for task in tasks:
+      params, opt_state = train(params, opt_state, task)  # one compile
+      m = metacf.protect.gpm_basis(representation, 0.97, m)
+      padded['dense1']['kernel'][:, :m.shape[1]] = m
+      opt_state = optax.tree.set(
+          opt_state, bases=jax.tree.map(jnp.asarray, padded))
+
+  Swapped bases are checked for their shapes when ``update`` is traced,
+  not for orthonormality.
+
   Args:
     bases: A pytree with the params' structure whose leaves are ``None`` or
-      ``[d_in, r]`` arrays with orthonormal columns (from :func:`gpm_basis`).
+      ``[d_in, r]`` arrays with orthonormal columns (from :func:`gpm_basis`;
+      zero columns allowed): the initial state. Concrete bases are checked
+      for orthonormal columns (a probe of :math:`4 d_\mathrm{in} r` flops).
 
   Returns:
-    An ``optax.GradientTransformation`` with an empty state; ``init`` and
-    ``update`` raise ``ValueError`` if the params/updates do not have
-    ``bases``' structure or a basis' ``d_in`` does not match its leaf.
+    An ``optax.GradientTransformation`` whose state is a
+    :class:`GpmProjectionState`; ``init`` and ``update`` raise
+    ``ValueError`` if the params/updates do not have ``bases``' structure
+    or a basis' ``d_in`` does not match its leaf.
+
+  Raises:
+    ValueError: if a leaf of ``bases`` is not ``None`` or a 2-D array with
+      orthonormal columns.
+    TypeError: if a basis is not floating.
 
   References:
     Saha, Garg & Roy, `Gradient Projection Memory for Continual Learning
     <https://arxiv.org/abs/2103.09762>`_, ICLR 2021
   """
   fn = 'gpm_projection'
-  is_none = lambda x: x is None
-  for path, m in jax.tree_util.tree_leaves_with_path(bases, is_leaf=is_none):
-    if m is not None and np.ndim(m) != 2:
-      raise ValueError(
-          f'{fn}: bases{jax.tree_util.keystr(path)} must be None or have '
-          f'shape [d_in, r], got shape {np.shape(m)}.')
-  bases = jax.tree.map(lambda m: None if m is None else jnp.asarray(m),
-                       bases, is_leaf=is_none)
+  for path, m in jax.tree_util.tree_leaves_with_path(bases, is_leaf=_is_none):
+    if m is not None:
+      basis_lib.check_basis(m, None, f'bases{jax.tree_util.keystr(path)}',
+                            fn, columns=True)
+  initial = jax.tree.map(lambda m: None if m is None else jnp.asarray(m),
+                         bases, is_leaf=_is_none)
 
-  def check(tree, name):
-    want = jax.tree.structure(bases, is_leaf=is_none)
+  def check(state_bases, tree, name):
+    want = jax.tree.structure(state_bases, is_leaf=_is_none)
     leaves = want.flatten_up_to(tree) if _prefix_ok(want, tree) else None
     if leaves is None:
       raise ValueError(
           f'{fn}: {name} must have the structure of bases, got '
           f'{jax.tree.structure(tree)} and bases {want}.')
-    paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(
-        bases, is_leaf=is_none)]
-    for path, m, leaf in zip(paths, jax.tree.leaves(bases, is_leaf=is_none),
-                             leaves):
+    for (path, m), leaf in zip(jax.tree_util.tree_leaves_with_path(
+        state_bases, is_leaf=_is_none), leaves):
       if m is None:
         continue
       shape = np.shape(leaf)
       d_in = int(np.prod(shape[:-1])) if len(shape) >= 2 else None
-      if d_in != m.shape[0]:
+      if np.ndim(m) != 2 or d_in != np.shape(m)[0]:
         raise ValueError(
-            f'{fn}: bases{jax.tree_util.keystr(path)} must have d_in = '
-            f'prod(kernel.shape[:-1]) rows for the kernel of shape {shape}, '
-            f'got shape {m.shape}.')
+            f'{fn}: bases{jax.tree_util.keystr(path)} must have shape '
+            f'[d_in, r] with d_in = prod(kernel.shape[:-1]) rows for the '
+            f'kernel of shape {shape}, got shape {np.shape(m)}.')
 
   def init_fn(params):
-    check(params, 'params')
-    return optax.EmptyState()
+    check(initial, params, 'params')
+    return GpmProjectionState(bases=initial)
 
   def project(m, g):
     if m is None:
@@ -189,10 +232,18 @@ def gpm_projection(bases: Any) -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del params
-    check(updates, 'updates')
-    return jax.tree.map(project, bases, updates, is_leaf=is_none), state
+    if not hasattr(state, 'bases'):
+      raise ValueError(f'{fn}: state must be the GpmProjectionState that '
+                       f'init returns, got {type(state).__name__}.')
+    check(state.bases, updates, 'updates')
+    return jax.tree.map(project, state.bases, updates,
+                        is_leaf=_is_none), state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
 
 
 def _prefix_ok(treedef: Any, tree: Any) -> bool:

@@ -19,7 +19,18 @@ from metacf._src import checks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
-def orthogonal_projection(basis: jax.Array) -> optax.GradientTransformation:
+
+class OrthogonalProjectionState(NamedTuple):
+  """State of :func:`orthogonal_projection`: the basis it projects out."""
+  basis: jax.Array  # shape=[k, P], orthonormal (or zero) rows.
+
+
+def _num_params(tree: Any) -> int:
+  return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(tree))
+
+
+def orthogonal_projection(basis: jax.typing.ArrayLike
+                          ) -> optax.GradientTransformation:
   r"""Projects updates onto the orthogonal complement of ``basis``' rows.
 
   With the updates flattened to :math:`g \in \mathbb{R}^P`
@@ -36,21 +47,58 @@ def orthogonal_projection(basis: jax.Array) -> optax.GradientTransformation:
 
   Put it first in the chain: momentum or Adam after it act on projected
   gradients (their output then also stays in the complement for SGD with
-  momentum, not for Adam's per-coordinate scaling). The state is empty; the
-  update is two matrix-vector products, :math:`4kP` flops.
+  momentum, not for Adam's per-coordinate scaling). The update is two
+  matrix-vector products, :math:`4kP` flops.
+
+  **The basis lives in the state** (:class:`OrthogonalProjectionState`,
+  field ``basis``): ``init`` puts ``basis`` there and ``update`` reads it
+  from there, as ``optax.inject_hyperparams`` keeps a learning rate. A
+  jitted step that takes the optimizer state as an argument therefore
+  compiles once for every basis of the same shape and dtype, and its
+  program does not hold :math:`V` (no :math:`kP` constant). Between tasks,
+  swap the basis by its field name::
+
+    tx = optax.chain(metacf.protect.orthogonal_projection(v_task0),
+                     optax.sgd(0.01))
+    opt_state = tx.init(params)
+    step = jax.jit(my_step)               # my_step(params, opt_state, batch)
+    ...                                   # train on task 1
+    opt_state = optax.tree.set(opt_state, basis=v_tasks01)
+    ...                                   # train on task 2, no recompile
+
+  A basis that grows from task to task keeps one shape by zero padding:
+  allocate ``k_max`` rows of zeros (zero rows project nothing), fill the
+  first rows as tasks come (:func:`extend_basis` returns orthonormal rows)
+  and swap the padded array in with ``optax.tree.set``::
+
+    padded = np.zeros((k_max, num_params), np.float32)
+    tx = optax.chain(metacf.protect.orthogonal_projection(padded), sgd)
+    opt_state = tx.init(params)
+    for task in tasks:
+      params, opt_state = train(params, opt_state, task)  # one compile
+      grown = metacf.protect.extend_basis(grown, task_gradients)
+      padded[:grown.shape[0]] = grown
+      opt_state = optax.tree.set(opt_state, basis=jnp.asarray(padded))
+
+  A swapped basis is not checked for orthonormality (only its shape, when
+  ``update`` is traced); pass the same dtype (a Python-scalar array or a
+  new dtype is a new trace). If the chain holds several transformations
+  with a ``basis`` field, ``optax.tree.set``'s ``filtering`` argument picks
+  one by its path.
 
   Args:
     basis: ``[k, P]`` with orthonormal rows (``k = 0`` projects nothing);
       rows that are all zero are allowed and project nothing, so a basis
-      that grows between tasks can keep a fixed shape. Concrete bases are
-      checked for orthonormality by a cheap probe (:math:`4kP` flops); it
-      is cast to the updates' dtype. To let one jitted step serve a basis
-      that changes, build the transformation inside the step from a basis
-      argument (traced bases are not checked).
+      that grows between tasks can keep a fixed shape. The initial state.
+      A concrete basis is checked for orthonormality by a cheap probe
+      (:math:`4kP` flops); it is cast to the updates' dtype in ``update``.
 
   Returns:
-    An ``optax.GradientTransformation``; ``update`` raises ``ValueError`` if
-    the updates do not have ``P`` parameters in all.
+    An ``optax.GradientTransformation`` whose state is an
+    :class:`OrthogonalProjectionState`. ``init(params)`` and
+    ``update(updates, state)`` raise ``ValueError`` if the params or updates
+    do not have ``P`` numbers in all (at trace time, under ``jit``), or if
+    ``state.basis`` is not ``[k, P]``.
 
   Raises:
     ValueError: if ``basis`` is not 2-D or its rows are not orthonormal.
@@ -64,20 +112,27 @@ def orthogonal_projection(basis: jax.Array) -> optax.GradientTransformation:
   """
   fn = 'orthogonal_projection'
   basis_lib.check_basis(basis, None, 'basis', fn)
-  basis = jnp.asarray(basis)
+  initial = jnp.asarray(basis)
+
+  def check_width(state_basis: Any, num: int, what: str) -> None:
+    shape = np.shape(state_basis)
+    if len(shape) != 2 or shape[1] != num:
+      raise ValueError(
+          f'{fn}: basis must have shape [k, P] with P = {num}, the number '
+          f'of parameters in the {what}, got shape {shape}.')
 
   def init_fn(params):
-    del params
-    return optax.EmptyState()
+    check_width(initial, _num_params(params), 'params')
+    return OrthogonalProjectionState(basis=initial)
 
   def update_fn(updates, state, params=None):
     del params
+    if not hasattr(state, 'basis'):
+      raise ValueError(f'{fn}: state must be the OrthogonalProjectionState '
+                       f'that init returns, got {type(state).__name__}.')
     flat, unravel = flatten_util.ravel_pytree(updates)
-    if flat.shape[0] != basis.shape[1]:
-      raise ValueError(
-          f'{fn}: basis must have one column per parameter of the updates, '
-          f'P = {flat.shape[0]}, got shape {basis.shape}.')
-    return unravel(basis_lib.project_out(basis, flat)), state
+    check_width(state.basis, flat.shape[0], 'updates')
+    return unravel(basis_lib.project_out(state.basis, flat)), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -221,9 +276,19 @@ def agem() -> optax.GradientTransformationExtraArgs:
     updates, opt_state = tx.update(grads, opt_state, params,
                                    reference_grads=memory_grads)
 
+  It closes over no array, like :func:`orthogonal_projection`, whose basis
+  lives in its state: the memory gradient changes every step, so it is an
+  argument of ``update`` rather than state, and a jitted step that takes
+  it as an argument compiles once.
+
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with an empty state;
-    ``update`` raises ``ValueError`` when ``reference_grads`` is missing.
+    An ``optax.GradientTransformationExtraArgs`` whose state is an empty
+    :class:`AgemState`; ``update`` raises ``ValueError`` when
+    ``reference_grads`` is missing.
+
+  References:
+    Chaudhry et al., `Efficient Lifelong Learning with A-GEM
+    <https://arxiv.org/abs/1812.00420>`_, ICLR 2019
   """
 
   def init_fn(params):
