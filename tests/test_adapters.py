@@ -1212,7 +1212,8 @@ class PublicApiTest(chex.TestCase):
 
   def test_all(self):
     self.assertEqual(sorted(adapters.__all__), [
-        'count_params', 'flax_fan_in_axes', 'freeze', 'lora_dense', 'lora_init', 'lora_merge',
+        'count_params', 'flax_fan_in_axes', 'freeze', 'lora_dense',
+        'lora_init', 'lora_merge',
         'prepend_prompt', 'soft_prompt_init', 'trainable_labels',
         'with_lora'])
     for name in adapters.__all__:

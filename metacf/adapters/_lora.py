@@ -212,8 +212,8 @@ def flax_fan_in_axes(path: str, leaf: Any) -> int:
     return 2
   raise ValueError(
       'flax_fan_in_axes: leaf must be a 2-D or 4-D kernel or the 3-D kernel '
-      'of an attention query, key, value or out projection (write a fan_in_axes '
-      f'callable for other layouts), got {path!r} of shape '
+      'of an attention query, key, value or out projection (write a '
+      f'fan_in_axes callable for other layouts), got {path!r} of shape '
       f'{tuple(np.shape(leaf))}.')
 
 
