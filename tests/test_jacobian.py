@@ -1031,7 +1031,7 @@ class PredictedForgettingTest(chex.TestCase):
       call((x, labels.astype(jnp.float32)), (x, labels), lr=0.1, num_steps=1,
            loss='cross_entropy')
     with self.assertRaisesRegex(ValueError, r'task_b labels y must be in '
-                                r'\[0, C\) = \[0, 3\), got values in \[0, 3\]'):
+                                r'\[0, 3\), got values in \[0, 3\]'):
       call((x, labels), (x, labels.at[0].set(3)), lr=0.1, num_steps=1,
            loss='cross_entropy')
     with self.assertRaisesRegex(TypeError, 'predicted_forgetting: task_a must '

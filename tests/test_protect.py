@@ -1043,7 +1043,7 @@ class EwcTransformationTest(chex.TestCase):
     errors = (ValueError, TypeError)
     with self.assertRaisesRegex(errors, r'ewc: fisher'):
       protect.ewc(anchor, {'w': fisher['w']}, 1.0)
-    with self.assertRaisesRegex(ValueError, r'ewc: strength must be a number >= 0, got -1.0'):
+    with self.assertRaisesRegex(ValueError, r'ewc: strength must be >= 0, got -1.0'):
       protect.ewc(anchor, fisher, -1.0)
     tx = protect.ewc(anchor, fisher, 1.0)
     with self.assertRaisesRegex(ValueError, r'ewc: update needs params'):

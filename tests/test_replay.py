@@ -326,12 +326,16 @@ class ReplayBufferTest(chex.TestCase):
         'float32 like example_item, got int32.'):
       buffer.add(key, state, {**good, 'x': jnp.zeros((3, 3), jnp.int32)})
     with self.assertRaisesRegex(
-        ValueError, r'replay_buffer.add: batch leaves must share the leading '
-        r"batch size, got 3 for \['id'\], 2 for \['x'\]\."):
+        ValueError, re.escape(
+            'replay_buffer.add: batch must have a leading batch axis shared '
+            "by all its leaves, got shapes (3,) for ['id'], (3,) for "
+            "['nested'][0], (3,) for ['nested'][1], (2, 3) for ['x'].")):
       buffer.add(key, state, {**good, 'x': jnp.zeros((2, 3))})
     with self.assertRaisesRegex(
-        ValueError, r"replay_buffer.add: batch leaf \['id'\] must have a "
-        'leading batch axis'):
+        ValueError, re.escape(
+            'replay_buffer.add: batch must have a leading batch axis shared '
+            "by all its leaves, got shapes () for ['id'], (3,) for "
+            "['nested'][0], (3,) for ['nested'][1], (3, 3) for ['x'].")):
       buffer.add(key, state, {**good, 'id': jnp.int32(0)})
     # The same checks run at trace time under jit.
     with self.assertRaisesRegex(TypeError, 'must have dtype float32'):
@@ -729,12 +733,12 @@ class MixReplayTest(chex.TestCase):
       replay.mix_replay(key, new, {**old, 'x': jnp.zeros((16, 3), jnp.int32)},
                         0.5)
     with self.assertRaisesRegex(
-        ValueError, r'mix_replay: new_batch leaves must share the leading '
-        'batch size'):
+        ValueError, r'mix_replay: new_batch must have a leading batch axis '
+        'shared by all its leaves'):
       replay.mix_replay(key, {**new, 'x': jnp.zeros((15, 3))}, old, 0.5)
     with self.assertRaisesRegex(
-        ValueError, r'mix_replay: replay_sample leaves must share the leading '
-        'batch size'):
+        ValueError, r'mix_replay: replay_sample must have a leading batch axis '
+        'shared by all its leaves'):
       replay.mix_replay(key, new, {**old, 'x': jnp.zeros((15, 3))}, 0.5)
     with self.assertRaisesRegex(
         ValueError, r'mix_replay: replay_valid must have shape \[16\]'):

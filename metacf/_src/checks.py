@@ -178,8 +178,8 @@ def check_finite(value: Any, name: str, fn: str) -> None:
     message = f'{fn}: {name} must be finite, got {_got(value)}.'
     details = lambda xp, v: {'value': v}
   else:
-    message = (f'{fn}: {name} must be finite, got {{count}} non-finite '
-               'entries.')
+    message = (f'{fn}: {name} must be finite, got {{count}} non-finite of '
+               f'{np.size(value)} entries.')
     details = lambda xp, v: {'count': xp.sum(~xp.isfinite(v))}
   value_check([value], lambda xp, v: xp.all(xp.isfinite(v)), message,
               details)
@@ -201,6 +201,10 @@ def check_labels(labels: Any, num_classes: int, name: str, fn: str) -> None:
       lambda xp, y: {'low': xp.min(y), 'high': xp.max(y)})
 
 
+def _shape(leaf: Any) -> tuple[int, ...]:
+  return tuple(leaf.shape) if hasattr(leaf, 'shape') else np.shape(leaf)
+
+
 def leading_size(tree: Any, name: str, fn: str, *, axis: str = 'example',
                  min_size: int = 0) -> int:
   """The leading size shared by every leaf of ``tree`` (static shapes only).
@@ -217,18 +221,24 @@ def leading_size(tree: Any, name: str, fn: str, *, axis: str = 'example',
     The shared leading size.
 
   Raises:
-    ValueError: ``'<fn>: <name> must have a leading <axis> axis shared by
-      all its leaves, got shapes [...].'`` (also for a tree with no leaf or
-      a scalar leaf), or ``'<fn>: <name> must have >= <min_size> <axis>s on
-      its leading axis, got <n>.'``
+    ValueError: ``"<fn>: <name> must have a leading <axis> axis shared by
+      all its leaves, got shapes (3,) for ['a'], () for ['b']."`` (also for
+      a tree with no leaf, ``got no array``), or ``'<fn>: <name> must have
+      >= <min_size> <axis>s on its leading axis, got <n>.'``
   """
-  leaves = jax.tree.leaves(tree)
-  shapes = [tuple(np.shape(leaf)) for leaf in leaves]
-  sizes = {s[0] if s else None for s in shapes}
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  shapes = [(jax.tree_util.keystr(path), _shape(leaf)) for path, leaf in leaves]
+  sizes = {s[0] if s else None for _, s in shapes}
   if not leaves or None in sizes or len(sizes) != 1:
+    if not leaves:
+      got = 'no array'
+    elif len(shapes) == 1 and not shapes[0][0]:
+      got = f'shape {shapes[0][1]}'
+    else:
+      got = 'shapes ' + ', '.join(f'{s} for {p}' for p, s in shapes)
     raise ValueError(
         f'{fn}: {name} must have a leading {axis} axis shared by all its '
-        f'leaves, got shapes {shapes}.')
+        f'leaves, got {got}.')
   n = sizes.pop()
   if n < min_size:
     raise ValueError(

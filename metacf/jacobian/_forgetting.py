@@ -62,12 +62,7 @@ def _check_task(task: Any, name: str, loss: str, apply_fn: ApplyFn,
         f"{fn}: {name} labels y must have shape [N] = ({n},) for "
         f"loss='cross_entropy', got {np.shape(y)}.")
   checks.check_integer(y, f'{name} labels y', fn)
-  if not checks.is_traced(y):
-    labels = np.asarray(y)
-    if labels.min() < 0 or labels.max() >= c:
-      raise ValueError(
-          f'{fn}: {name} labels y must be in [0, C) = [0, {c}), got values '
-          f'in [{labels.min()}, {labels.max()}].')
+  checks.check_labels(y, c, f'{name} labels y', fn)
   return x, jnp.asarray(y), n, c
 
 

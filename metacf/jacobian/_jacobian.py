@@ -12,7 +12,6 @@ from typing import Any
 import jax
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
-import numpy as np
 
 from metacf._src import checks
 from metacf._src.types import ApplyFn, Params
@@ -38,20 +37,7 @@ def flatten_params(params: Params,
 
 def as_batch(x: Any, name: str, fn: str) -> tuple[Any, int]:
   """Converts the leaves of ``x`` to arrays; returns it and its batch size."""
-  leaves = jax.tree.leaves(x)
-  if not leaves:
-    raise ValueError(f'{fn}: {name} must contain at least one array, got '
-                     f'{x!r}.')
-  shapes = [np.shape(leaf) for leaf in leaves]
-  sizes = {s[0] if s else None for s in shapes}
-  if None in sizes or len(sizes) != 1:
-    raise ValueError(
-        f'{fn}: {name} must have a leading example axis shared by all its '
-        f'leaves, got shapes {shapes}.')
-  n = sizes.pop()
-  if n < 1:
-    raise ValueError(f'{fn}: {name} must contain at least one example, got '
-                     f'{n}.')
+  n = checks.leading_size(x, name, fn, min_size=1)
   return jax.tree.map(jnp.asarray, x), n
 
 

@@ -84,9 +84,10 @@ def fisher_diagonal(apply_fn: ApplyFn, params: Params, x: Any, *,
     dtype.
 
   Raises:
-    ValueError: if ``x`` has no example axis, ``apply_fn`` does not return
-      ``[N, C]``, ``labels`` is not ``[N]`` or has values outside
-      ``[0, C)`` (when concrete), or ``chunk_size < 1``.
+    ValueError: if ``x`` has no example axis shared by its leaves (or
+      ``N = 0``), ``apply_fn`` does not return ``[N, C]``, ``labels`` is
+      not ``[N]`` or has values outside ``[0, C)`` (values: see
+      :mod:`metacf.checks`), or ``chunk_size < 1``.
     TypeError: if ``labels`` is not integer.
 
   References:
@@ -98,15 +99,7 @@ def fisher_diagonal(apply_fn: ApplyFn, params: Params, x: Any, *,
     Continual Learning <https://arxiv.org/abs/2502.11756>`_, 2025
   """
   fn = 'fisher_diagonal'
-  leaves = jax.tree.leaves(x)
-  if not leaves or any(np.ndim(leaf) < 1 for leaf in leaves):
-    raise ValueError(f'{fn}: x must have a leading example axis, got shapes '
-                     f'{[np.shape(leaf) for leaf in leaves]}.')
-  n = np.shape(leaves[0])[0]
-  if any(np.shape(leaf)[0] != n for leaf in leaves) or n == 0:
-    raise ValueError(f'{fn}: x must have N >= 1 examples on the leading axis '
-                     f'of every leaf, got shapes '
-                     f'{[np.shape(leaf) for leaf in leaves]}.')
+  n = checks.leading_size(x, 'x', fn, min_size=1)
   for leaf in jax.tree.leaves(params):
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
       raise TypeError(f'{fn}: params must be floating, got a leaf of dtype '
@@ -130,12 +123,7 @@ def fisher_diagonal(apply_fn: ApplyFn, params: Params, x: Any, *,
       raise ValueError(f'{fn}: labels must have shape [N] = ({n},), got '
                        f'{np.shape(labels)}.')
     checks.check_integer(labels, 'labels', fn)
-    if not checks.is_traced(labels):
-      values = np.asarray(labels)
-      if values.min() < 0 or values.max() >= c:
-        raise ValueError(
-            f'{fn}: labels must be in [0, C) = [0, {c}), got values in '
-            f'[{values.min()}, {values.max()}].')
+    checks.check_labels(labels, c, 'labels', fn)
     labels = jnp.asarray(labels, jnp.int32)
   else:
     labels = jnp.zeros((n,), jnp.int32)  # Unused; keeps one code path.
@@ -198,12 +186,12 @@ def _check_like(tree: Any, params: Params, name: str, fn: str) -> None:
           f'for params{jax.tree_util.keystr(path)} of shape {np.shape(p)}.')
 
 
-def _check_nonnegative(value: Any, name: str, fn: str) -> None:
-  v = checks.static_value(value)
-  if checks.is_traced(value):
-    return
-  if v is None or not v >= 0:
-    raise ValueError(f'{fn}: {name} must be a number >= 0, got {value!r}.')
+def _check_scalar_nonnegative(value: Any, name: str, fn: str) -> None:
+  """A scalar ``>= 0`` (NaN fails; values: see :mod:`metacf.checks`)."""
+  if np.ndim(value) != 0:
+    raise ValueError(f'{fn}: {name} must be a scalar, got shape '
+                     f'{np.shape(value)}.')
+  checks.check_nonnegative(value, name, fn)
 
 
 def ewc_penalty(params: Params, anchor: Params, fisher: Params,
@@ -235,7 +223,7 @@ def ewc_penalty(params: Params, anchor: Params, fisher: Params,
   fn = 'ewc_penalty'
   _check_like(anchor, params, 'anchor', fn)
   _check_like(fisher, params, 'fisher', fn)
-  _check_nonnegative(strength, 'strength', fn)
+  _check_scalar_nonnegative(strength, 'strength', fn)
   terms = [jnp.sum(f * jnp.square(p - a)) for p, a, f in zip(
       jax.tree.leaves(params), jax.tree.leaves(anchor),
       jax.tree.leaves(fisher))]
@@ -270,7 +258,7 @@ def online_ewc_update(fisher: Params, new_fisher: Params, gamma: Any
   """
   fn = 'online_ewc_update'
   _check_like(new_fisher, fisher, 'new_fisher', fn)
-  _check_nonnegative(gamma, 'gamma', fn)
+  _check_scalar_nonnegative(gamma, 'gamma', fn)
   return jax.tree.map(lambda f, g: jnp.asarray(gamma, f.dtype) * f + g,
                       fisher, new_fisher)
 
@@ -343,7 +331,7 @@ def ewc(anchor: Params, fisher: Params, strength: Any
   if np.ndim(strength) != 0:
     raise ValueError(f'{fn}: strength must be a scalar, got shape '
                      f'{np.shape(strength)}.')
-  _check_nonnegative(strength, 'strength', fn)
+  _check_scalar_nonnegative(strength, 'strength', fn)
   initial = EwcState(anchor=jax.tree.map(jnp.asarray, anchor),
                      fisher=jax.tree.map(jnp.asarray, fisher),
                      strength=_float_scalar(strength))

@@ -25,7 +25,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from metacf._src import checks
 from metacf._src.types import Params
@@ -299,12 +298,7 @@ def class_balanced_buffer(
           f'{fn}: {name} must have shape [{size}] (the batch size), got '
           f'{label_shape}.')
     checks.check_integer(labels, name, fn)
-    if not checks.is_traced(labels) and size:
-      values = np.asarray(labels)
-      if values.min() < 0 or values.max() >= num_classes:
-        raise ValueError(
-            f'{fn}: {name} must be in [0, {num_classes}), got values in '
-            f'[{values.min()}, {values.max()}].')
+    checks.check_labels(labels, num_classes, name, fn)
     if size == 0:
       return state
     labels = jnp.asarray(labels).astype(jnp.int32)

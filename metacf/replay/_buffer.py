@@ -88,23 +88,7 @@ def _leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
 
 def batch_size_of(batch: Any, name: str, fn: str) -> int:
   """Common leading size of the leaves of ``batch`` (ValueError if none)."""
-  leaves = _leaves_with_paths(batch)
-  if not leaves:
-    raise ValueError(f'{fn}: {name} must have at least one array leaf, '
-                     f'got {batch!r}.')
-  sizes = {}
-  for path, leaf in leaves:
-    shape, _ = shape_dtype(leaf)
-    if not shape:
-      raise ValueError(
-          f'{fn}: {name} leaf {path} must have a leading batch axis, got a '
-          'scalar.')
-    sizes.setdefault(shape[0], path)
-  if len(sizes) > 1:
-    found = ', '.join(f'{s} for {p}' for s, p in sizes.items())
-    raise ValueError(
-        f'{fn}: {name} leaves must share the leading batch size, got {found}.')
-  return next(iter(sizes))
+  return checks.leading_size(batch, name, fn, axis='batch')
 
 
 def check_batch_like(batch: Any, reference: Any, name: str, ref_name: str,
