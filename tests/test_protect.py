@@ -5,6 +5,7 @@ every reference below (projections, Saha et al.'s GPM rule, A-GEM, the
 softmax-regression Fisher, EWC) is recomputed here in NumPy float64.
 """
 
+import functools
 import re
 
 from absl.testing import parameterized
@@ -1175,6 +1176,32 @@ class OrthogonalProjectionStateTest(chex.TestCase):
     self.assertEqual(step._cache_size(), 1)
     self.assertLen(traces, 1)
 
+  def test_donated_state_leaves_the_callers_basis(self):
+    # init copies the basis, so donating the state (the recommended step,
+    # no copy of the basis per call) never consumes the caller's array.
+    basis = jnp.asarray(_orthonormal_rows(np.random.default_rng(12), 3,
+                                          _NUM_PARAMS), jnp.float32)
+    lr = 0.1
+    tx = optax.chain(protect.orthogonal_projection(basis), optax.sgd(lr))
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, grads):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    params = jax.tree.map(jnp.asarray, _tree(13, _SHAPES))
+    for _ in range(2):  # A second init after a donated step works too.
+      opt_state = tx.init(params)
+      grads = _tree(14, _SHAPES)
+      before = _np_ravel(params)
+      params, opt_state = step(params, opt_state, grads)
+      v, g = np.float64(basis), _np_ravel(grads)
+      np.testing.assert_allclose(_np_ravel(params),
+                                 before - lr * (g - v.T @ (v @ g)),
+                                 rtol=_RTOL, atol=_ATOL)
+    self.assertFalse(basis.is_deleted())
+    self.assertEqual(step._cache_size(), 1)
+
   def test_lowered_program_does_not_grow_with_num_params(self):
     k = 4
     sizes = {}
@@ -1320,6 +1347,28 @@ class EwcStateTest(chex.TestCase):
       chex.assert_trees_all_close(params, want, rtol=_RTOL, atol=_ATOL)
     self.assertEqual(step._cache_size(), 1)
     self.assertLen(traces, 1)
+
+  def test_params_as_anchor_and_donated_state(self):
+    # ewc(params, ...) then a step donating params and state: the state
+    # holds copies, so neither donation consumes the other's buffers.
+    params, _, fisher = _ewc_trees(26)
+    params = jax.tree.map(jnp.asarray, params)
+    anchor = jax.tree.map(jnp.copy, params)
+    tx = optax.chain(protect.ewc(params, fisher, 2.0), optax.sgd(0.1))
+    opt_state = tx.init(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, grads):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    grads = _ewc_trees(27)[0]
+    params, opt_state = step(params, opt_state, grads)
+    # At the anchor the penalty gradient is 0: plain SGD on grads.
+    chex.assert_trees_all_close(
+        params, jax.tree.map(lambda a, g: np.float64(a) - 0.1 * g, anchor,
+                             grads), rtol=_RTOL, atol=_ATOL)
+    chex.assert_trees_all_equal(opt_state[0].anchor, anchor)
 
   def test_filtering_swaps_one_of_several_penalties(self):
     # Offline EWC: one ewc per task; filtering on the chain index picks one.

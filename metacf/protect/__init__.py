@@ -34,6 +34,10 @@ tasks by field name::
   opt_state = optax.tree.set(opt_state, basis=basis_after_a)
   ...                                          # train on task B, same compile
 
+Donate the optimizer state to the jitted step (``donate_argnums``): the
+state it returns holds the same arrays, which a jitted function copies
+unless their input buffers were donated.
+
 Bases that grow keep one shape with zero rows (or GPM's zero columns),
 which project nothing: allocate ``k_max`` rows, fill them as tasks come,
 swap the padded array in. Rows ``[k, P]`` (``orthogonal_projection``, as

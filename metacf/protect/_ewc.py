@@ -304,9 +304,14 @@ def ewc(anchor: Params, fisher: Params, strength: Any
   picks one by path, e.g. ``lambda path, _: path[0].idx == t`` for the
   ``t``-th element of the chain's state tuple. Swapped values are checked
   for their tree and shapes when ``update`` is traced, not for values.
+  Donate the optimizer state to a jitted step (``donate_argnums``), as for
+  :func:`orthogonal_projection`: otherwise each call copies ``anchor`` and
+  ``fisher`` (:math:`8P` bytes) into the state it returns.
 
   Args:
-    anchor: The old task's solution, like the params: the initial state.
+    anchor: The old task's solution, like the params: the initial state
+      (``init`` puts copies of ``anchor``, ``fisher`` and ``strength``
+      there).
     fisher: The (running) Fisher diagonal, like the params.
     strength: :math:`\lambda \ge 0`, a scalar (stored as a floating array).
 
@@ -338,7 +343,9 @@ def ewc(anchor: Params, fisher: Params, strength: Any
 
   def init_fn(params):
     _check_like(anchor, params, 'anchor', fn)
-    return initial
+    # Copies: the state owns its buffers, so donating it (or params, often
+    # passed as the anchor) to a step never consumes the other.
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), initial)
 
   def update_fn(updates, state, params=None):
     if params is None:

@@ -167,7 +167,9 @@ def gpm_projection(bases: Any) -> optax.GradientTransformation:
           opt_state, bases=jax.tree.map(jnp.asarray, padded))
 
   Swapped bases are checked for their shapes when ``update`` is traced,
-  not for orthonormality.
+  not for orthonormality. Donate the optimizer state to a jitted step, as
+  for :func:`orthogonal_projection`: otherwise each call copies the bases
+  into the state it returns.
 
   Args:
     bases: A pytree with the params' structure whose leaves are ``None`` or
@@ -219,7 +221,9 @@ def gpm_projection(bases: Any) -> optax.GradientTransformation:
 
   def init_fn(params):
     check(initial, params, 'params')
-    return GpmProjectionState(bases=initial)
+    # Copies: the state owns its buffers (see orthogonal_projection).
+    return GpmProjectionState(bases=jax.tree.map(
+        lambda m: jnp.array(m, copy=True), initial))
 
   def project(m, g):
     if m is None:

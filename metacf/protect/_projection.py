@@ -61,7 +61,7 @@ def orthogonal_projection(basis: jax.typing.ArrayLike
     tx = optax.chain(metacf.protect.orthogonal_projection(v_task0),
                      optax.sgd(0.01))
     opt_state = tx.init(params)
-    step = jax.jit(my_step)               # my_step(params, opt_state, batch)
+    step = jax.jit(my_step, donate_argnums=(0, 1))  # (params, opt_state, batch)
     ...                                   # train on task 1
     opt_state = optax.tree.set(opt_state, basis=v_tasks01)
     ...                                   # train on task 2, no recompile
@@ -80,18 +80,27 @@ def orthogonal_projection(basis: jax.typing.ArrayLike
       padded[:grown.shape[0]] = grown
       opt_state = optax.tree.set(opt_state, basis=jnp.asarray(padded))
 
+  Donate the optimizer state to the step (``jax.jit(step,
+  donate_argnums=(0, 1))`` for ``step(params, opt_state, ...)``): ``update``
+  returns the basis unchanged in the new state, and a jitted function that
+  returns an input it was not given to keep copies it, :math:`4kP` bytes
+  per call (P = 10^5, k = 100 on a 2-core CPU: 9 ms per SGD step donated,
+  43-66 ms not). A donated basis is consumed: swap in a fresh array
+  (``jnp.asarray(padded)``), not one you use afterwards.
+
   A swapped basis is not checked for orthonormality (only its shape, when
-  ``update`` is traced); pass the same dtype (a Python-scalar array or a
-  new dtype is a new trace). If the chain holds several transformations
-  with a ``basis`` field, ``optax.tree.set``'s ``filtering`` argument picks
-  one by its path.
+  ``update`` is traced); pass the same dtype (a new dtype is a new trace).
+  If the chain holds several transformations with a ``basis`` field,
+  ``optax.tree.set``'s ``filtering`` argument picks one by its path.
 
   Args:
     basis: ``[k, P]`` with orthonormal rows (``k = 0`` projects nothing);
       rows that are all zero are allowed and project nothing, so a basis
       that grows between tasks can keep a fixed shape. The initial state.
       A concrete basis is checked for orthonormality by a cheap probe
-      (:math:`4kP` flops); it is cast to the updates' dtype in ``update``.
+      (:math:`4kP` flops); ``init`` puts a copy of it in the state (so a
+      donated state never consumes ``basis``); it is cast to the updates'
+      dtype in ``update``.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an
@@ -123,7 +132,9 @@ def orthogonal_projection(basis: jax.typing.ArrayLike
 
   def init_fn(params):
     check_width(initial, _num_params(params), 'params')
-    return OrthogonalProjectionState(basis=initial)
+    # A copy: the state owns its buffer, so donating it to a step never
+    # consumes the caller's array (or the next init's).
+    return OrthogonalProjectionState(basis=jnp.array(initial, copy=True))
 
   def update_fn(updates, state, params=None):
     del params
