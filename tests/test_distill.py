@@ -554,13 +554,22 @@ def _with_nan(x, row=1, col=2):
 
 
 class NanPropagationTest(chex.TestCase):
-  """NaN inputs give NaN for their own example, never a silent number."""
+  """NaN inputs give NaN for their own example, never a silent number.
+
+  NaN teacher probabilities are checked values: they raise eagerly (and
+  under jit with runtime checks on, tests/test_checks.py); the NaN
+  propagation below is what a traced one does with the checks off.
+  """
+
+  def _variant(self, fn, kind):
+    # Concrete NaN probabilities raise (NanProbabilitiesRaiseTest).
+    return self.variant(jax.jit(fn) if kind == 'probs' else fn)
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(*_TEACHER_LOSSES)
   def test_nan_teacher_poisons_only_its_example(self, loss_fn, kind):
     s, teacher = _logits(0), _teacher(kind)
-    fn = self.variant(lambda a, b: loss_fn(a, b))
+    fn = self._variant(lambda a, b: loss_fn(a, b), kind)
     clean = np.asarray(fn(s, teacher))
     got = np.asarray(fn(s, _with_nan(teacher)))
     self.assertTrue(np.all(np.isfinite(clean)))
@@ -572,7 +581,7 @@ class NanPropagationTest(chex.TestCase):
   def test_nan_teacher_student_gradient_is_nan_only_there(self, loss_fn, kind):
     s, teacher = _logits(0), _teacher(kind)
     grad = lambda t: np.asarray(jax.jit(jax.grad(
-        lambda x: jnp.sum(loss_fn(x, t))))(s))
+        lambda x, t: jnp.sum(loss_fn(x, t))))(s, t))
     clean, got = grad(teacher), grad(_with_nan(teacher))
     self.assertTrue(np.all(np.isfinite(clean)))
     # The whole row for the softmax losses, the NaN entry alone for the MSE.
@@ -614,7 +623,6 @@ class NanPropagationTest(chex.TestCase):
     self.assertTrue(np.all(np.isnan(got[1])))
     self.assertTrue(np.all(np.isfinite(np.delete(got, 1, axis=0))))
 
-  @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(('axis_last', -1), ('axis_0', 0))
   def test_temper_probs_nan_makes_its_slice_nan(self, axis):
     p = np.float32(np.random.default_rng(2).dirichlet(np.ones(6), size=5))
@@ -623,7 +631,7 @@ class NanPropagationTest(chex.TestCase):
       p = p.T.copy()
     p_nan = p.copy()
     p_nan[(1, 2) if axis == -1 else (2, 1)] = np.nan
-    fn = self.variant(lambda q: distill.temper_probs(q, 2.0, axis=axis))
+    fn = jax.jit(lambda q: distill.temper_probs(q, 2.0, axis=axis))
     clean, got = np.asarray(fn(p)), np.asarray(fn(p_nan))
     if axis == 0:
       clean, got = clean.T, got.T
@@ -664,12 +672,38 @@ class NanPropagationTest(chex.TestCase):
         'temper_probs: probs must be >= 0, got a minimum of -0.5.')):
       distill.temper_probs(as_array(p), 2.0)
 
-  def test_negative_zero_and_nan_do_not_raise(self):
+  def test_negative_zero_does_not_raise(self):
     p = _teacher('probs')
-    p[0, 1], p[1, 2] = -0.0, np.nan
+    p[0, 1] = -0.0
     got = np.asarray(distill.distillation_loss_from_probs(_logits(0), p, 2.0))
-    self.assertTrue(np.isfinite(got[0]))
-    self.assertTrue(np.isnan(got[1]))
+    self.assertTrue(np.all(np.isfinite(got)))
+
+  @parameterized.named_parameters(('numpy', np.asarray), ('jax', jnp.asarray))
+  def test_nan_probabilities_raise(self, as_array):
+    # NaN is not >= 0: the one non-negativity check (metacf._src.checks).
+    p = _teacher('probs')
+    p[1, 2] = np.nan
+    with self.assertRaisesRegex(ValueError, re.escape(
+        'distillation_loss_from_probs: teacher_probs must be >= 0, got a '
+        'minimum of nan.')):
+      distill.distillation_loss_from_probs(_logits(0), as_array(p), 2.0)
+    with self.assertRaisesRegex(ValueError, re.escape(
+        'temper_probs: probs must be >= 0, got a minimum of nan.')):
+      distill.temper_probs(as_array(p), 2.0)
+
+  def test_masked_out_examples_are_not_checked(self):
+    p = _teacher('probs')
+    p[1, 2], p[4, 0] = np.nan, -0.5
+    where = np.ones(6, bool)
+    where[[1, 4]] = False
+    got = np.asarray(distill.distillation_loss_from_probs(
+        _logits(0), p, 2.0, where=where))
+    np.testing.assert_array_equal(got[[1, 4]], 0.0)
+    where[4] = True
+    with self.assertRaisesRegex(ValueError, re.escape(
+        'distillation_loss_from_probs: teacher_probs must be >= 0, got a '
+        'minimum of -0.5.')):
+      distill.distillation_loss_from_probs(_logits(0), p, 2.0, where=where)
 
 
 class ZeroTeacherProbabilitiesTest(chex.TestCase):
@@ -727,3 +761,104 @@ class ZeroTeacherProbabilitiesTest(chex.TestCase):
 
     for seed in range(3):
       step(_logits(seed), _teacher('probs') + np.float32(seed))
+
+
+_NEW_4 = _logits(9, (4, 3))
+_LABELS_4 = np.array([0, 1, 2, 0], np.int32)
+
+# (name, fn(logits, temperature)): every function that takes a temperature;
+# the logits are [4, 5].
+_TEMPERATURE_FNS = (
+    ('tempered_softmax', distill.tempered_softmax),
+    ('temper_probs',
+     lambda z, temp: distill.temper_probs(jax.nn.softmax(z), temp)),
+    ('tempered_distillation_loss',
+     lambda z, temp: distill.tempered_distillation_loss(
+         z, _logits(1, (4, 5)), temp)),
+    ('distillation_loss_from_probs',
+     lambda z, temp: distill.distillation_loss_from_probs(
+         z, jax.nn.softmax(_logits(1, (4, 5))), temp)),
+    ('renyi_divergence_loss',
+     lambda z, temp: distill.renyi_divergence_loss(
+         z, _logits(1, (4, 5)), 2.0, temp)),
+    ('lwf_loss',
+     lambda z, temp: distill.lwf_loss(_NEW_4, _LABELS_4, z,
+                                      _logits(1, (4, 5)), temperature=temp)),
+)
+
+
+class TemperatureShapeTest(chex.TestCase):
+  """temperature is a scalar or per example: never silently broadcast."""
+
+  @parameterized.named_parameters(*_TEMPERATURE_FNS)
+  def test_other_shapes_raise(self, fn):
+    name = self._testMethodName.split('raise_')[-1]
+    z = _logits(0, (4, 5))
+    for shape in ((4, 1), (1,), (5,), (1, 4), (4, 5)):
+      with self.assertRaisesRegex(ValueError, re.escape(
+          f'{name}: temperature must be a scalar or have shape (4,) (the '
+          f'logits shape without the class axis), got shape {shape}.')):
+        fn(z, jnp.full(shape, 2.0))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*_TEMPERATURE_FNS)
+  def test_per_example_equals_one_call_per_example(self, fn):
+    z = _logits(0, (4, 5))
+    temps = np.array([0.5, 1.0, 3.0, 100.0], np.float32)
+    got = np.asarray(self.variant(fn)(z, temps))
+    for i, temp in enumerate(temps):
+      want = np.asarray(fn(z, np.float32(temp)))[i]
+      np.testing.assert_allclose(got[i], want, rtol=2e-6, atol=1e-7,
+                                 err_msg=f'example {i}')
+
+  def test_per_example_temperature_gradient(self):
+    # d/ds T^2 KL = T (p_s - p_t), row by row with that row's T.
+    with jax.enable_x64(True):
+      s = _logits(0, (4, 5), dtype=np.float64)
+      t = _logits(1, (4, 5), dtype=np.float64)
+      temps = np.array([0.5, 1.0, 3.0, 100.0])
+      grad = jax.grad(lambda x: jnp.sum(distill.tempered_distillation_loss(
+          x, t, temps)))(s)
+      p_s = np.exp(_np_log_softmax(s / temps[:, None]))
+      p_t = np.exp(_np_log_softmax(t / temps[:, None]))
+      np.testing.assert_allclose(grad, temps[:, None] * (p_s - p_t),
+                                 rtol=1e-9, atol=1e-12)
+      np.testing.assert_allclose(
+          distill.tempered_distillation_loss(s, t, temps),
+          [_np_kd(s[i], t[i], temps[i]) for i in range(4)], rtol=1e-10)
+      check_grads(jax.jit(lambda x: distill.tempered_distillation_loss(
+          x, t, temps)), (s,), order=2, modes=('rev',))
+
+  @parameterized.named_parameters(('tempered_softmax', False),
+                                  ('temper_probs', True))
+  def test_per_slice_temperature_along_another_axis(self, probs):
+    z = _logits(0, (5, 4))       # classes on axis 0, 4 slices.
+    temps = np.array([0.5, 1.0, 3.0, 7.0], np.float32)
+    if probs:
+      fn = lambda temp: distill.temper_probs(jax.nn.softmax(z, axis=0), temp,
+                                             axis=0)
+    else:
+      fn = lambda temp: distill.tempered_softmax(z, temp, axis=0)
+    got = np.asarray(fn(temps))
+    want = np.exp(_np_log_softmax(np.float64(z).T / temps[:, None])).T
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    name = 'temper_probs' if probs else 'tempered_softmax'
+    with self.assertRaisesRegex(ValueError, re.escape(
+        f'{name}: temperature must be a scalar or have shape (4,) (the '
+        'logits shape without the class axis), got shape (5,).')):
+      fn(np.ones(5, np.float32))
+
+  @parameterized.named_parameters(*_TEMPERATURE_FNS)
+  def test_bad_per_example_values(self, fn):
+    name = self._testMethodName.split('values_')[-1]
+    z = _logits(0, (4, 5))
+    with self.assertRaisesRegex(ValueError, re.escape(
+        f'{name}: temperature must be > 0, got a minimum of -2.0.')):
+      fn(z, np.array([1.0, -2.0, 3.0, 0.0], np.float32))
+    with self.assertRaisesRegex(ValueError, re.escape(
+        f'{name}: temperature must be finite, got 1 non-finite of 4 '
+        'entries.')):
+      fn(z, np.array([1.0, np.inf, 3.0, 2.0], np.float32))
+    with self.assertRaisesRegex(ValueError, re.escape(
+        f'{name}: temperature must be > 0, got -1.0.')):
+      fn(z, -1.0)

@@ -17,12 +17,18 @@ temperature and is never negative. Rows whose terms could overflow (logit
 range / T above 80) use the plain log-sum-exp difference instead, which is
 accurate there because the divergence is then not small next to the logits.
 
-NaN. A NaN in an example's logits or probabilities makes that example's loss
-NaN (other examples are unaffected): no mask turns it into a number. Exact
-zero teacher probabilities are a different case, handled exactly
-(``0 log 0 = 0``, finite gradients), and concrete negative probabilities are
-rejected with a ``ValueError`` (traced ones give NaN). Examples masked out by
-``where`` give 0 with a zero gradient even if their teacher is NaN.
+NaN. A NaN in an example's logits makes that example's loss NaN (other
+examples are unaffected): no mask turns it into a number. Probabilities are
+checked values: a negative or NaN teacher probability raises ``ValueError``
+when concrete, and under ``jit`` when runtime checks are on
+(:mod:`metacf.checks`); with them off a traced one makes its example's loss
+NaN. Exact zero teacher probabilities are a different case, handled exactly
+(``0 log 0 = 0``, finite gradients). Examples masked out by ``where`` give 0
+with a zero gradient even if their teacher is NaN (they are not checked).
+
+Temperatures. ``temperature`` is a scalar or one per example (the logits
+shape without the class axis, e.g. ``[batch]`` for ``[batch, classes]``
+logits); any other shape raises ``ValueError`` rather than broadcasting.
 """
 
 from collections.abc import Sequence
@@ -56,11 +62,41 @@ def _compute_dtype(*xs: ArrayLike) -> jnp.dtype:
   return jnp.dtype(jnp.float32)
 
 
-def _check_temperature(temperature: ArrayLike, fn: str) -> None:
+def _check_temperature(temperature: ArrayLike, batch_shape: tuple[int, ...],
+                       fn: str) -> None:
+  """``T`` is a scalar or per example (``batch_shape``), finite and > 0.
+
+  The values are checked eagerly when concrete, and under ``jit`` when
+  runtime checks are on (:mod:`metacf.checks`).
+  """
+  shape = np.shape(temperature)
+  if shape not in ((), tuple(batch_shape)):
+    raise ValueError(
+        f'{fn}: temperature must be a scalar or have shape '
+        f'{tuple(batch_shape)} (the logits shape without the class axis), '
+        f'got shape {shape}.')
   checks.check_positive(temperature, 'temperature', fn)
-  value = checks.static_value(temperature)
-  if value is not None and not math.isfinite(value):
-    raise ValueError(f'{fn}: temperature must be finite, got {temperature!r}.')
+  checks.check_finite(temperature, 'temperature', fn)
+
+
+def _batch_shape(x: ArrayLike, axis: int) -> tuple[int, ...]:
+  """The shape of ``x`` without its class ``axis``."""
+  shape = np.shape(x)
+  axis = axis % len(shape)
+  return shape[:axis] + shape[axis + 1:]
+
+
+def _temperature(temperature: ArrayLike, dtype: jnp.dtype,
+                 axis: int = -1) -> jax.Array:
+  """``T`` as an array that broadcasts against the logits: ``()`` or with a
+  size-1 class ``axis`` inserted (per-example temperatures)."""
+  temp = jnp.asarray(temperature, dtype)
+  return temp if temp.ndim == 0 else jnp.expand_dims(temp, axis)
+
+
+def _per_example(temp: jax.Array) -> jax.Array:
+  """``T`` of shape ``()`` or ``[..., 1]`` as ``()`` or ``[...]``."""
+  return temp if temp.ndim == 0 else jnp.squeeze(temp, axis=-1)
 
 
 def _check_logits_pair(student_logits: ArrayLike, teacher: ArrayLike,
@@ -70,18 +106,6 @@ def _check_logits_pair(student_logits: ArrayLike, teacher: ArrayLike,
   checks.check_same_shape(student_logits, teacher, 'student_logits',
                           teacher_name, fn)
   checks.check_mask_shape(where, jnp.shape(student_logits)[:-1], 'where', fn)
-
-
-def _check_nonnegative(x: ArrayLike, name: str, fn: str) -> None:
-  """Raises ValueError if a concrete ``x`` has a negative entry (NaN passes)."""
-  if checks.is_traced(x):
-    return
-  arr = np.asarray(x)
-  negative = arr < 0
-  if np.any(negative):
-    raise ValueError(
-        f'{fn}: {name} must be >= 0, got a minimum of '
-        f'{float(np.min(arr[negative]))!r}.')
 
 
 def _log_probs(p: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -203,16 +227,18 @@ def _hinton_parts(s: jax.Array, t: jax.Array, temp: jax.Array) -> _HintonParts:
 
 @jax.custom_jvp
 def _hinton_loss(s: jax.Array, t: jax.Array, temp: jax.Array) -> jax.Array:
-  return temp**2 * _hinton_parts(s, t, temp).kl
+  # temp: () or [..., 1] (per example).
+  return _per_example(temp)**2 * _hinton_parts(s, t, temp).kl
 
 
 @functools.partial(_hinton_loss.defjvp, symbolic_zeros=True)
 def _hinton_loss_jvp(primals, tangents):
   # d/ds = T (p_s - p_t);  d/dt = -T p_t dc;
   # d/dT = 2 T KL - sum((p_s - p_t) s) + sum(p_t dc t).
-  s, t, temp = primals
+  s, t, temp_in = primals
   s_dot, t_dot, temp_dot = tangents
-  parts = _hinton_parts(s, t, temp)
+  parts = _hinton_parts(s, t, temp_in)
+  temp = _per_example(temp_in)
   out = temp**2 * parts.kl
   tangent = jnp.zeros_like(out)
   # p_s - p_t = p_t expm1(dc - KL) = p_t (expm1(dc) exp(-KL) + expm1(-KL)):
@@ -228,7 +254,7 @@ def _hinton_loss_jvp(primals, tangents):
   if not isinstance(temp_dot, SymbolicZero):
     d_temp = (2.0 * temp * parts.kl - jnp.sum(diff * s, axis=-1) +
               jnp.sum(parts.p_t * parts.dc * t, axis=-1))
-    tangent = tangent + d_temp * temp_dot
+    tangent = tangent + d_temp * _per_example(temp_dot)
   return out, tangent
 
 
@@ -269,25 +295,28 @@ def tempered_softmax(logits: ArrayLike, temperature: ArrayLike = 1.0,
 
   Args:
     logits: Unnormalised scores, shape ``[..., num_classes]``.
-    temperature: ``T > 0``.
+    temperature: ``T > 0``, finite: a scalar or one per example (the
+      shape of ``logits`` without the class axis).
     axis: The class axis.
 
   Returns:
     Probabilities of the same shape (float32 for half-precision input).
 
   Raises:
-    ValueError: if ``temperature <= 0``.
+    ValueError: if ``temperature`` has another shape, or is ``<= 0`` or not
+      finite (values: see :mod:`metacf.checks`).
 
   References:
     Hinton et al, `Distilling the Knowledge in a Neural Network
     <https://arxiv.org/abs/1503.02531>`_, 2015
   """
   fn = 'tempered_softmax'
-  _check_temperature(temperature, fn)
   checks.check_min_rank(logits, 1, 'logits', fn)
+  _check_temperature(temperature, _batch_shape(logits, axis), fn)
   dtype = _compute_dtype(logits)
   return jax.nn.softmax(
-      jnp.asarray(logits, dtype) / jnp.asarray(temperature, dtype), axis=axis)
+      jnp.asarray(logits, dtype) / _temperature(temperature, dtype, axis),
+      axis=axis)
 
 
 def temper_probs(probs: ArrayLike, temperature: ArrayLike,
@@ -297,33 +326,35 @@ def temper_probs(probs: ArrayLike, temperature: ArrayLike,
   Computed in log space, so tiny probabilities do not underflow before the
   power; zero probabilities stay exactly zero and gradients stay finite. For
   ``probs = softmax(z)`` this equals ``tempered_softmax(z, T)``. A slice that is
-  all zeros maps to all zeros (no NaN). A slice containing a NaN (or an
-  infinity, or under ``jit`` a negative entry) maps to all NaN.
+  all zeros maps to all zeros (no NaN). A slice containing an infinity (or,
+  traced with runtime checks off, a NaN or a negative entry) maps to all NaN.
 
   Args:
     probs: Non-negative weights along ``axis`` (need not be normalised).
-    temperature: ``T > 0``.
+    temperature: ``T > 0``, finite: a scalar or one per slice (the shape of
+      ``probs`` without ``axis``).
     axis: The class axis.
 
   Returns:
     Tempered probabilities, same shape as ``probs``.
 
   Raises:
-    ValueError: if ``temperature <= 0`` or a concrete ``probs`` has a negative
-      entry.
+    ValueError: if ``temperature`` has another shape, or is ``<= 0`` or not
+      finite, or ``probs`` has a negative or NaN entry (values: eagerly, and
+      under ``jit`` with runtime checks on, see :mod:`metacf.checks`).
 
   References:
     Hinton et al, `Distilling the Knowledge in a Neural Network
     <https://arxiv.org/abs/1503.02531>`_, 2015
   """
   fn = 'temper_probs'
-  _check_temperature(temperature, fn)
   checks.check_min_rank(probs, 1, 'probs', fn)
-  _check_nonnegative(probs, 'probs', fn)
+  _check_temperature(temperature, _batch_shape(probs, axis), fn)
+  checks.check_nonnegative(probs, 'probs', fn)
   dtype = _compute_dtype(probs)
   p = jnp.asarray(probs, dtype)
   log_p, zero = _log_probs(p)
-  scaled = log_p / jnp.asarray(temperature, dtype)
+  scaled = log_p / _temperature(temperature, dtype, axis)
   top = jnp.max(scaled, axis=axis, keepdims=True)  # NaN if the slice has one.
   top = jnp.where(top == -jnp.inf, 0.0, top)      # All-zero slice.
   e = jnp.where(zero, 0.0, jnp.exp(jnp.where(zero, 0.0, scaled - top)))
@@ -353,7 +384,8 @@ def tempered_distillation_loss(student_logits: ArrayLike,
   Args:
     student_logits: Student scores, shape ``[..., num_classes]``.
     teacher_logits: Teacher scores, same shape; a constant (``stop_gradient``).
-    temperature: ``T > 0``. ``T = 1`` is plain KL. Treated as a constant.
+    temperature: ``T > 0``, finite: a scalar or one per example (shape
+      ``[...]``). ``T = 1`` is plain KL. Treated as a constant.
     where: Optional boolean mask of shape ``[...]``; masked examples give 0
       (and a zero gradient, even where their teacher is NaN).
 
@@ -361,22 +393,31 @@ def tempered_distillation_loss(student_logits: ArrayLike,
     Loss of shape ``[...]`` (no reduction).
 
   Raises:
-    ValueError: if the logits shapes differ, ``where`` has the wrong shape, or
-      ``temperature <= 0``.
+    ValueError: if the logits shapes differ, ``where`` or ``temperature`` has
+      the wrong shape, or ``temperature <= 0`` or is not finite (values: see
+      :mod:`metacf.checks`).
 
   References:
     Hinton et al, `Distilling the Knowledge in a Neural Network
     <https://arxiv.org/abs/1503.02531>`_, 2015
   """
   fn = 'tempered_distillation_loss'
-  _check_temperature(temperature, fn)
   _check_logits_pair(student_logits, teacher_logits, 'teacher_logits', where,
                      fn)
+  _check_temperature(temperature, np.shape(student_logits)[:-1], fn)
+  return _tempered_distillation(student_logits, teacher_logits, temperature,
+                                where)
+
+
+def _tempered_distillation(student_logits: ArrayLike,
+                           teacher_logits: ArrayLike, temperature: ArrayLike,
+                           where: ArrayLike | None) -> jax.Array:
+  """:func:`tempered_distillation_loss` on checked arguments."""
   dtype = _compute_dtype(student_logits, teacher_logits)
   t = _teacher_where(jnp.asarray(teacher_logits, dtype), where, 0.0)
   loss = _hinton_loss(
       jnp.asarray(student_logits, dtype), jax.lax.stop_gradient(t),
-      jax.lax.stop_gradient(jnp.asarray(temperature, dtype)))
+      jax.lax.stop_gradient(_temperature(temperature, dtype)))
   return _masked(loss, where)
 
 
@@ -391,15 +432,16 @@ def distillation_loss_from_probs(student_logits: ArrayLike,
   :func:`tempered_distillation_loss` when ``teacher_probs`` is
   ``softmax(teacher_logits)``. Classes of exactly zero teacher probability
   contribute nothing (``0 log 0 = 0``), and the loss and its gradient stay
-  finite. A NaN (or an infinity, or under ``jit`` a negative entry) in an
-  example's teacher probabilities makes that example's loss NaN; so does an
-  all-zero teacher row, which is no distribution.
+  finite. An infinity (or, traced with runtime checks off, a NaN or a
+  negative entry) in an example's teacher probabilities makes that example's
+  loss NaN; so does an all-zero teacher row, which is no distribution.
 
   Args:
     student_logits: Student scores, shape ``[..., num_classes]``.
     teacher_probs: Teacher probabilities (non-negative, normalised or not),
       same shape; a constant (``stop_gradient``).
-    temperature: ``T > 0``. Treated as a constant.
+    temperature: ``T > 0``, finite: a scalar or one per example (shape
+      ``[...]``). Treated as a constant.
     where: Optional boolean mask of shape ``[...]``; masked examples give 0
       (and a zero gradient, even where their teacher is NaN).
 
@@ -407,24 +449,25 @@ def distillation_loss_from_probs(student_logits: ArrayLike,
     Loss of shape ``[...]`` (no reduction).
 
   Raises:
-    ValueError: if the shapes differ, ``where`` has the wrong shape,
-      ``temperature <= 0``, or a concrete ``teacher_probs`` has a negative
-      entry.
+    ValueError: if the shapes differ, ``where`` or ``temperature`` has the
+      wrong shape, ``temperature <= 0`` or is not finite, or
+      ``teacher_probs`` has a negative or NaN entry in an example that
+      ``where`` keeps (values: see :mod:`metacf.checks`).
 
   References:
     Hinton et al, `Distilling the Knowledge in a Neural Network
     <https://arxiv.org/abs/1503.02531>`_, 2015
   """
   fn = 'distillation_loss_from_probs'
-  _check_temperature(temperature, fn)
   _check_logits_pair(student_logits, teacher_probs, 'teacher_probs', where, fn)
-  _check_nonnegative(teacher_probs, 'teacher_probs', fn)
+  _check_temperature(temperature, np.shape(student_logits)[:-1], fn)
+  checks.check_nonnegative(teacher_probs, 'teacher_probs', fn, where=where)
   dtype = _compute_dtype(student_logits, teacher_probs)
-  temp = jax.lax.stop_gradient(jnp.asarray(temperature, dtype))
+  temp = jax.lax.stop_gradient(_temperature(temperature, dtype))
   p = _teacher_where(jnp.asarray(teacher_probs, dtype), where, 1.0)
   log_p, _ = _log_probs(jax.lax.stop_gradient(p))
   kl = _ProbsKL(jnp.asarray(student_logits, dtype), log_p, temp).kl()
-  return _masked(temp**2 * kl, where)
+  return _masked(_per_example(temp)**2 * kl, where)
 
 
 def logit_mse_loss(student_logits: ArrayLike, teacher_logits: ArrayLike, *,
@@ -480,7 +523,8 @@ def renyi_divergence_loss(student_logits: ArrayLike, teacher_logits: ArrayLike,
     student_logits: Student scores, shape ``[..., num_classes]``.
     teacher_logits: Teacher scores, same shape; a constant (``stop_gradient``).
     alpha: Order ``alpha > 0``.
-    temperature: ``T > 0``. Treated as a constant.
+    temperature: ``T > 0``, finite: a scalar or one per example (shape
+      ``[...]``). Treated as a constant.
     where: Optional boolean mask of shape ``[...]``; masked examples give 0
       (and a zero gradient, even where their teacher is NaN).
 
@@ -488,8 +532,9 @@ def renyi_divergence_loss(student_logits: ArrayLike, teacher_logits: ArrayLike,
     Divergence of shape ``[...]`` (no reduction).
 
   Raises:
-    ValueError: if the shapes differ, ``where`` has the wrong shape,
-      ``alpha <= 0`` or ``temperature <= 0``.
+    ValueError: if the shapes differ, ``where`` or ``temperature`` has the
+      wrong shape, ``alpha <= 0``, or ``temperature <= 0`` or is not finite
+      (values: see :mod:`metacf.checks`).
 
   References:
     Rényi, On Measures of Entropy and Information, 1961;
@@ -497,15 +542,15 @@ def renyi_divergence_loss(student_logits: ArrayLike, teacher_logits: ArrayLike,
     <https://arxiv.org/abs/1206.2459>`_, 2014
   """
   fn = 'renyi_divergence_loss'
-  _check_temperature(temperature, fn)
-  checks.check_positive(alpha, 'alpha', fn)
   _check_logits_pair(student_logits, teacher_logits, 'teacher_logits', where,
                      fn)
+  _check_temperature(temperature, np.shape(student_logits)[:-1], fn)
+  checks.check_positive(alpha, 'alpha', fn)
   dtype = _compute_dtype(student_logits, teacher_logits)
   s = jnp.asarray(student_logits, dtype)
   t = _teacher_where(jnp.asarray(teacher_logits, dtype), where, 0.0)
   t = jax.lax.stop_gradient(t)
-  temp = jax.lax.stop_gradient(jnp.asarray(temperature, dtype))
+  temp = jax.lax.stop_gradient(_temperature(temperature, dtype))
   parts = _hinton_parts(s, t, temp)
   beta = 1.0 - jnp.asarray(alpha, dtype)
   is_kl = beta == 0.0
@@ -525,12 +570,7 @@ def _cross_entropy(logits: ArrayLike, labels: ArrayLike, fn: str) -> jax.Array:
     raise ValueError(
         f'{fn}: labels must have shape {jnp.shape(logits)[:-1]} (new_logits '
         f'without the class axis), got {jnp.shape(labels)}.')
-  if not checks.is_traced(labels):
-    lab = jax.device_get(labels)
-    if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
-      raise ValueError(
-          f'{fn}: labels must be in [0, {num_classes}), got values in '
-          f'[{lab.min()}, {lab.max()}].')
+  checks.check_labels(labels, num_classes, 'labels', fn)
   dtype = _compute_dtype(logits)
   return optax.losses.softmax_cross_entropy_with_integer_labels(
       jnp.asarray(logits, dtype), labels)
@@ -560,7 +600,8 @@ def lwf_loss(new_logits: ArrayLike, labels: ArrayLike,
       sequence of them (one per old head).
     recorded_old_logits: The recorded old-head logits, matching
       ``old_logits`` (an array, or a sequence of the same length).
-    temperature: Distillation temperature ``T > 0``.
+    temperature: Distillation temperature ``T > 0``, finite: a scalar or one
+      per example (shape ``[...]``).
     old_weight: :math:`\lambda_o`, the weight of the old-task term.
     where: Optional boolean mask of shape ``[...]``; masked examples give 0
       (and a zero gradient, even where their recorded logits are NaN).
@@ -569,8 +610,10 @@ def lwf_loss(new_logits: ArrayLike, labels: ArrayLike,
     Loss of shape ``[...]`` (no reduction).
 
   Raises:
-    ValueError: on mismatched shapes, labels out of range (when concrete),
-      ``temperature <= 0``, or heads given as sequences of different lengths.
+    ValueError: on mismatched shapes, a ``temperature`` of the wrong shape,
+      labels out of range or ``temperature <= 0`` (values: see
+      :mod:`metacf.checks`), or heads given as sequences of different
+      lengths.
     TypeError: if ``labels`` is not an integer array.
 
   References:
@@ -578,9 +621,9 @@ def lwf_loss(new_logits: ArrayLike, labels: ArrayLike,
     <https://arxiv.org/abs/1606.09282>`_, 2017
   """
   fn = 'lwf_loss'
-  _check_temperature(temperature, fn)
   checks.check_min_rank(new_logits, 1, 'new_logits', fn)
   batch_shape = jnp.shape(new_logits)[:-1]
+  _check_temperature(temperature, batch_shape, fn)
   checks.check_mask_shape(where, batch_shape, 'where', fn)
   heads_are_seq = isinstance(old_logits, (list, tuple))
   if heads_are_seq != isinstance(recorded_old_logits, (list, tuple)):
@@ -606,6 +649,7 @@ def lwf_loss(new_logits: ArrayLike, labels: ArrayLike,
           f'got shape {jnp.shape(cur)}.')
     # where= also keeps a NaN recorded logit of a masked example out of the
     # gradient.
-    distill = tempered_distillation_loss(cur, rec, temperature, where=where)
+    checks.check_min_rank(cur, 1, name, fn)
+    distill = _tempered_distillation(cur, rec, temperature, where)
     loss = loss + jnp.asarray(old_weight, loss.dtype) * distill
   return _masked(loss, where)
