@@ -7,10 +7,11 @@ numbers, with the same fixed gradient input for every variant:
 * ``sgd``: plain ``optax.sgd(lr)``, the reference, timed in every group;
 * ``orthogonal_k{k}``: ``optax.chain(protect.orthogonal_projection(V),
   optax.sgd(lr))`` on 4 dense kernels with ``P`` numbers in all, ``V [k, P]``
-  with orthonormal rows. ``V`` is an argument of the jitted step and the
-  transformation is built inside it (as the docstring says for a basis that
-  changes; a concrete ``V`` closed over would be embedded in the executable
-  as a constant). ``V`` is built cheaply and exactly: ``Q`` from the QR of a
+  with orthonormal rows. The transformation is built once from the concrete
+  ``V``, which lives in its state (``OrthogonalProjectionState.basis``), an
+  argument of the jitted step (``orthogonal_closure_k{k}`` closes over
+  ``V`` instead, as the transformation did before issue 24, so ``V`` is a
+  constant of the executable). ``V`` is built cheaply and exactly: ``Q`` from the QR of a
   random ``[k, k]`` matrix, ``V = [Q D_1, ..., Q D_m] / sqrt(m)`` with random
   column-sign diagonals ``D_j`` (``P = m k``), so ``V V^T = Q Q^T = I`` and
   every entry is dense; ``orthogonal_projection`` checks it (its probe).
@@ -23,7 +24,7 @@ numbers, with the same fixed gradient input for every variant:
 * ``agem``: ``optax.chain(protect.agem(), optax.sgd(lr))`` with a fixed
   ``reference_grads`` (chosen so that ``g . r < 0``: the projection fires).
 * ``ewc``: ``optax.chain(protect.ewc(anchor, fisher, strength),
-  optax.sgd(lr))``, anchor and fisher arguments of the step.
+  optax.sgd(lr))``, anchor and fisher in the state, an argument of the step.
 
 Each group (one transformation at one size, with ``sgd`` at that size) is
 timed interleaved, A B A B ..., after AOT compilation (timed apart) and
@@ -47,9 +48,22 @@ gradient (true: ``sum_c p_c (grad log p_c)^2`` from ``jax.jacrev``) to a
 running sum, then a division by ``N``. The two are checked to agree
 (``allclose``) before anything is timed; reported in µs per example.
 
+Part 3 (``--program-size``), what keeping the basis in the optax state
+buys: a user's ``jax.jit(step)`` with ``optax.chain(orthogonal_projection(V),
+optax.sgd(lr))`` at ``P = 10^6``, ``k = 100``, across 10 tasks' bases
+swapped with ``optax.tree.set(opt_state, basis=V_t)``: the lowered
+StableHLO text size (``jit(step).lower(...).as_text()``) and the number of
+XLA compiles (``jax.monitoring``'s backend-compile events) and traces. The
+closure baseline (V a constant, as before issue 24) is lowered at smaller
+``P`` (its text holds V in hex, about ``8kP`` bytes) and, at the smallest,
+run over the 10 tasks to count its compiles.
+
   python -m benchmarks.bench_protect [--quick] [--parts orthogonal gpm agem
-      ewc fisher] [--sizes 100000 1000000] [--ks 100 1000] [--ranks 10 50]
-      [--num-examples 1000] [--target-s 6] [--no-save]
+      ewc fisher program_size] [--sizes 100000 1000000] [--ks 100 1000]
+      [--ranks 10 50] [--num-examples 1000] [--target-s 6] [--no-save]
+  python -m benchmarks.bench_protect --program-size [--program-size-params
+      1000000] [--program-size-k 100] [--program-size-tasks 10]
+      [--closure-sizes 10000 100000]
 """
 
 import argparse
@@ -73,6 +87,8 @@ LEARNING_RATE = 0.01
 NUM_KERNELS = 4
 MLPS = {100_000: (784, 100, 100, 10), 1_000_000: (784, 1000, 200, 10)}
 FISHER_MLP = (784, 100, 100, 10)
+_HIGHEST = jax.lax.Precision.HIGHEST
+_BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 
 
 # ----------------------------------------------------------------- helpers
@@ -129,25 +145,25 @@ def _orthonormal_columns(key, d: int, r: int) -> jax.Array:
   return q
 
 
-def _step_variant(tx_fn, params, grads, *extra, reference_grads=False):
-  """Jitted ``tx.update`` + ``apply_updates``, params donated.
+def _step_variant(tx, params, grads, reference=None):
+  """Jitted ``tx.update`` + ``apply_updates``, params and state donated.
 
-  ``tx_fn(*extra)`` builds the transformation inside the trace; ``extra``
-  (bases, anchors) are step arguments; with ``reference_grads`` the first
-  of them is also passed to ``update`` as ``reference_grads=``. Returns a
-  zero-argument closure that runs one step on the current params, the
-  compile seconds and the compiled executable.
+  ``tx`` is built once, outside the step, from concrete arrays: metacf's
+  transformations keep them in their state (``basis``, ``bases``,
+  ``anchor``/``fisher``), an argument of the step, donated so that the
+  state the step returns reuses their buffers (not donated, each call
+  would copy them). ``reference`` (A-GEM's ``reference_grads``) is an
+  extra argument of the step when given. Returns a zero-argument closure
+  that runs one step on the current params and state (both in its
+  ``holder``), the compile seconds and the compiled executable.
   """
-  opt_state = tx_fn(*extra).init(params)
+  opt_state = tx.init(params)
+  extra = () if reference is None else (reference,)
 
-  @functools.partial(jax.jit, donate_argnums=0)
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, grads, *extra):
-    tx = tx_fn(*extra)
-    if reference_grads:
-      updates, opt_state = tx.update(grads, opt_state, params,
-                                     reference_grads=extra[0])
-    else:
-      updates, opt_state = tx.update(grads, opt_state, params)
+    kwargs = {'reference_grads': extra[0]} if extra else {}
+    updates, opt_state = tx.update(grads, opt_state, params, **kwargs)
     return optax.apply_updates(params, updates), opt_state
 
   params = jax.tree.map(jnp.copy, params)  # each variant donates its own
@@ -160,6 +176,7 @@ def _step_variant(tx_fn, params, grads, *extra, reference_grads=False):
         holder['params'], holder['opt_state'], grads, *extra)
     return holder['params']
 
+  run.holder = holder
   return run, compile_s, compiled
 
 
@@ -213,7 +230,7 @@ def bandwidth_probe(mib: int = 256, reps: int = 10) -> float:
 # ------------------------------------------------------------ part 1: steps
 
 
-def _sgd_fn():
+def _sgd():
   return optax.sgd(LEARNING_RATE)
 
 
@@ -232,10 +249,33 @@ def _roofline(stats_v, stats_sgd, flops, bytes_):
   return out
 
 
+def _closure_projection(basis) -> optax.GradientTransformation:
+  """``orthogonal_projection`` as it was before issue 24: V in the closure.
+
+  ``update`` reads the concrete ``basis`` it closes over, so a jitted step
+  holds V as a constant of its program (``4kP`` bytes, printed as hex in
+  the StableHLO text) and a new basis is a new transformation, a new trace
+  and a new compile. Kept here to measure what the state-held basis saves.
+  """
+  basis = jnp.asarray(basis)
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    flat, unravel = flatten_util.ravel_pytree(updates)
+    coefficients = jnp.matmul(basis, flat, precision=_HIGHEST)
+    flat = flat - jnp.matmul(coefficients, basis, precision=_HIGHEST)
+    return unravel(flat), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def _closure_variant(basis, params, grads):
   """The step with a concrete ``V`` closed over (a constant of the HLO)."""
-  tx = optax.chain(protect.orthogonal_projection(basis),
-                   optax.sgd(LEARNING_RATE))
+  tx = optax.chain(_closure_projection(basis), optax.sgd(LEARNING_RATE))
   opt_state = tx.init(params)
 
   @functools.partial(jax.jit, donate_argnums=0)
@@ -268,24 +308,23 @@ def run_orthogonal(sizes, ks, timing, closure_max=0) -> list[dict]:
       t0 = time.perf_counter()
       protect.orthogonal_projection(basis)  # the eager orthonormality probe
       check_s = time.perf_counter() - t0
-      sgd, sgd_c, sgd_exe = _step_variant(_sgd_fn, params, grads)
-      proj_fn = lambda v: optax.chain(protect.orthogonal_projection(v),
-                                      optax.sgd(LEARNING_RATE))
-      proj, proj_c, proj_exe = _step_variant(proj_fn, params, grads, basis)
+      sgd, sgd_c, sgd_exe = _step_variant(_sgd(), params, grads)
+      proj, proj_c, proj_exe = _step_variant(
+          optax.chain(protect.orthogonal_projection(basis), _sgd()), params,
+          grads)
       flat = flatten_util.ravel_pytree(grads)[0]
       matvec_jit = jax.jit(lambda v, g: jnp.matmul(
           v, g, precision=jax.lax.Precision.HIGHEST))
       matvec_exe, matvec_c = _timing.compile_timed(matvec_jit, basis, flat)
       matvec = lambda: matvec_exe(basis, flat)
       # Correctness of what is timed: the step's update is orthogonal to V.
-      before = jax.tree.map(jnp.copy, params)
-      fresh = jax.tree.map(jnp.copy, params)
-      after, _ = proj_exe(fresh, proj_fn(basis).init(params), grads, basis)
+      before = jax.tree.map(jnp.copy, proj.holder['params'])
+      after = proj()
       delta = (flatten_util.ravel_pytree(after)[0] -
                flatten_util.ravel_pytree(before)[0])
       leak = float(jnp.max(jnp.abs(basis @ delta)) /
                    jnp.max(jnp.abs(delta)))
-      del before, fresh, after, delta
+      del before, after, delta
       names = {'sgd': sgd, f'orthogonal_k{k}': proj, f'matvec_k{k}': matvec}
       compiles = {'sgd': sgd_c, f'orthogonal_k{k}': proj_c,
                   f'matvec_k{k}': matvec_c}
@@ -332,7 +371,7 @@ def run_gpm(sizes, ranks, timing) -> list[dict]:
                                                               key_g))
     p_total = _num_params(params)
     p_kernels = sum(a * b for a, b in zip(sizes_mlp[:-1], sizes_mlp[1:]))
-    sgd, sgd_c, _ = _step_variant(_sgd_fn, params, grads)
+    sgd, sgd_c, _ = _step_variant(_sgd(), params, grads)
     variants = {'sgd': sgd}
     compile_s, meta = {'sgd': sgd_c}, {}
     for r in ranks:
@@ -340,9 +379,8 @@ def run_gpm(sizes, ranks, timing) -> list[dict]:
       bases = {name: {'kernel': _orthonormal_columns(
           keys[i], params[name]['kernel'].shape[0], r), 'bias': None}
                for i, name in enumerate(params)}
-      gpm_fn = lambda b: optax.chain(protect.gpm_projection(b),
-                                     optax.sgd(LEARNING_RATE))
-      run, c, _ = _step_variant(gpm_fn, params, grads, bases)
+      run, c, _ = _step_variant(
+          optax.chain(protect.gpm_projection(bases), _sgd()), params, grads)
       variants[f'gpm_r{r}'] = run
       compile_s[f'gpm_r{r}'] = c
       read = 4 * (p_kernels * 3 + r * sum(sizes_mlp[:-1]))
@@ -377,16 +415,12 @@ def run_agem_ewc(sizes, timing) -> list[dict]:
     assert dot < 0, 'reference_grads must make A-GEM project'
     anchor = _dense_tree(num_params, key_a)
     fisher = jax.tree.map(jnp.abs, _dense_tree(num_params, key_f))
-    sgd, sgd_c, _ = _step_variant(_sgd_fn, params, grads)
-
-    def agem_fn(ref):
-      del ref
-      return optax.chain(protect.agem(), optax.sgd(LEARNING_RATE))
-    agem, agem_c, _ = _step_variant(agem_fn, params, grads, reference,
-                                    reference_grads=True)
-    ewc_fn = lambda a, f: optax.chain(protect.ewc(a, f, 10.0),
-                                      optax.sgd(LEARNING_RATE))
-    ewc, ewc_c, _ = _step_variant(ewc_fn, params, grads, anchor, fisher)
+    sgd, sgd_c, _ = _step_variant(_sgd(), params, grads)
+    agem, agem_c, _ = _step_variant(optax.chain(protect.agem(), _sgd()),
+                                    params, grads, reference)
+    ewc, ewc_c, _ = _step_variant(
+        optax.chain(protect.ewc(anchor, fisher, 10.0), _sgd()), params,
+        grads)
     variants = {'sgd': sgd, 'agem': agem, 'ewc': ewc}
     stats, rounds = _time_group(variants, 'sgd', **timing)
     roof = {'agem': (6 * num_params, 4 * 4 * num_params),
@@ -518,6 +552,184 @@ def run_fisher(num_examples, chunks, timing) -> list[dict]:
   return records
 
 
+# ------------------------------------------------ part 3: program size
+
+
+class _CompileCounter:
+  """Counts XLA backend compiles (``jax.monitoring``) while active."""
+
+  def __init__(self):
+    self.count = 0
+    self.seconds = 0.0
+
+  def _listener(self, event, duration, **kwargs):
+    del kwargs
+    if event == _BACKEND_COMPILE_EVENT:
+      self.count += 1
+      self.seconds += duration
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self._listener)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+def _user_step(tx, traces, donate=()):
+  """A user's own jitted SGD step; appends to ``traces`` when traced."""
+
+  @functools.partial(jax.jit, donate_argnums=donate)
+  def step(params, opt_state, grads):
+    traces.append(None)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
+
+
+def _step_times(steps, params, opt_state, grads, rounds: int):
+  """Median ms of each of ``steps`` (interleaved), each on its own copies."""
+  carry = {name: (jax.tree.map(jnp.copy, params),
+                  jax.tree.map(jnp.copy, opt_state)) for name in steps}
+  times = {name: [] for name in steps}
+  for r in range(rounds + 1):
+    for name, step in steps.items():
+      t0 = time.perf_counter()
+      carry[name] = jax.block_until_ready(step(*carry[name], grads))
+      if r:  # The first round is warm-up.
+        times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def _lowered(step, *args):
+  """``(StableHLO text bytes, lowering seconds)`` of ``step`` at ``args``."""
+  t0 = time.perf_counter()
+  text = step.lower(*args).as_text()
+  return len(text.encode()), time.perf_counter() - t0
+
+
+def run_program_size(num_params: int, k: int, num_tasks: int,
+                     closure_sizes) -> list[dict]:
+  """Program size and compiles of a user's jitted SGD step across tasks.
+
+  ``orthogonal_projection`` keeps its basis in the optax state: one
+  ``tx = optax.chain(protect.orthogonal_projection(V_0), optax.sgd(lr))``,
+  one ``jax.jit(step)`` written as a user would, and ``num_tasks`` bases
+  ``[k, P]`` swapped in with ``optax.tree.set(opt_state, basis=V_t)``, one
+  step each (checked: the step's change of params is orthogonal to V_t).
+  Recorded: the step's lowered StableHLO text size, the XLA compiles
+  counted by ``jax.monitoring`` during the tasks (everything else the loop
+  runs is compiled before), the step's traces and jit cache size.
+
+  The closure baseline (:func:`_closure_projection`, V a constant of the
+  program, as before issue 24) is lowered once at each of
+  ``closure_sizes`` (P, with the same k); at the smallest it also runs the
+  ``num_tasks`` tasks the only way it can, a new transformation and a new
+  ``jax.jit`` per task, to count its compiles.
+  """
+  key_p, key_g, key_v = jax.random.split(jax.random.key(24), 3)
+  params = _dense_tree(num_params, key_p)
+  grads = _dense_tree(num_params, key_g)
+  keys = [jax.random.fold_in(key_v, t) for t in range(num_tasks)]
+  basis = jax.block_until_ready(_tiled_basis(keys[0], k, num_params))
+  tx = optax.chain(protect.orthogonal_projection(basis),
+                   optax.sgd(LEARNING_RATE))
+  opt_state = tx.init(params)
+  traces = []
+  step = _user_step(tx, traces)
+
+  @jax.jit
+  def leak(v, before, after):
+    delta = (flatten_util.ravel_pytree(after)[0] -
+             flatten_util.ravel_pytree(before)[0])
+    return (jnp.max(jnp.abs(jnp.matmul(v, delta, precision=_HIGHEST))) /
+            jnp.max(jnp.abs(delta)))
+
+  jax.block_until_ready(leak(basis, params, params))  # compiled before
+  worst = 0.0
+  t0 = time.perf_counter()
+  with _CompileCounter() as counter:
+    for t in range(num_tasks):
+      if t:
+        basis = _tiled_basis(keys[t], k, num_params)
+      opt_state = optax.tree.set(opt_state, basis=basis)
+      before = params
+      params, opt_state = step(params, opt_state, grads)
+      worst = max(worst, float(leak(basis, before, params)))
+  loop_s = time.perf_counter() - t0
+  num_traces, cache_size = len(traces), step._cache_size()
+  size, lower_s = _lowered(step, params, opt_state, grads)
+  # A step returns the state it was given; donated, the basis buffer is
+  # reused, not donated, it is copied (4kP bytes) on every call.
+  step_ms = _step_times(
+      {'not_donated': step,
+       'donated': _user_step(tx, [], donate=(0, 1))}, params, opt_state,
+      grads, rounds=5)
+  records = [{
+      'part': 'program_size', 'variant': 'orthogonal_state',
+      'num_params': num_params, 'k': k, 'num_tasks': num_tasks,
+      'v_bytes': 4 * k * num_params, 'lowered_stablehlo_bytes': size,
+      'lower_s': lower_s, 'compiles_during_tasks': counter.count,
+      'compile_s_during_tasks': counter.seconds, 'traces': num_traces,
+      'jit_cache_size': cache_size, 'tasks_wall_s': loop_s,
+      'step_ms_state_not_donated': step_ms['not_donated'],
+      'step_ms_state_donated': step_ms['donated'],
+      'max_abs_V_delta_over_max_abs_delta': worst}]
+  print(f'  state-held basis: P={num_params:,d} k={k}, {num_tasks} bases '
+        f'swapped with optax.tree.set: lowered StableHLO {size:,d} bytes, '
+        f'{counter.count} compile(s) ({counter.seconds:.2f} s), '
+        f'{num_traces} trace(s), cache size {cache_size}; max |V_t delta| / '
+        f'max |delta| = {worst:.1e}; step {step_ms["donated"]:.1f} ms with '
+        f'the state donated, {step_ms["not_donated"]:.1f} ms not', flush=True)
+  del basis, opt_state, tx, step
+  gc.collect()
+
+  for p in sorted(closure_sizes):
+    key_p, key_g = jax.random.split(jax.random.key(p), 2)
+    small_params = _dense_tree(p, key_p)
+    small_grads = _dense_tree(p, key_g)
+    small_keys = [jax.random.fold_in(key_v, t) for t in range(num_tasks)]
+    v = jax.block_until_ready(_tiled_basis(small_keys[0], k, p))
+    tx_c = optax.chain(_closure_projection(v), optax.sgd(LEARNING_RATE))
+    state_c = tx_c.init(small_params)
+    size_c, lower_c = _lowered(_user_step(tx_c, []), small_params, state_c,
+                               small_grads)
+    rec = {'part': 'program_size', 'variant': 'orthogonal_closure',
+           'num_params': p, 'k': k, 'v_bytes': 4 * k * p,
+           'lowered_stablehlo_bytes': size_c, 'lower_s': lower_c}
+    line = (f'  closure (V a constant): P={p:,d} k={k}: lowered StableHLO '
+            f'{size_c:,d} bytes ({size_c / (4 * k * p):.2f} x V\'s bytes), '
+            f'lowered in {lower_c:.2f} s')
+    if p == min(closure_sizes):
+      # Each task: a new transformation, a new jitted step, a new compile.
+      vs = [v] + [_tiled_basis(small_keys[t], k, p)
+                  for t in range(1, num_tasks)]
+      jax.block_until_ready(vs)
+      c_traces = []
+      t0 = time.perf_counter()
+      with _CompileCounter() as counter_c:
+        for t in range(num_tasks):
+          tx_t = optax.chain(_closure_projection(vs[t]),
+                             optax.sgd(LEARNING_RATE))
+          small_params, _ = _user_step(tx_t, c_traces)(
+              small_params, tx_t.init(small_params), small_grads)
+        jax.block_until_ready(small_params)
+      rec.update({'num_tasks': num_tasks,
+                  'compiles_during_tasks': counter_c.count,
+                  'compile_s_during_tasks': counter_c.seconds,
+                  'traces': len(c_traces),
+                  'tasks_wall_s': time.perf_counter() - t0})
+      line += (f'; {num_tasks} tasks: {counter_c.count} compiles '
+               f'({counter_c.seconds:.2f} s), {len(c_traces)} traces')
+      del vs
+    print(line, flush=True)
+    records.append(rec)
+    del v, tx_c, state_c
+    gc.collect()
+  return records
+
+
 # -------------------------------------------------------------------- main
 
 
@@ -528,7 +740,20 @@ def main() -> None:
                       help='P = 1e5 only, k = 100, r = 10, N = 256, short '
                       'timing (about a minute)')
   parser.add_argument('--parts', nargs='+',
-                      default=['orthogonal', 'gpm', 'agem', 'ewc', 'fisher'])
+                      default=['orthogonal', 'gpm', 'agem', 'ewc', 'fisher',
+                               'program_size'])
+  parser.add_argument('--program-size', action='store_true',
+                      help='only part 3: lowered program size and compile '
+                      'count of a jitted SGD step with orthogonal_projection '
+                      'across tasks (same as --parts program_size)')
+  parser.add_argument('--program-size-params', type=int, default=1_000_000)
+  parser.add_argument('--program-size-k', type=int, default=100)
+  parser.add_argument('--program-size-tasks', type=int, default=10)
+  parser.add_argument('--closure-sizes', type=int, nargs='*',
+                      default=[10_000, 100_000],
+                      help='P at which the closure baseline (V a constant) '
+                      'is lowered; its StableHLO holds V as hex, about 8kP '
+                      'bytes')
   parser.add_argument('--sizes', type=int, nargs='+',
                       default=[100_000, 1_000_000])
   parser.add_argument('--ks', type=int, nargs='+', default=[100, 1000])
@@ -548,9 +773,12 @@ def main() -> None:
                       'constant) where k * P <= this (0: never)')
   parser.add_argument('--no-save', action='store_true')
   args = parser.parse_args()
+  if args.program_size:
+    args.parts = ['program_size']
   if args.quick:
     args.sizes, args.ks, args.ranks = [100_000], [100], [10]
     args.num_examples, args.target_s, args.min_rounds = 256, 1.5, 5
+    args.program_size_params, args.closure_sizes = 100_000, [10_000]
   timing = {'target_s': args.target_s, 'min_rounds': args.min_rounds,
             'max_rounds': args.max_rounds, 'block': args.block}
   start = time.perf_counter()
@@ -576,6 +804,11 @@ def main() -> None:
     print(f'fisher_diagonal vs per-example loop, MLP {FISHER_MLP}, '
           f'N = {args.num_examples}:', flush=True)
     records += run_fisher(args.num_examples, args.fisher_chunks, timing)
+  if 'program_size' in args.parts:
+    print('program size and compiles of a jitted SGD step with '
+          'orthogonal_projection across tasks:', flush=True)
+    records += run_program_size(args.program_size_params, args.program_size_k,
+                                args.program_size_tasks, args.closure_sizes)
   wall = time.perf_counter() - start
   load_end = os.getloadavg()
   for rec in records:
