@@ -1434,3 +1434,25 @@ class AgemStateTest(chex.TestCase):
                           _np_agem(g, r))
       chex.assert_trees_all_close(params, want, rtol=_RTOL, atol=_ATOL)
     self.assertEqual(step._cache_size(), 1)
+
+
+class TreeSetFilteringTest(chex.TestCase):
+
+  def test_params_key_named_like_a_field(self):
+    # optax.tree.set matches dict keys too: a params key 'fisher' inside
+    # the anchor would be replaced; filtering on NamedTupleKey avoids it.
+    params = {'fisher': np.zeros((2,), np.float32),
+              'w': np.zeros((3,), np.float32)}
+    ones = jax.tree.map(np.ones_like, params)
+    tx = optax.chain(protect.ewc(params, ones, 1.0), optax.sgd(0.1))
+    state = tx.init(params)
+    new = jax.tree.map(lambda x: np.full_like(x, 5.0), params)
+    clobbered = optax.tree.set(state, fisher=new)
+    self.assertIsInstance(clobbered[0].anchor['fisher'], dict)
+    with self.assertRaisesRegex(ValueError, r'^ewc: anchor'):
+      tx.update(params, clobbered, params)  # Caught, not silent.
+    fields_only = lambda path, _: isinstance(
+        path[-1], optax.tree_utils.NamedTupleKey)
+    state = optax.tree.set(state, fields_only, fisher=new)
+    chex.assert_trees_all_equal(state[0].anchor, params)
+    chex.assert_trees_all_equal(state[0].fisher, new)

@@ -34,7 +34,10 @@ tasks by field name::
   opt_state = optax.tree.set(opt_state, basis=basis_after_a)
   ...                                          # train on task B, same compile
 
-Donate the optimizer state to the jitted step (``donate_argnums``): the
+``optax.tree.set`` also matches dict keys of the same name inside the params-like
+trees (``bases``, ``anchor``, ``fisher``): where the params have such a key, pass
+``lambda path, _: isinstance(path[-1], optax.tree_utils.NamedTupleKey)`` as its
+``filtering`` argument. Donate the optimizer state to the jitted step (``donate_argnums``): the
 state it returns holds the same arrays, which a jitted function copies
 unless their input buffers were donated.
 

@@ -302,7 +302,11 @@ def ewc(anchor: Params, fisher: Params, strength: Any
   so no retrace). Offline EWC chains one ``ewc`` per task; ``optax.tree.set``
   then sets every ``anchor`` in the chain unless its ``filtering`` argument
   picks one by path, e.g. ``lambda path, _: path[0].idx == t`` for the
-  ``t``-th element of the chain's state tuple. Swapped values are checked
+  ``t``-th element of the chain's state tuple. ``optax.tree.set`` also
+  replaces dict keys of that name inside the params-like trees: if the
+  params have a key ``anchor``, ``fisher`` or ``strength``, pass
+  ``lambda path, _: isinstance(path[-1], optax.tree_utils.NamedTupleKey)``
+  as ``filtering`` (state fields only). Swapped values are checked
   for their tree and shapes when ``update`` is traced, not for values.
   Donate the optimizer state to a jitted step (``donate_argnums``), as for
   :func:`orthogonal_projection`: otherwise each call copies ``anchor`` and
