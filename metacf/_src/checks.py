@@ -65,7 +65,8 @@ def value_check(inputs: Sequence[Any],
       (``numpy`` for concrete inputs, ``jax.numpy`` for traced ones); NaN
       must make it False where NaN is invalid.
     message: The error message, a ``str.format`` template whose fields are
-      filled from ``details``.
+      filled from ``details``; write them ``{name!s}`` (``str`` of a NumPy
+      scalar: ``-0.1``, not ``-0.10000000149011612``).
     details: ``details(xp, *inputs) -> {field: scalar}`` for the message
       (computed only when needed: on failure eagerly, inside the check when
       traced).
@@ -108,12 +109,8 @@ def _check_real(value: Any, name: str, fn: str) -> None:
 
 
 def _got(value: Any) -> str:
-  """The ``got ...`` part for a scalar (its repr) or an array (a template)."""
-  if np.ndim(value) == 0 and not is_traced(value):
-    return f'{value!r}'.replace('{', '{{').replace('}', '}}')
-  if np.ndim(value) == 0:
-    return '{value}'
-  return 'a minimum of {value}'
+  """The ``got ...`` template for a scalar or (its minimum) an array."""
+  return '{value!s}' if np.ndim(value) == 0 else 'a minimum of {value!s}'
 
 
 def _min(xp: ModuleType, x: Any) -> dict[str, Any]:
@@ -166,7 +163,7 @@ def check_nonnegative(value: Any, name: str, fn: str, *,
     return {'value': xp.min(xp.where(rows(xp, w), v, xp.inf))}
 
   value_check([value, where], lambda xp, v, w: xp.all(keep(xp, v, w)),
-              f'{fn}: {name} must be >= 0, got a minimum of {{value}}.',
+              f'{fn}: {name} must be >= 0, got a minimum of {{value!s}}.',
               details)
 
 
@@ -178,7 +175,7 @@ def check_finite(value: Any, name: str, fn: str) -> None:
     message = f'{fn}: {name} must be finite, got {_got(value)}.'
     details = lambda xp, v: {'value': v}
   else:
-    message = (f'{fn}: {name} must be finite, got {{count}} non-finite of '
+    message = (f'{fn}: {name} must be finite, got {{count!s}} non-finite of '
                f'{np.size(value)} entries.')
     details = lambda xp, v: {'count': xp.sum(~xp.isfinite(v))}
   value_check([value], lambda xp, v: xp.all(xp.isfinite(v)), message,
@@ -197,7 +194,7 @@ def check_labels(labels: Any, num_classes: int, name: str, fn: str) -> None:
   value_check(
       [labels], lambda xp, y: xp.all((y >= 0) & (y < num_classes)),
       f'{fn}: {name} must be in [0, {num_classes}), got values in '
-      '[{low}, {high}].',
+      '[{low!s}, {high!s}].',
       lambda xp, y: {'low': xp.min(y), 'high': xp.max(y)})
 
 
