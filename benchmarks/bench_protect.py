@@ -11,9 +11,9 @@ numbers, with the same fixed gradient input for every variant:
   ``V``, which lives in its state (``OrthogonalProjectionState.basis``), an
   argument of the jitted step (``orthogonal_closure_k{k}`` closes over
   ``V`` instead, as the transformation did before issue 24, so ``V`` is a
-  constant of the executable). ``V`` is built cheaply and exactly: ``Q`` from the QR of a
-  random ``[k, k]`` matrix, ``V = [Q D_1, ..., Q D_m] / sqrt(m)`` with random
-  column-sign diagonals ``D_j`` (``P = m k``), so ``V V^T = Q Q^T = I`` and
+  constant of the executable). ``V`` is built cheaply and exactly: ``Q``
+  from the QR of a random ``[k, k]`` matrix, ``V = [Q D_1, ..., Q D_m] /
+  sqrt(m)`` with random column-sign diagonals ``D_j`` (``P = m k``), so ``V V^T = Q Q^T = I`` and
   every entry is dense; ``orthogonal_projection`` checks it (its probe).
   ``matvec_k{k}``, timed in the same group, is ``V @ g`` alone, one read of
   ``V``: the measured streaming rate of this machine on that matrix.

@@ -34,12 +34,13 @@ tasks by field name::
   opt_state = optax.tree.set(opt_state, basis=basis_after_a)
   ...                                          # train on task B, same compile
 
-``optax.tree.set`` also matches dict keys of the same name inside the params-like
-trees (``bases``, ``anchor``, ``fisher``): where the params have such a key, pass
-``lambda path, _: isinstance(path[-1], optax.tree_utils.NamedTupleKey)`` as its
-``filtering`` argument. Donate the optimizer state to the jitted step (``donate_argnums``): the
-state it returns holds the same arrays, which a jitted function copies
-unless their input buffers were donated.
+``optax.tree.set`` also matches dict keys of the same name inside the
+params-like trees (``bases``, ``anchor``, ``fisher``): where the params have
+such a key, pass ``lambda path, _: isinstance(path[-1],
+optax.tree_utils.NamedTupleKey)`` as its ``filtering`` argument. Donate the
+optimizer state to the jitted step (``donate_argnums``): the state it returns
+holds the same arrays, which a jitted function copies unless their input
+buffers were donated.
 
 Bases that grow keep one shape with zero rows (or GPM's zero columns),
 which project nothing: allocate ``k_max`` rows, fill them as tasks come,
