@@ -1,28 +1,51 @@
-"""metacf kernels on flax nnx, flax linen (with BatchNorm) and equinox models.
+"""Every metacf kernel family on models built from flax's and equinox's layers.
 
-Each framework model enters the kernels as a parameter pytree plus a pure
-``apply_fn(params, x)``:
+The models are small vision transformers made only of the frameworks' own
+layers, one per framework, float32, image ``x [N, 4, 4, 1]`` to logits
+``[N, 3]``:
 
-* nnx: ``graphdef, params = nnx.split(model, nnx.Param)``,
-  ``apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)``
+* flax linen: ``Conv`` (2x2 patches, HWIO kernel) -> ``BatchNorm(
+  use_running_average=False)`` -> ``Embed`` (learned positions) ->
+  ``MultiHeadDotProductAttention(num_heads=2, qkv_features=8)`` ->
+  ``LayerNorm`` -> ``DenseGeneral(axis=(-2, -1))`` (kernel ``[tokens, d,
+  hidden]``) -> ``Dense``;
+* flax nnx: the same with ``nnx.Conv``, ``nnx.BatchNorm``, ``nnx.Embed``,
+  ``nnx.MultiHeadAttention(decode=False)``, ``nnx.LayerNorm``,
+  ``nnx.LinearGeneral`` and ``nnx.Linear``;
+* equinox: ``eqx.nn.Conv2d`` -> ``eqx.nn.MultiheadAttention`` ->
+  ``eqx.nn.LayerNorm`` -> ``eqx.nn.Linear`` x 2, one example at a time,
+  ``vmap``-ped over the batch.
+
+Each enters the kernels as a parameter pytree plus a pure ``apply_fn(params,
+x)``:
+
+* nnx: ``graphdef, params, rest = nnx.split(model, nnx.Param, ...)``,
+  ``apply_fn = lambda p, x: nnx.merge(graphdef, p, rest)(x)``
   (flax:examples/nnx_toy_examples/01_functional_api.py);
 * linen: ``model.apply({'params': p, 'batch_stats': bs}, x,
-  mutable=['batch_stats'])[0]`` with ``BatchNorm(use_running_average=False)``:
-  transductive batch norm, the updated statistics are discarded;
-* equinox: ``params, static = eqx.partition(model, eqx.is_array)``,
+  mutable=['batch_stats'])[0]``: transductive batch norm, the updated
+  statistics are discarded (nnx's ``BatchNorm`` does the same on its merged
+  copy);
+* equinox: ``params, static = eqx.partition(model, eqx.is_inexact_array)``,
   ``apply_fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)``.
 
-The references are written here, without metacf: MAML as a hand-unrolled loop
-over tasks and inner SGD steps, the Jacobian SVD as a dense
-``jnp.linalg.svd`` of ``jax.jacrev`` with respect to ``ravel_pytree(params)``.
+Every test compares with a reference written here without metacf: LoRA
+shapes from the layout table below, ranks by ``np.linalg.matrix_rank`` in
+float64, attention by hand-written ``einsum``s, gradients by finite
+differences (``check_grads``); the Jacobian SVD by a dense ``jnp.linalg.svd``
+of ``jax.jacrev``; the Fisher diagonal by a Python loop over examples (and
+classes); protections by the float64 projection / penalty formula applied to
+``jax.grad``; MAML by a hand-unrolled loop over tasks and inner SGD steps.
 """
 
 from collections.abc import Callable
 import functools
+import math
 from typing import Any, NamedTuple
 
 from absl.testing import parameterized
 import chex
+import equinox as eqx
 from flax import linen
 from flax import nnx
 import jax
@@ -30,60 +53,131 @@ from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 import metacf
 
-_IN, _HIDDEN, _OUT = 4, 8, 3
+_SIDE, _PATCH = 4, 2                      # 4x4x1 images, 2x2 patches.
+_TOKENS = (_SIDE // _PATCH)**2            # 4 tokens.
+_D, _HEADS = 8, 2                         # model width, attention heads.
+_HEAD_DIM = _D // _HEADS
+_HIDDEN, _OUT = 4, 3
 _INNER_LR = 0.1
+_LR = 0.1
+_RANK = 2
+_ALPHA = 4.0
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class _Case(NamedTuple):
   params: Any                          # the framework's parameter pytree.
-  apply_fn: Callable[[Any, jax.Array], jax.Array]   # [N, IN] -> [N, OUT].
+  apply_fn: Callable[[Any, jax.Array], jax.Array]   # [N, 4, 4, 1] -> [N, 3].
   rebuild: Callable[[Any], Callable[[jax.Array], jax.Array]]  # params -> model.
 
 
+def _path(key_path) -> str:
+  return jax.tree_util.keystr(key_path, simple=True, separator='/')
+
+
+def _name(path: str) -> str:
+  """``'attn/query/kernel'`` for linen, nnx and equinox paths alike."""
+  parts = path.split('/')
+  if parts[0] == 'params':
+    parts = parts[1:]                       # linen's variable collection.
+  if parts[-1] == 'value' and len(parts) >= 2 and parts[-2] in (
+      'kernel', 'bias', 'scale', 'embedding'):
+    parts = parts[:-1]                      # nnx's Variable.value.
+  return '/'.join(parts)
+
+
 # ---------------------------------------------------------------------------
-# The three models, MLP 4-8-3, float32.
+# The three models.
 
 
-class _NnxMLP(nnx.Module):
-
-  def __init__(self, rngs: nnx.Rngs):
-    self.hidden = nnx.Linear(_IN, _HIDDEN, rngs=rngs)
-    self.out = nnx.Linear(_HIDDEN, _OUT, rngs=rngs)
-
-  def __call__(self, x):
-    return self.out(nnx.relu(self.hidden(x)))
-
-
-@functools.cache
-def _nnx_case() -> _Case:
-  model = _NnxMLP(nnx.Rngs(0))
-  graphdef, params = nnx.split(model, nnx.Param)
-  apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
-  return _Case(params, apply_fn, lambda p: nnx.merge(graphdef, p))
-
-
-class _LinenBatchNormMLP(linen.Module):
+class _LinenViT(linen.Module):
 
   @linen.compact
+  def __call__(self, x):                                   # [N, 4, 4, 1]
+    h = linen.Conv(_D, (_PATCH, _PATCH), strides=(_PATCH, _PATCH),
+                   padding='VALID', name='conv')(x)        # [N, 2, 2, D]
+    h = linen.BatchNorm(use_running_average=False, name='norm')(h)
+    h = jax.nn.relu(h).reshape(h.shape[0], _TOKENS, _D)
+    pos = linen.Embed(_TOKENS, _D, name='pos')(jnp.arange(_TOKENS))
+    h = h + pos[None]
+    h = h + linen.MultiHeadDotProductAttention(
+        num_heads=_HEADS, qkv_features=_D, name='attn')(h)
+    h = linen.LayerNorm(name='ln')(h)
+    h = linen.DenseGeneral(_HIDDEN, axis=(-2, -1), name='head')(h)
+    return linen.Dense(_OUT, name='logits')(jax.nn.relu(h))
+
+
+class _NnxViT(nnx.Module):
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(1, _D, (_PATCH, _PATCH), strides=(_PATCH, _PATCH),
+                         padding='VALID', rngs=rngs)
+    self.norm = nnx.BatchNorm(_D, use_running_average=False, rngs=rngs)
+    self.pos = nnx.Embed(_TOKENS, _D, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(_HEADS, _D, qkv_features=_D,
+                                       decode=False, rngs=rngs)
+    self.ln = nnx.LayerNorm(_D, rngs=rngs)
+    self.head = nnx.LinearGeneral((_TOKENS, _D), _HIDDEN, axis=(-2, -1),
+                                  rngs=rngs)
+    self.logits = nnx.Linear(_HIDDEN, _OUT, rngs=rngs)
+
   def __call__(self, x):
-    x = linen.Dense(_HIDDEN)(x)
-    x = linen.BatchNorm(use_running_average=False)(x)
-    return linen.Dense(_OUT)(linen.relu(x))
+    h = self.norm(self.conv(x))
+    h = jax.nn.relu(h).reshape(h.shape[0], _TOKENS, _D)
+    h = h + self.pos(jnp.arange(_TOKENS))[None]
+    h = h + self.attn(h)
+    h = self.head(self.ln(h))
+    return self.logits(jax.nn.relu(h))
+
+
+class _EqxViT(eqx.Module):
+  conv: eqx.nn.Conv2d
+  attn: eqx.nn.MultiheadAttention
+  ln: eqx.nn.LayerNorm
+  head: eqx.nn.Linear
+  logits: eqx.nn.Linear
+
+  def __init__(self, key: jax.Array):
+    k_conv, k_attn, k_head, k_logits = jax.random.split(key, 4)
+    self.conv = eqx.nn.Conv2d(1, _D, _PATCH, stride=_PATCH, key=k_conv)
+    self.attn = eqx.nn.MultiheadAttention(
+        _HEADS, _D, use_query_bias=True, use_key_bias=True,
+        use_value_bias=True, use_output_bias=True, key=k_attn)
+    self.ln = eqx.nn.LayerNorm(_D)
+    self.head = eqx.nn.Linear(_TOKENS * _D, _HIDDEN, key=k_head)
+    self.logits = eqx.nn.Linear(_HIDDEN, _OUT, key=k_logits)
+
+  def __call__(self, x):                                   # one [4, 4, 1]
+    h = self.conv(jnp.transpose(x, (2, 0, 1)))             # [D, 2, 2]
+    h = jax.nn.relu(h.reshape(_D, _TOKENS).T)              # [tokens, D]
+    h = h + self.attn(h, h, h)
+    h = jax.vmap(self.ln)(h)
+    return self.logits(jax.nn.relu(self.head(h.reshape(-1))))
+
+
+def _like_params(stats, params):
+  """Batch statistics (new arrays) in the params' dtype (float64 tests)."""
+  dtype = jax.tree.leaves(params)[0].dtype
+  return jax.tree.map(lambda s: jnp.asarray(s, dtype), stats)
+
+
+def _x(seed, n):
+  return jax.random.normal(jax.random.key(seed), (n, _SIDE, _SIDE, 1),
+                           jnp.float32)
 
 
 @functools.cache
 def _linen_case() -> _Case:
-  model = _LinenBatchNormMLP()
-  variables = model.init(jax.random.key(0), jnp.ones((5, _IN), jnp.float32))
+  model = _LinenViT()
+  variables = model.init(jax.random.key(0), _x(0, 2))
   params, batch_stats = variables['params'], variables['batch_stats']
 
   def apply_fn(p, x):
-    out, _ = model.apply({'params': p, 'batch_stats': batch_stats}, x,
+    stats = _like_params(batch_stats, p)
+    out, _ = model.apply({'params': p, 'batch_stats': stats}, x,
                          mutable=['batch_stats'])  # New statistics discarded.
     return out
 
@@ -91,55 +185,93 @@ def _linen_case() -> _Case:
 
 
 @functools.cache
+def _nnx_case() -> _Case:
+  graphdef, params, rest = nnx.split(_NnxViT(nnx.Rngs(0)), nnx.Param, ...)
+  # New BatchStat variables for every call: BatchNorm writes its batch
+  # statistics into them, which nnx refuses for variables of another trace.
+  model = lambda p: nnx.merge(graphdef, p, _like_params(rest, p))
+  return _Case(params, lambda p, x: model(p)(x), model)
+
+
+@functools.cache
 def _eqx_case() -> _Case:
-  eqx = pytest.importorskip('equinox')
-  model = eqx.nn.MLP(_IN, _OUT, _HIDDEN, depth=1, key=jax.random.key(0))
-  params, static = eqx.partition(model, eqx.is_array)
+  params, static = eqx.partition(_EqxViT(jax.random.key(0)),
+                                 eqx.is_inexact_array)
   apply_fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)
   return _Case(params, apply_fn,
                lambda p: jax.vmap(eqx.combine(p, static)))
 
 
-_CASES = (('nnx', _nnx_case), ('linen_batchnorm', _linen_case),
+_CASES = (('linen', _linen_case), ('nnx', _nnx_case),
           ('equinox', _eqx_case))
+_FLAX_CASES = _CASES[:2]
 
 
 # ---------------------------------------------------------------------------
 # Data and references.
 
 
-def _tasks(num_tasks=2, shots=5) -> metacf.maml.Task:
-  k_sx, k_sy, k_qx, k_qy = jax.random.split(jax.random.key(1), 4)
-  normal = lambda k, d: jax.random.normal(k, (num_tasks, shots, d),
-                                          jnp.float32)
-  return metacf.maml.Task(normal(k_sx, _IN), normal(k_sy, _OUT),
-                          normal(k_qx, _IN), normal(k_qy, _OUT))
+def _labels(seed, shape):
+  return jax.random.randint(jax.random.key(seed), shape, 0, _OUT, jnp.int32)
 
 
 def _batch(seed, n=4):
-  k_x, k_y = jax.random.split(jax.random.key(seed))
-  return (jax.random.normal(k_x, (n, _IN), jnp.float32),
-          jax.random.normal(k_y, (n, _OUT), jnp.float32))
+  return _x(seed, n), _labels(seed + 1000, (n,))
 
 
-def _mse_loss_fn(apply_fn):
-  return lambda p, x, y: jnp.mean((apply_fn(p, x) - y)**2)
+def _tasks(num_tasks=2, shots=4) -> metacf.maml.Task:
+  x = lambda seed: _x(seed, num_tasks * shots).reshape(
+      num_tasks, shots, _SIDE, _SIDE, 1)
+  y = lambda seed: _labels(seed, (num_tasks, shots))
+  return metacf.maml.Task(x(11), y(12), x(13), y(14))
 
 
-def _reference_meta_loss(loss_fn, params, tasks, inner_lr, num_inner_steps):
-  """Mean query loss after hand-unrolled inner SGD; a Python loop over tasks."""
-  losses = []
+def _ce_loss_fn(apply_fn):
+  return lambda p, x, y: jnp.mean(
+      optax.losses.softmax_cross_entropy_with_integer_labels(
+          apply_fn(p, x), y))
+
+
+def _reference_task_loss(loss_fn, params, task, inner_lr, num_inner_steps):
+  """One task's query loss after hand-unrolled inner SGD steps."""
+  support_x, support_y, query_x, query_y = task
+  p = params
+  for _ in range(num_inner_steps):
+    g = jax.grad(loss_fn)(p, support_x, support_y)
+    p = jax.tree.map(lambda w, gw: w - inner_lr * gw, p, g)
+  return loss_fn(p, query_x, query_y)
+
+
+_NUM_INNER_STEPS = 2
+
+
+@functools.cache
+def _reference_meta_grad(make_case) -> tuple[jax.Array, jax.Array]:
+  """Meta-loss and flat meta-gradient: a Python loop over ``_tasks()``."""
+  case = make_case()
+  loss_and_grad = jax.jit(jax.value_and_grad(functools.partial(
+      _reference_task_loss, _ce_loss_fn(case.apply_fn), inner_lr=_INNER_LR,
+      num_inner_steps=_NUM_INNER_STEPS)))
+  tasks = _tasks()
+  losses, grads = [], []
   for b in range(tasks.support_x.shape[0]):
-    p = params
-    for _ in range(num_inner_steps):
-      g = jax.grad(loss_fn)(p, tasks.support_x[b], tasks.support_y[b])
-      p = jax.tree.map(lambda w, gw: w - inner_lr * gw, p, g)
-    losses.append(loss_fn(p, tasks.query_x[b], tasks.query_y[b]))
-  return jnp.mean(jnp.stack(losses))
+    loss, grad = loss_and_grad(case.params, jax.tree.map(lambda f: f[b], tasks))
+    losses.append(float(loss))
+    grads.append(_f64(grad))
+  return float(np.mean(losses)), np.mean(grads, axis=0)
 
 
 def _flat(tree):
   return ravel_pytree(tree)[0]
+
+
+def _f64(tree) -> np.ndarray:
+  return np.asarray(_flat(tree), np.float64)
+
+
+def _assert_finite(test, tree):
+  for leaf in jax.tree.leaves(tree):
+    test.assertTrue(bool(np.all(np.isfinite(np.asarray(leaf)))))
 
 
 def _assert_same_structure(a, b):
@@ -147,8 +279,253 @@ def _assert_same_structure(a, b):
   chex.assert_trees_all_equal_shapes_and_dtypes(a, b)
 
 
+def _orthonormal(rng, rows, cols):
+  """``[rows, cols]`` with orthonormal rows (``rows <= cols``), float32."""
+  q, _ = np.linalg.qr(rng.normal(size=(cols, rows)))
+  return jnp.asarray(q.T, jnp.float32)
+
+
+def _to_f64(tree):
+  return jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), tree)
+
+
 # ---------------------------------------------------------------------------
-# 1. Second-order MAML.
+# 1. LoRA.
+#
+# The layout of every flax kernel in the models above, written out by hand
+# from flax/linen/attention.py and flax/linen/linear.py: (input axes f,
+# shape). query/key/value contract d_model into (heads, head_dim); out
+# contracts (heads, head_dim) into d_model; head (DenseGeneral over the last
+# two axes) contracts (tokens, d); conv is HWIO.
+_FLAX_LAYOUT = {
+    'conv/kernel': (3, (_PATCH, _PATCH, 1, _D)),
+    'attn/query/kernel': (1, (_D, _HEADS, _HEAD_DIM)),
+    'attn/key/kernel': (1, (_D, _HEADS, _HEAD_DIM)),
+    'attn/value/kernel': (1, (_D, _HEADS, _HEAD_DIM)),
+    'attn/out/kernel': (2, (_HEADS, _HEAD_DIM, _D)),
+    'head/kernel': (2, (_TOKENS, _D, _HIDDEN)),
+    'logits/kernel': (1, (_HIDDEN, _OUT)),
+}
+
+
+def _model_fan_in_axes(path, leaf):
+  """flax_fan_in_axes plus the model's own 3-D DenseGeneral 'head'."""
+  if _name(path) == 'head/kernel':
+    return 2
+  return metacf.adapters.flax_fan_in_axes(path, leaf)
+
+
+def _random_b(lora_params, seed):
+  """The adapters with a random nonzero ``b`` (``lora_init`` gives 0)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda ab: None if ab is None else {
+          'a': ab['a'],
+          'b': jnp.asarray(rng.normal(size=ab['b'].shape), ab['b'].dtype)},
+      lora_params, is_leaf=lambda v: v is None or (
+          isinstance(v, dict) and set(v) == {'a', 'b'}))
+
+
+def _adapters_by_name(lora_params) -> dict[str, Any]:
+  is_ab = lambda v: v is None or (isinstance(v, dict) and set(v) == {'a', 'b'})
+  flat, _ = jax.tree.flatten_with_path(lora_params, is_leaf=is_ab)
+  return {_name(_path(kp)): ab for kp, ab in flat if ab is not None}
+
+
+def _params_by_name(params) -> dict[str, np.ndarray]:
+  flat, _ = jax.tree.flatten_with_path(params)
+  return {_name(_path(kp)): np.asarray(v) for kp, v in flat}
+
+
+def _attention_reference(w: dict[str, np.ndarray], h: np.ndarray) -> np.ndarray:
+  """flax's multi-head self-attention, float64 einsums: ``[N, L, D]``."""
+  proj = lambda n: (np.einsum('nld,dhk->nlhk', h, w[f'{n}/kernel'])
+                    + w[f'{n}/bias'])
+  q, k, v = proj('query'), proj('key'), proj('value')
+  logits = np.einsum('nqhk,nshk->nhqs', q / math.sqrt(_HEAD_DIM), k)
+  logits = logits - logits.max(axis=-1, keepdims=True)
+  weights = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
+  o = np.einsum('nhqs,nshk->nqhk', weights, v)
+  return np.einsum('nqhk,hkd->nqd', o, w['out/kernel']) + w['out/bias']
+
+
+@functools.cache
+def _linen_attention():
+  model = linen.MultiHeadDotProductAttention(num_heads=_HEADS,
+                                             qkv_features=_D)
+  h = jax.random.normal(jax.random.key(5), (2, _TOKENS, _D), jnp.float32)
+  return model.init(jax.random.key(6), h), model.apply, h
+
+
+@functools.cache
+def _nnx_attention():
+  graphdef, params = nnx.split(nnx.MultiHeadAttention(
+      _HEADS, _D, qkv_features=_D, decode=False, rngs=nnx.Rngs(6)))
+  h = jax.random.normal(jax.random.key(5), (2, _TOKENS, _D), jnp.float32)
+  return params, lambda p, x: nnx.merge(graphdef, p)(x), h
+
+
+def _eqx_flip(tree):
+  """equinox's ``[out, in]`` weights reversed to ``[in, out]`` (the recipe)."""
+  return jax.tree.map(jnp.transpose, tree)
+
+
+class LoraInteropTest(chex.TestCase):
+  """lora_init / lora_merge / with_lora on flax attention, conv, DenseGeneral."""
+
+  @parameterized.named_parameters(*_FLAX_CASES)
+  def test_flax_layouts_shapes_and_merged_ranks(self, make_case):
+    params = make_case().params
+    lora = metacf.adapters.lora_init(jax.random.key(1), params, _RANK,
+                                     fan_in_axes=_model_fan_in_axes)
+    adapters = _adapters_by_name(lora)
+    # Kernels only: no bias (2-D in attention), scale or embedding table.
+    self.assertEqual(set(adapters), set(_FLAX_LAYOUT))
+    weights = _params_by_name(params)
+    merged = _params_by_name(metacf.adapters.lora_merge(
+        params, _random_b(lora, 2), alpha=_ALPHA))
+    for name, (f, shape) in _FLAX_LAYOUT.items():
+      with self.subTest(name):
+        self.assertEqual(weights[name].shape, shape)
+        d_in, d_out = math.prod(shape[:f]), math.prod(shape[f:])
+        chex.assert_shape(adapters[name]['a'], (d_in, _RANK))
+        chex.assert_shape(adapters[name]['b'], (_RANK, d_out))
+        self.assertEqual(adapters[name]['a'].dtype, jnp.float32)
+        delta = (merged[name].astype(np.float64)
+                 - weights[name].astype(np.float64))
+        self.assertTrue(bool(np.all(np.isfinite(delta))))
+        # The update is a rank-r map from the kernel's input axes to its
+        # output axes (a kernel read with the wrong layout has rank > r).
+        matrix = delta.reshape(d_in, d_out)
+        self.assertEqual(np.linalg.matrix_rank(matrix, tol=1e-5), _RANK)
+    for name in set(weights) - set(_FLAX_LAYOUT):
+      np.testing.assert_array_equal(merged[name], weights[name])
+
+  @parameterized.named_parameters(*_FLAX_CASES)
+  def test_attention_kernel_without_fan_in_axes_raises(self, make_case):
+    params = make_case().params
+    with self.assertRaisesRegex(ValueError, 'fan_in_axes'):
+      metacf.adapters.lora_init(jax.random.key(1), params, _RANK)
+    with self.assertRaisesRegex(ValueError, 'fan_in_axes'):
+      metacf.adapters.lora_init(jax.random.key(1), params, _RANK,
+                                targets='attn/query/kernel')
+    # f outside 1..ndim-1 for a 3-D kernel.
+    with self.assertRaisesRegex(ValueError, 'fan_in_axes'):
+      metacf.adapters.lora_init(jax.random.key(1), params, _RANK,
+                                targets='attn/query/kernel', fan_in_axes=3)
+
+  @parameterized.named_parameters(('linen', 'linen'), ('nnx', 'nnx'))
+  def test_merged_attention_matches_einsum_reference(self, framework):
+    params, apply_fn, h = (_linen_attention() if framework == 'linen'
+                           else _nnx_attention())
+    lora = _random_b(metacf.adapters.lora_init(
+        jax.random.key(3), params, _RANK,
+        fan_in_axes=metacf.adapters.flax_fan_in_axes), 4)
+    adapters = _adapters_by_name(lora)
+    self.assertEqual(set(adapters), {'query/kernel', 'key/kernel',
+                                     'value/kernel', 'out/kernel'})
+    # The reference merges by the contract's formula, in float64.
+    w = {k: v.astype(np.float64) for k, v in _params_by_name(params).items()}
+    for name, ab in adapters.items():
+      a, b = (np.asarray(ab[k], np.float64) for k in ('a', 'b'))
+      w[name] = w[name] + (_ALPHA / _RANK) * (a @ b).reshape(w[name].shape)
+    want = _attention_reference(w, np.asarray(h, np.float64))
+    got = jax.jit(metacf.adapters.with_lora(apply_fn, alpha=_ALPHA))(
+        params, lora, h)
+    chex.assert_shape(got, (2, _TOKENS, _D))
+    _assert_finite(self, got)
+    # The model without adapters matches the reference without updates.
+    plain = {k: v.astype(np.float64) for k, v in _params_by_name(
+        params).items()}
+    np.testing.assert_allclose(apply_fn(params, h),
+                               _attention_reference(plain, np.asarray(
+                                   h, np.float64)), rtol=1e-5, atol=1e-5)
+    self.assertGreater(float(np.max(np.abs(want - _attention_reference(
+        plain, np.asarray(h, np.float64))))), 1e-2)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+  def test_equinox_recipe_shapes_ranks_and_linear_reference(self):
+    case = _eqx_case()
+    flipped = _eqx_flip(case.params)
+    # The default targets: 'weight$' would also select eqx.nn.LayerNorm's
+    # 1-D weight, which lora_init rejects.
+    lora = metacf.adapters.lora_init(jax.random.key(1), flipped, _RANK)
+    adapters = _adapters_by_name(lora)
+    # equinox weights, transposed: [in, out] and conv [kw, kh, c_in, c_out].
+    layout = {
+        'conv/weight': (3, (_PATCH, _PATCH, 1, _D)),
+        'attn/query_proj/weight': (1, (_D, _D)),
+        'attn/key_proj/weight': (1, (_D, _D)),
+        'attn/value_proj/weight': (1, (_D, _D)),
+        'attn/output_proj/weight': (1, (_D, _D)),
+        'head/weight': (1, (_TOKENS * _D, _HIDDEN)),
+        'logits/weight': (1, (_HIDDEN, _OUT)),
+    }
+    self.assertEqual(set(adapters), set(layout))
+    lora = _random_b(lora, 2)
+    adapters = _adapters_by_name(lora)
+    merged = _eqx_flip(metacf.adapters.lora_merge(flipped, lora,
+                                                  alpha=_ALPHA))
+    _assert_same_structure(merged, case.params)
+    weights, merged_w = _params_by_name(case.params), _params_by_name(merged)
+    for name, (f, shape) in layout.items():
+      with self.subTest(name):
+        d_in, d_out = math.prod(shape[:f]), math.prod(shape[f:])
+        chex.assert_shape(adapters[name]['a'], (d_in, _RANK))
+        chex.assert_shape(adapters[name]['b'], (_RANK, d_out))
+        delta = (merged_w[name].astype(np.float64)
+                 - weights[name].astype(np.float64))
+        # Back in equinox's layout: [out, in...], rank r.
+        self.assertEqual(delta.shape, shape[::-1])
+        self.assertEqual(np.linalg.matrix_rank(
+            delta.T.reshape(d_in, d_out), tol=1e-5), _RANK)
+    # x -> W x + (alpha / r) b.T (a.T x) + bias on the logits layer, float64.
+    h = np.random.default_rng(3).normal(size=(_HIDDEN,))
+    a, b = (np.asarray(adapters['logits/weight'][k], np.float64)
+            for k in ('a', 'b'))
+    want = (weights['logits/weight'].astype(np.float64) @ h
+            + (_ALPHA / _RANK) * b.T @ (a.T @ h)
+            + weights['logits/bias'].astype(np.float64))
+    got = merged.logits(jnp.asarray(h, jnp.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+  @parameterized.named_parameters(*_CASES)
+  def test_adapter_gradients_match_finite_differences(self, make_case):
+    case = make_case()
+    x, y = _batch(21)
+    # flax's BatchNorm computes its statistics in jnp.promote_types(dtype,
+    # float32), which strict promotion rejects for float64 (flax 0.12.8,
+    # linen/normalization.py _compute_stats): standard promotion here.
+    with jax.enable_x64(True), jax.numpy_dtype_promotion('standard'):
+      params = _to_f64(case.params)
+      x = jnp.asarray(x, jnp.float64)
+      if make_case is _eqx_case:
+        lora = metacf.adapters.lora_init(jax.random.key(1),
+                                         _eqx_flip(params), _RANK)
+        apply_fn = lambda p, lp, xs: case.apply_fn(_eqx_flip(
+            metacf.adapters.lora_merge(_eqx_flip(p), lp, alpha=_ALPHA)), xs)
+      else:
+        lora = metacf.adapters.lora_init(jax.random.key(1), params, _RANK,
+                                         fan_in_axes=_model_fan_in_axes)
+        apply_fn = metacf.adapters.with_lora(case.apply_fn, alpha=_ALPHA)
+      lora = _random_b(lora, 5)
+      self.assertEqual(_flat(lora).dtype, jnp.float64)
+
+      @jax.jit
+      def loss(lp):
+        return jnp.mean(optax.losses.softmax_cross_entropy_with_integer_labels(
+            apply_fn(params, lp, x), y))
+
+      grads = jax.grad(loss)(lora)
+      _assert_same_structure(grads, lora)
+      _assert_finite(self, grads)
+      self.assertGreater(float(jnp.linalg.norm(_flat(grads))), 1e-4)
+      jax.test_util.check_grads(loss, (lora,), order=1,
+                                modes=('rev',))
+
+
+# ---------------------------------------------------------------------------
+# 2. Second-order MAML.
 
 
 class MamlInteropTest(chex.TestCase):
@@ -156,46 +533,52 @@ class MamlInteropTest(chex.TestCase):
   @parameterized.named_parameters(*_CASES)
   def test_meta_gradient_matches_hand_unrolled_reference(self, make_case):
     case = make_case()
-    loss_fn = _mse_loss_fn(case.apply_fn)
-    tasks = _tasks()
+    loss_fn = _ce_loss_fn(case.apply_fn)
 
     def meta_grad(params, tasks):
       return jax.grad(metacf.maml.maml_loss, argnums=1)(
-          loss_fn, params, tasks, inner_lr=_INNER_LR, num_inner_steps=2)
+          loss_fn, params, tasks, inner_lr=_INNER_LR,
+          num_inner_steps=_NUM_INNER_STEPS)
 
-    grads = jax.jit(meta_grad)(case.params, tasks)
-    ref = jax.jit(jax.grad(functools.partial(
-        _reference_meta_loss, loss_fn, inner_lr=_INNER_LR,
-        num_inner_steps=2)))(case.params, tasks)
+    grads = jax.jit(meta_grad)(case.params, _tasks())
+    _, want = _reference_meta_grad(make_case)
     _assert_same_structure(grads, case.params)
-    g, g_ref = _flat(grads), _flat(ref)
-    self.assertGreater(float(jnp.linalg.norm(g_ref)), 1e-3)
-    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+    _assert_finite(self, grads)
+    self.assertGreater(float(np.linalg.norm(want)), 1e-3)
+    np.testing.assert_allclose(_flat(grads), want, rtol=1e-4,
+                               atol=1e-5 * float(np.max(np.abs(want))))
 
-  @parameterized.named_parameters(*_CASES)
-  def test_meta_train_step_keeps_structure(self, make_case):
+  # The step is framework-agnostic once maml_loss is right (above); nnx is
+  # where its output has to go back into a graph. One model keeps the
+  # module's compile time down.
+  def test_meta_train_step_matches_hand_unrolled_reference_nnx(self):
+    make_case = _nnx_case
     case = make_case()
-    tasks = _tasks()
+    outer_lr = 1e-2
     step = metacf.maml.make_meta_train_step(
-        _mse_loss_fn(case.apply_fn), optax.sgd(1e-2), inner_lr=_INNER_LR,
-        num_inner_steps=1)
-    optimizer = optax.sgd(1e-2)
+        _ce_loss_fn(case.apply_fn), optax.sgd(outer_lr), inner_lr=_INNER_LR,
+        num_inner_steps=_NUM_INNER_STEPS)
     start = jax.tree.map(jnp.copy, case.params)  # step donates it.
-    new_params, _, metrics = step(start, optimizer.init(start), tasks)
+    new_params, _, metrics = step(start, optax.sgd(outer_lr).init(start),
+                                  _tasks())
+    want_loss, want_grad = _reference_meta_grad(make_case)
 
     _assert_same_structure(new_params, case.params)
-    self.assertTrue(bool(jnp.all(jnp.isfinite(_flat(new_params)))))
-    self.assertTrue(bool(jnp.isfinite(metrics.loss)))
-    self.assertGreater(float(jnp.max(jnp.abs(
-        _flat(new_params) - _flat(case.params)))), 0.0)
+    _assert_finite(self, new_params)
+    np.testing.assert_allclose(metrics.loss, want_loss, rtol=1e-5)
+    want = _f64(case.params) - outer_lr * want_grad
+    np.testing.assert_allclose(_flat(new_params), want, rtol=1e-5,
+                               atol=1e-7)
+    self.assertGreater(float(np.max(np.abs(want - _f64(case.params)))),
+                       1e-6)
     # Back into the framework's model, which runs and agrees with apply_fn.
-    x = tasks.query_x[0]
+    x = _tasks().query_x[0]
     np.testing.assert_allclose(case.rebuild(new_params)(x),
                                case.apply_fn(new_params, x), rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------
-# 2. Top-k Jacobian SVD.
+# 3. Top-k Jacobian SVD and NTK-predicted forgetting.
 
 
 class JacobianSvdInteropTest(chex.TestCase):
@@ -213,7 +596,7 @@ class JacobianSvdInteropTest(chex.TestCase):
     # top-k subspace is well defined.
     gaps = np.asarray(s_ref[1:7] - s_ref[2:8])
     k = 2 + int(np.argmax(gaps))
-    self.assertGreater(gaps[k - 2], 0.05 * float(s_ref[0]))
+    self.assertGreater(gaps[k - 2], 0.02 * float(s_ref[0]))
     u_ref, s_ref, vt_ref = u_ref[:, :k], s_ref[:k], vt_ref[:k]
 
     svd = jax.jit(functools.partial(metacf.jacobian.jacobian_svd,
@@ -223,16 +606,13 @@ class JacobianSvdInteropTest(chex.TestCase):
     chex.assert_shape(svd.s, (k,))
     chex.assert_shape(svd.vt, (k, num_params))
     chex.assert_shape(svd.u, (num_rows, k))
-    np.testing.assert_allclose(svd.s, s_ref, rtol=1e-5)
+    _assert_finite(self, (svd.s, svd.vt, svd.u))
+    np.testing.assert_allclose(svd.s, s_ref, rtol=1e-4)
     proj = lambda a, b: jnp.matmul(a, b, precision=_HIGHEST)
     np.testing.assert_allclose(proj(svd.vt.T, svd.vt), proj(vt_ref.T, vt_ref),
-                               atol=1e-5)
+                               atol=1e-4)
     np.testing.assert_allclose(proj(svd.u, svd.u.T), proj(u_ref, u_ref.T),
-                               atol=1e-5)
-
-
-# ---------------------------------------------------------------------------
-# 3. NTK-predicted forgetting.
+                               atol=1e-4)
 
 
 def _pure_mlp_apply(p, x):
@@ -242,25 +622,39 @@ def _pure_mlp_apply(p, x):
           + p['out']['bias'][None, :])
 
 
+class _NnxMLP(nnx.Module):
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(4, 8, rngs=rngs)
+    self.out = nnx.Linear(8, _OUT, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.hidden(x)))
+
+
 class PredictedForgettingInteropTest(chex.TestCase):
 
   @parameterized.named_parameters(*_CASES)
   def test_is_finite(self, make_case):
     case = make_case()
     forgetting = jax.jit(functools.partial(
-        metacf.jacobian.predicted_forgetting, case.apply_fn, num_steps=5))(
-            case.params, _batch(3), _batch(4), lr=0.1)
+        metacf.jacobian.predicted_forgetting, case.apply_fn, num_steps=5,
+        loss='cross_entropy'))(case.params, _batch(3), _batch(4), lr=0.1)
     chex.assert_shape(forgetting, ())
     self.assertEqual(forgetting.dtype, jnp.float32)
     self.assertTrue(bool(jnp.isfinite(forgetting)))
     self.assertNotEqual(float(forgetting), 0.0)
 
   def test_nnx_matches_pure_function_model(self):
-    case = _nnx_case()
-    pure_params = nnx.to_pure_dict(case.params)
-    task_a, task_b = _batch(3), _batch(4)
+    graphdef, params = nnx.split(_NnxMLP(nnx.Rngs(0)), nnx.Param)
+    apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
+    pure_params = nnx.to_pure_dict(params)
+    rng = np.random.default_rng(0)
+    task = lambda: (jnp.asarray(rng.normal(size=(4, 4)), jnp.float32),
+                    jnp.asarray(rng.normal(size=(4, _OUT)), jnp.float32))
+    task_a, task_b = task(), task()
     np.testing.assert_allclose(_pure_mlp_apply(pure_params, task_a[0]),
-                               case.apply_fn(case.params, task_a[0]),
+                               apply_fn(params, task_a[0]),
                                rtol=1e-6, atol=1e-6)
 
     def forgetting(apply_fn, params):
@@ -270,85 +664,207 @@ class PredictedForgettingInteropTest(chex.TestCase):
 
     expected = forgetting(_pure_mlp_apply, pure_params)
     self.assertNotEqual(float(expected), 0.0)
-    np.testing.assert_allclose(forgetting(case.apply_fn, case.params),
-                               expected, rtol=1e-5)
+    np.testing.assert_allclose(forgetting(apply_fn, params), expected,
+                               rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# 4. Fisher diagonal.
+
+
+@functools.cache
+def _log_prob_grad(make_case):
+  """``jax.grad`` of one example's ``log p(y | x)``, jitted, per model."""
+  apply_fn = make_case().apply_fn
+
+  def log_p(p, xn, yn):  # One example as a batch of one, as documented.
+    return jax.nn.log_softmax(apply_fn(p, xn[None]), axis=-1)[0, yn]
+
+  return jax.jit(jax.grad(log_p))
+
+
+class FisherDiagonalInteropTest(chex.TestCase):
+
+  @parameterized.named_parameters(
+      *[(f'{name}_{kind}', make_case, kind) for name, make_case in _CASES
+        for kind in ('true', 'empirical')])
+  def test_matches_per_example_loop(self, make_case, kind):
+    case = make_case()
+    n = 6
+    x, labels = _batch(5, n=n)
+    got = jax.jit(functools.partial(
+        metacf.protect.fisher_diagonal, case.apply_fn, chunk_size=4))(
+            case.params, x, labels=labels if kind == 'empirical' else None)
+    _assert_same_structure(got, case.params)
+    _assert_finite(self, got)
+
+    grad = _log_prob_grad(make_case)
+    probs = jax.nn.softmax(jax.vmap(
+        lambda xn: case.apply_fn(case.params, xn[None])[0])(x), axis=-1)
+    want = np.zeros(_flat(case.params).size)
+    for i in range(n):
+      if kind == 'empirical':
+        want += _f64(grad(case.params, x[i], labels[i]))**2
+      else:   # sum over classes, weighed by the model's own probabilities.
+        for c in range(_OUT):
+          want += float(probs[i, c]) * _f64(
+              grad(case.params, x[i], jnp.int32(c)))**2
+    want /= n
+    self.assertGreater(float(np.max(want)), 0.0)
+    np.testing.assert_allclose(_flat(got), want, rtol=1e-4,
+                               atol=1e-7 * float(np.max(want)))
+
+
+# ---------------------------------------------------------------------------
+# 5. Protections in a user-written jitted step, arrays swapped in the state.
+
+
+def _user_step(tx, loss_fn):
+  """An ordinary optax training step, written as a user would."""
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(params, opt_state, x, y):
+    grads = jax.grad(loss_fn)(params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, updates, grads
+
+  return step
+
+
+def _gpm_kernel(path: str, leaf) -> bool:
+  """Kernels in GPM's layout ``[d_in..., d_out]``: dense, DenseGeneral, conv.
+
+  Not the attention projections, whose 3-D kernels have 2 output axes
+  (query/key/value) or 2 input axes plus 1 output axis read as 16 x 8
+  (out), which is not their contraction.
+  """
+  return _name(path) in ('conv/kernel', 'head/kernel', 'logits/kernel') and (
+      np.ndim(leaf) >= 2)
 
 
 class ProtectInteropTest(chex.TestCase):
-  """metacf.protect on the framework parameter pytrees."""
+  """State-held protections inside a user's jax.jit step, three tasks."""
+
+  def setUp(self):
+    super().setUp()
+    chex.clear_trace_counter()  # Every test's step has the same source.
 
   @parameterized.named_parameters(*_CASES)
-  def test_fisher_diagonal_matches_per_example_loop(self, make_case):
+  def test_orthogonal_projection_basis_swapped_without_retrace(
+      self, make_case):
     case = make_case()
-    x, _ = _batch(5, n=6)
-    labels = jnp.arange(6, dtype=jnp.int32) % _OUT
-    got = jax.jit(functools.partial(metacf.protect.fisher_diagonal,
-                                    case.apply_fn, chunk_size=4))(
-                                        case.params, x, labels=labels)
-    _assert_same_structure(got, case.params)
-
-    def log_p(p, xn, yn):  # One example as a batch of one, as documented.
-      return jax.nn.log_softmax(case.apply_fn(p, xn[None]), axis=-1)[0, yn]
-
-    grad = jax.jit(jax.grad(log_p))
-    want = sum(_flat(grad(case.params, x[n], labels[n]))**2
-               for n in range(6)) / 6
-    self.assertGreater(float(jnp.max(want)), 0.0)
-    np.testing.assert_allclose(_flat(got), want, rtol=1e-5, atol=1e-8)
-
-  @parameterized.named_parameters(*_CASES)
-  def test_projected_and_ewc_updates_keep_structure(self, make_case):
-    case = make_case()
-    x, y = _batch(6)
-    grads = jax.grad(_mse_loss_fn(case.apply_fn))(case.params, x, y)
+    loss_fn = _ce_loss_fn(case.apply_fn)
     num_params = _flat(case.params).size
-    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(num_params, 3)))
-    basis = jnp.asarray(q.T, jnp.float32)
-    tx = optax.chain(metacf.protect.orthogonal_projection(basis),
-                     optax.sgd(0.1))
-    updates, _ = jax.jit(tx.update)(grads, tx.init(case.params), case.params)
-    _assert_same_structure(updates, case.params)
-    np.testing.assert_allclose(basis @ _flat(updates), 0.0, atol=1e-6)
-    self.assertGreater(float(jnp.linalg.norm(_flat(updates))), 1e-3)
+    rng = np.random.default_rng(0)
+    bases = []
+    for t in range(3):   # A basis that grows by a row per task, zero-padded.
+      v = np.array(_orthonormal(rng, 3, num_params))
+      v[t + 1:] = 0.0
+      bases.append(jnp.asarray(v))
+    tx = optax.chain(metacf.protect.orthogonal_projection(bases[0]),
+                     optax.sgd(_LR))
+    step = _user_step(tx, loss_fn)
+    params = case.params
+    opt_state = tx.init(params)
+    for t in range(3):
+      opt_state = optax.tree.set(opt_state, basis=bases[t])
+      x, y = _batch(30 + t)
+      new_params, opt_state, updates, grads = step(params, opt_state, x, y)
+      _assert_same_structure(updates, params)
+      _assert_finite(self, updates)
+      v, g = np.asarray(bases[t], np.float64), _f64(grads)
+      want = -_LR * (g - v.T @ (v @ g))
+      self.assertGreater(float(np.linalg.norm(want)), 1e-4)
+      np.testing.assert_allclose(_flat(updates), want, rtol=1e-4,
+                                 atol=1e-6 * float(np.max(np.abs(want))))
+      np.testing.assert_allclose(v @ _f64(updates), 0.0, atol=1e-6)
+      np.testing.assert_array_equal(optax.tree.get(opt_state, 'basis'),
+                                    bases[t])
+      params = new_params
+    self.assertEqual(step._cache_size(), 1)
 
-    fisher = jax.tree.map(jnp.ones_like, case.params)
-    anchor = jax.tree.map(jnp.zeros_like, case.params)
-    tx = metacf.protect.ewc(anchor, fisher, 2.0)
-    updates, _ = jax.jit(tx.update)(grads, tx.init(case.params), case.params)
-    _assert_same_structure(updates, case.params)
-    np.testing.assert_allclose(
-        _flat(updates), _flat(grads) + 2.0 * _flat(case.params), rtol=1e-6,
-        atol=1e-7)
-
-  @parameterized.named_parameters(*_CASES[:2])
-  def test_gpm_projection_on_kernels(self, make_case):
-    # flax kernels are [d_in, d_out], GPM's layout (equinox's Linear stores
-    # [d_out, d_in]: its bases would have to be built for the transpose).
+  @parameterized.named_parameters(*_CASES)
+  def test_ewc_anchor_and_fisher_swapped_without_retrace(self, make_case):
     case = make_case()
+    loss_fn = _ce_loss_fn(case.apply_fn)
     rng = np.random.default_rng(1)
+    like = lambda fn: jax.tree.map(
+        lambda p: jnp.asarray(fn(p.shape), p.dtype), case.params)
+    strength = 2.0
+    tasks = [(like(lambda s: rng.normal(size=s)),             # anchor
+              like(lambda s: rng.uniform(0.1, 1.0, size=s)))  # fisher
+             for _ in range(3)]
+    tx = optax.chain(metacf.protect.ewc(*tasks[0], strength), optax.sgd(_LR))
+    step = _user_step(tx, loss_fn)
+    params = case.params
+    opt_state = tx.init(params)
+    for t, (anchor, fisher) in enumerate(tasks):
+      opt_state = optax.tree.set(opt_state, anchor=anchor, fisher=fisher)
+      x, y = _batch(40 + t)
+      new_params, opt_state, updates, grads = step(params, opt_state, x, y)
+      _assert_same_structure(updates, params)
+      _assert_finite(self, updates)
+      want = -_LR * (_f64(grads) + strength * _f64(fisher) * (
+          _f64(params) - _f64(anchor)))
+      np.testing.assert_allclose(_flat(updates), want, rtol=1e-5,
+                                 atol=1e-6)
+      np.testing.assert_array_equal(
+          _flat(optax.tree.get(opt_state, 'anchor')), _flat(anchor))
+      np.testing.assert_array_equal(
+          _flat(optax.tree.get(opt_state, 'fisher')), _flat(fisher))
+      params = new_params
+    self.assertEqual(step._cache_size(), 1)
 
-    def basis_for(path, leaf):
-      name = jax.tree_util.keystr(path, simple=True, separator='/')
-      if 'kernel' not in name:
-        return None
-      q, _ = np.linalg.qr(rng.normal(size=(leaf.shape[0], 2)))
-      return jnp.asarray(q, jnp.float32)
+  # equinox's Linear stores [d_out, d_in], not GPM's [d_in, d_out] layout:
+  # its bases would have to be built for the transpose.
+  @parameterized.named_parameters(*_FLAX_CASES)
+  def test_gpm_projection_bases_swapped_without_retrace(self, make_case):
+    case = make_case()
+    loss_fn = _ce_loss_fn(case.apply_fn)
+    rng = np.random.default_rng(2)
 
-    bases = jax.tree_util.tree_map_with_path(basis_for, case.params)
-    x, y = _batch(7)
-    grads = jax.grad(_mse_loss_fn(case.apply_fn))(case.params, x, y)
-    tx = metacf.protect.gpm_projection(bases)
-    updates, _ = jax.jit(tx.update)(grads, tx.init(case.params))
-    _assert_same_structure(updates, case.params)
+    def bases_for_task():
+      def basis(key_path, leaf):
+        if not _gpm_kernel(_path(key_path), leaf):
+          return None
+        d_in = math.prod(leaf.shape[:-1])
+        return _orthonormal(rng, 2, d_in).T            # [d_in, 2] columns.
+      return jax.tree_util.tree_map_with_path(basis, case.params)
+
+    all_bases = [bases_for_task() for _ in range(3)]
     is_none = lambda v: v is None
-    checked = 0
-    for m, g, u in zip(jax.tree.leaves(bases, is_leaf=is_none),
-                       jax.tree.leaves(grads), jax.tree.leaves(updates)):
-      if m is None:
-        np.testing.assert_array_equal(u, g)
-      else:
-        np.testing.assert_allclose(m.T @ u, 0.0, atol=1e-6)
-        np.testing.assert_allclose(u, g - m @ (m.T @ g), rtol=1e-5,
-                                   atol=1e-6)
+    self.assertEqual(sum(m is not None for m in jax.tree.leaves(
+        all_bases[0], is_leaf=is_none)), 3)
+    tx = optax.chain(metacf.protect.gpm_projection(all_bases[0]),
+                     optax.sgd(_LR))
+    step = _user_step(tx, loss_fn)
+    params = case.params
+    opt_state = tx.init(params)
+    for t, bases in enumerate(all_bases):
+      opt_state = optax.tree.set(opt_state, bases=bases)
+      x, y = _batch(50 + t)
+      new_params, opt_state, updates, grads = step(params, opt_state, x, y)
+      _assert_same_structure(updates, params)
+      _assert_finite(self, updates)
+      scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads))
+      checked = 0
+      for m, g, u in zip(jax.tree.leaves(bases, is_leaf=is_none),
+                         jax.tree.leaves(grads), jax.tree.leaves(updates)):
+        g = np.asarray(g, np.float64)
+        if m is None:
+          np.testing.assert_allclose(u, -_LR * g, rtol=1e-6,
+                                     atol=1e-7 * _LR * scale)
+          continue
+        m = np.asarray(m, np.float64)
+        g2 = g.reshape(m.shape[0], g.shape[-1])
+        want = -_LR * (g2 - m @ (m.T @ g2))
+        self.assertGreater(float(np.max(np.abs(want))), 0.0)
+        u2 = np.asarray(u, np.float64).reshape(want.shape)
+        np.testing.assert_allclose(u2, want, rtol=1e-4,
+                                   atol=1e-6 * float(np.max(np.abs(want))))
+        np.testing.assert_allclose(m.T @ u2, 0.0, atol=1e-6)
         checked += 1
-    self.assertEqual(checked, 2)
+      self.assertEqual(checked, 3)
+      params = new_params
+    self.assertEqual(step._cache_size(), 1)
