@@ -34,18 +34,31 @@ There is no memory figure for torch: a process's peak RSS (tried) is the
 runtimes' (about 1 GB), far above the step's working set (about 1 MB here).
 
   python -m benchmarks.bench_maml [--inner-steps 1 5 --rounds 50]
+
+``--checks`` measures instead what metacf's runtime value checks cost when
+on (:mod:`metacf.checks`) on workload A: ``off`` = the step of
+``make_meta_train_step`` (plain jit), ``on`` = ``jax.jit(checkify.checkify(
+step, errors=user_checks))`` (params and state donated) traced under
+``metacf.runtime_checks()``, ``on_throw`` = ``on`` plus ``err.throw()``
+after each step. Interleaved, median [min, max], round-by-round ratios,
+XLA's static cost analysis of both programs.
+
+  python -m benchmarks.bench_maml --checks [--inner-steps 1 5 --rounds 50]
 """
 
 import argparse
 import functools
 import os
+import statistics
 import time
 
 import jax
+from jax.experimental import checkify
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+import metacf
 from benchmarks import _timing
 from metacf import maml
 
@@ -561,6 +574,77 @@ def bench_memory(variants_by_tasks, threads):
             f'{rec["peak_rss_bytes"] / 2**30:.2f} GiB)')
   return records
 
+class _CheckedRunner(_JaxRunner):
+  """``_JaxRunner`` of ``checkify(step)``, traced with runtime checks on."""
+
+  def __init__(self, step, params, tasks, throw):
+    checked = jax.jit(checkify.checkify(step, errors=checkify.user_checks),
+                      donate_argnums=(0, 1))
+    with metacf.runtime_checks():
+      super().__init__(checked, params, tasks)
+    self.throw = throw
+
+  def __call__(self):
+    err, (self.params, self.opt_state, out) = self.compiled(
+        self.params, self.opt_state, self.tasks)
+    if self.throw:
+      err.throw()
+    return err, out
+
+
+def _cost(compiled):
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, list):  # Older jax: one dict per computation.
+    analysis = analysis[0]
+  return {k: float(analysis[k]) for k in ('flops', 'bytes accessed')
+          if k in analysis}
+
+
+def bench_checks(inner_steps, rounds, num_tasks, shots):
+  """Runtime checks off (plain jit) vs on (checkify + jit), workload A."""
+  params = _init_params(jax.random.key(0))
+  tasks = _tasks(jax.random.key(1), num_tasks, shots)
+  records = []
+  for n in inner_steps:
+    runners = {'off': _JaxRunner(_metacf_step(n), params, tasks),
+               'on': _CheckedRunner(_metacf_step(n), params, tasks, False),
+               'on_throw': _CheckedRunner(_metacf_step(n), params, tasks,
+                                          True)}
+    err, _ = runners['on']()
+    err.throw()  # Valid inputs: nothing to report.
+    times = _timing.interleaved(runners, rounds=rounds, block=4)
+    stats = {name: _summary(runners[name], t) for name, t in times.items()}
+    paired = sorted(a / b for a, b in zip(times['on'], times['off']))
+    quartiles = statistics.quantiles(paired, n=4)
+    cost = {name: _cost(runners[name].compiled) for name in ('off', 'on')}
+    rec = {'workload': 'A', 'kind': 'runtime_checks', 'num_inner_steps': n,
+           'num_tasks': num_tasks, 'shots': shots, 'rounds': rounds,
+           'timed_per_round': 3, **stats,
+           'ratio_on_off_median': (stats['on']['median_ms']
+                                   / stats['off']['median_ms']),
+           'ratio_on_off_min': stats['on']['min_ms'] / stats['off']['min_ms'],
+           'ratio_on_throw_off_median': (stats['on_throw']['median_ms']
+                                         / stats['off']['median_ms']),
+           'paired_ratio_median': statistics.median(paired),
+           'paired_ratio_quartiles': [quartiles[0], quartiles[2]],
+           'xla_cost_off': cost['off'], 'xla_cost_on': cost['on'],
+           'ratio_bytes_accessed': (cost['on']['bytes accessed']
+                                    / cost['off']['bytes accessed']),
+           'ratio_flops': cost['on']['flops'] / cost['off']['flops']}
+    records.append(rec)
+    print(f'inner steps {n:2d}:  off {stats["off"]["median_ms"]:7.3f} ms '
+          f'[{stats["off"]["min_ms"]:.3f}, {stats["off"]["max_ms"]:.3f}]  on '
+          f'{stats["on"]["median_ms"]:7.3f} ms [{stats["on"]["min_ms"]:.3f}, '
+          f'{stats["on"]["max_ms"]:.3f}]  on+throw '
+          f'{stats["on_throw"]["median_ms"]:7.3f} ms  on/off median '
+          f'{rec["ratio_on_off_median"]:.3f} min {rec["ratio_on_off_min"]:.3f}'
+          f' paired {rec["paired_ratio_median"]:.3f} [{quartiles[0]:.3f}, '
+          f'{quartiles[2]:.3f}]  compile {stats["off"]["compile_s"]:.2f}s / '
+          f'{stats["on"]["compile_s"]:.2f}s  XLA bytes '
+          f'x{rec["ratio_bytes_accessed"]:.4f} flops x{rec["ratio_flops"]:.4f}')
+  return records
+
+
 def _kib(num_bytes):
   return '?' if num_bytes is None else f'{num_bytes / 1024:8.1f} KiB temp'
 
@@ -590,8 +674,20 @@ def main() -> None:
   parser.add_argument('--probe-memory', default=None, help=argparse.SUPPRESS)
   parser.add_argument('--threads', type=int, default=os.cpu_count(),
                       help='torch.set_num_threads (default: host cores)')
+  parser.add_argument('--checks', action='store_true',
+                      help='workload A: runtime value checks off vs on')
   parser.add_argument('--no-save', action='store_true')
   args = parser.parse_args()
+  if args.checks:
+    print(f'device: {_timing.device_description()}, jax {jax.__version__}')
+    print(f'runtime checks, workload A: {args.num_tasks} tasks x '
+          f'{args.shots}+{args.shots} points, {args.rounds} interleaved rounds '
+          'of 3 timed steps')
+    records = bench_checks(args.inner_steps, args.rounds, args.num_tasks,
+                           args.shots)
+    if not args.no_save:
+      print('appended to', _timing.write_jsonl('maml', records))
+    return
   if args.probe_memory:
     import json  # pylint: disable=g-import-not-at-top
     variant, num_tasks = args.probe_memory.split(':')

@@ -371,13 +371,14 @@ class SharedChecksTest(chex.TestCase):
       jacobian.ntk(_linear_apply, _PARAMS, np.float32(1.0), _X)
 
   def test_value_check_formats_fields(self):
+    summary = lambda xp, v: {'top': xp.max(v)}
+    ok = lambda xp, top: top <= 2
+    checks.value_check([np.int32([1, 2])], summary, ok, 'f: {top} > 2.')
     with self.assertRaisesRegex(ValueError, re.escape('f: 3 > 2.')):
-      checks.value_check([np.int32([1, 3])], lambda xp, v: xp.all(v <= 2),
-                         'f: {top} > 2.', lambda xp, v: {'top': xp.max(v)})
+      checks.value_check([np.int32([1, 3])], summary, ok, 'f: {top} > 2.')
     with metacf.runtime_checks():
       err, _ = _checked(lambda v: checks.value_check(
-          [v], lambda xp, v: xp.all(v <= 2), 'f: {top} > 2.',
-          lambda xp, v: {'top': xp.max(v)}))(np.int32([1, 3]))
+          [v], summary, ok, 'f: {top} > 2.'))(np.int32([1, 3]))
     self.assertEqual(err.get(), 'f: 3 > 2. (`check` failed)')
 
 

@@ -54,35 +54,37 @@ def any_traced(*xs: Any) -> bool:
 
 
 def value_check(inputs: Sequence[Any],
-                predicate: Callable[..., Any],
-                message: str,
-                details: Callable[..., dict[str, Any]] | None = None) -> None:
+                summary: Callable[..., dict[str, Any]],
+                ok: Callable[..., Any],
+                message: str) -> None:
   """Checks a value condition: eagerly, or under ``checkify`` when traced.
+
+  The condition is computed from a few scalar statistics of the inputs (a
+  minimum, a maximum), which also fill the message, so a check reads each
+  input once: under ``jit`` the statistics are one fused reduction, the
+  predicate and the message's values come from it.
 
   Args:
     inputs: The arrays the condition reads.
-    predicate: ``predicate(xp, *inputs) -> bool`` scalar, written with ``xp``
-      (``numpy`` for concrete inputs, ``jax.numpy`` for traced ones); NaN
-      must make it False where NaN is invalid.
-    message: The error message, a ``str.format`` template whose fields are
-      filled from ``details``; write them ``{name!s}`` (``str`` of a NumPy
-      scalar: ``-0.1``, not ``-0.10000000149011612``).
-    details: ``details(xp, *inputs) -> {field: scalar}`` for the message
-      (computed only when needed: on failure eagerly, inside the check when
-      traced).
+    summary: ``summary(xp, *inputs) -> {field: scalar}``, written with
+      ``xp`` (``numpy`` for concrete inputs, ``jax.numpy`` for traced ones).
+      ``xp.min``/``xp.max`` propagate NaN, so a NaN input shows there.
+    ok: ``ok(xp, **fields) -> bool`` scalar; NaN must make it False where
+      NaN is invalid (``min >= 0`` is False for a NaN minimum).
+    message: The error message, a ``str.format`` template over the fields;
+      write them ``{name!s}`` (``str`` of a NumPy scalar: ``-0.1``, not
+      ``-0.10000000149011612``).
 
   Raises:
-    ValueError: if every input is concrete and the predicate is False.
+    ValueError: if every input is concrete and ``ok`` is False.
   """
   if any_traced(*inputs):
     if runtime_checks_enabled():
-      xs = [jnp.asarray(x) for x in inputs]
-      fields = {} if details is None else details(jnp, *xs)
-      checkify.debug_check(predicate(jnp, *xs), message, **fields)
+      fields = summary(jnp, *[jnp.asarray(x) for x in inputs])
+      checkify.debug_check(ok(jnp, **fields), message, **fields)
     return
-  xs = [np.asarray(x) for x in inputs]
-  if not bool(predicate(np, *xs)):
-    fields = {} if details is None else details(np, *xs)
+  fields = summary(np, *[np.asarray(x) for x in inputs])
+  if not bool(ok(np, **fields)):
     raise ValueError(message.format(**fields))
 
 
@@ -118,13 +120,21 @@ def _min(xp: ModuleType, x: Any) -> dict[str, Any]:
   return {'value': xp.min(x)}
 
 
+def _positive(xp: ModuleType, value: Any) -> Any:
+  return value > 0   # False for NaN.
+
+
+def _nonnegative(xp: ModuleType, value: Any) -> Any:
+  return value >= 0  # False for NaN.
+
+
 def check_positive(value: Any, name: str, fn: str) -> None:
   """``value > 0`` everywhere (NaN fails); ``TypeError`` if not a number."""
   _check_real(value, name, fn)
   if np.size(value) == 0:
     return
-  value_check([value], lambda xp, v: xp.all(v > 0),
-              f'{fn}: {name} must be > 0, got {_got(value)}.', _min)
+  value_check([value], _min, _positive,
+              f'{fn}: {name} must be > 0, got {_got(value)}.')
 
 
 def check_nonnegative(value: Any, name: str, fn: str, *,
@@ -148,23 +158,17 @@ def check_nonnegative(value: Any, name: str, fn: str, *,
   if np.size(value) == 0:
     return
   if where is None:
-    value_check([value], lambda xp, v: xp.all(v >= 0),
-                f'{fn}: {name} must be >= 0, got {_got(value)}.', _min)
+    value_check([value], _min, _nonnegative,
+                f'{fn}: {name} must be >= 0, got {_got(value)}.')
     return
   extra = np.ndim(value) - np.ndim(where)
 
-  def rows(xp, w):
-    return xp.reshape(xp.asarray(w, bool), np.shape(w) + (1,) * extra)
+  def masked_min(xp, v, w):
+    rows = xp.reshape(xp.asarray(w, bool), np.shape(w) + (1,) * extra)
+    return {'value': xp.min(xp.where(rows, v, xp.inf))}
 
-  def keep(xp, v, w):
-    return ~rows(xp, w) | (v >= 0)
-
-  def details(xp, v, w):
-    return {'value': xp.min(xp.where(rows(xp, w), v, xp.inf))}
-
-  value_check([value, where], lambda xp, v, w: xp.all(keep(xp, v, w)),
-              f'{fn}: {name} must be >= 0, got a minimum of {{value!s}}.',
-              details)
+  value_check([value, where], masked_min, _nonnegative,
+              f'{fn}: {name} must be >= 0, got a minimum of {{value!s}}.')
 
 
 def check_finite(value: Any, name: str, fn: str) -> None:
@@ -172,14 +176,14 @@ def check_finite(value: Any, name: str, fn: str) -> None:
   if np.size(value) == 0:
     return
   if np.ndim(value) == 0:
-    message = f'{fn}: {name} must be finite, got {_got(value)}.'
-    details = lambda xp, v: {'value': v}
+    value_check([value], lambda xp, v: {'value': v},
+                lambda xp, value: xp.isfinite(value),
+                f'{fn}: {name} must be finite, got {_got(value)}.')
   else:
-    message = (f'{fn}: {name} must be finite, got {{count!s}} non-finite of '
-               f'{np.size(value)} entries.')
-    details = lambda xp, v: {'count': xp.sum(~xp.isfinite(v))}
-  value_check([value], lambda xp, v: xp.all(xp.isfinite(v)), message,
-              details)
+    value_check([value], lambda xp, v: {'count': xp.sum(~xp.isfinite(v))},
+                lambda xp, count: count == 0,
+                f'{fn}: {name} must be finite, got {{count!s}} non-finite of '
+                f'{np.size(value)} entries.')
 
 
 def check_labels(labels: Any, num_classes: int, name: str, fn: str) -> None:
@@ -192,10 +196,10 @@ def check_labels(labels: Any, num_classes: int, name: str, fn: str) -> None:
   if np.size(labels) == 0:
     return
   value_check(
-      [labels], lambda xp, y: xp.all((y >= 0) & (y < num_classes)),
+      [labels], lambda xp, y: {'low': xp.min(y), 'high': xp.max(y)},
+      lambda xp, low, high: (low >= 0) & (high < num_classes),
       f'{fn}: {name} must be in [0, {num_classes}), got values in '
-      '[{low!s}, {high!s}].',
-      lambda xp, y: {'low': xp.min(y), 'high': xp.max(y)})
+      '[{low!s}, {high!s}].')
 
 
 def _shape(leaf: Any) -> tuple[int, ...]:
