@@ -171,7 +171,8 @@ def predicted_forgetting(apply_fn: ApplyFn, params: Params, task_a: Any,
   Raises:
     ValueError: on an unknown ``loss``, ``lr <= 0``, ``num_steps < 0``,
       targets of the wrong shape (``[N, C]`` for mse, ``[N]`` for
-      cross-entropy), labels outside ``[0, C)``, tasks whose inputs have
+      cross-entropy), labels outside ``[0, C)`` (values: see
+      :mod:`metacf.checks`), tasks whose inputs have
       no leading example axis, or a ``protect_basis`` that is not ``[k, P]``
       with orthonormal rows.
     TypeError: if a task is not a pair, labels are not integers or

@@ -171,9 +171,10 @@ def class_balanced_buffer(
     ``label_fn(batch)`` and ``labels`` is not passed, so that ``add(key,
     state, batch)`` has :func:`replay_buffer`'s signature; without it they
     are passed as ``labels`` (usually also a leaf of ``batch``). The two
-    forms give the same state. When the labels are concrete, out-of-range
-    values raise ValueError; under ``jit`` such items are skipped (counted in
-    ``num_seen`` only).
+    forms give the same state. Out-of-range labels raise ValueError when
+    concrete (and under ``jit`` with runtime checks on, see
+    :mod:`metacf.checks`); traced with the checks off, such items are
+    skipped (counted in ``num_seen`` only).
   * ``sample(key, state, batch_size) -> ReplaySample(items, valid)``: exactly
     as :func:`replay_buffer`'s (invalid rows, when empty, hold slot 0's
     zeros).
@@ -197,7 +198,7 @@ def class_balanced_buffer(
     ValueError: if ``capacity <= 0`` or ``num_classes <= 0``; ``add`` when
       ``labels`` is missing without ``label_fn`` or given with one, on a
       different pytree structure, item shapes, leading sizes, labels of the
-      wrong shape or concrete labels out of range; ``sample`` on a
+      wrong shape or labels out of range; ``sample`` on a
       ``batch_size`` that is not a positive int.
 
   References:
