@@ -142,6 +142,27 @@ _VALUE_CASES = (
          (_X, np.ones((4, 2), np.float32)), lr=lr, num_steps=2),
      np.float32(0.1), np.float32(-0.1),
      'predicted_forgetting: lr must be > 0, got -0.1.'),
+    ('predicted_forgetting_non_orthonormal_basis',
+     lambda v: jacobian.predicted_forgetting(
+         _linear_apply, _PARAMS, (_X, np.zeros((4, 2), np.float32)),
+         (_X, np.ones((4, 2), np.float32)), lr=0.1, num_steps=2,
+         protect_basis=v),
+     np.eye(2, 8, dtype=np.float32), np.ones((2, 8), np.float32),
+     'predicted_forgetting: protect_basis must have orthonormal rows (V V^T = '
+     'I; zero rows allowed), got max |(V V^T)^2 q - V V^T q| / max |q| = 5.79 '
+     'for a random q (tolerance 0.001); orthonormalise it, e.g. with '
+     'metacf.protect.extend_basis(None, vectors).'),
+    ('predicted_forgetting_nan_basis',
+     lambda v: jacobian.predicted_forgetting(
+         _linear_apply, _PARAMS, (_X, np.zeros((4, 2), np.float32)),
+         (_X, np.ones((4, 2), np.float32)), lr=0.1, num_steps=2,
+         protect_basis=v),
+     np.eye(2, 8, dtype=np.float32),
+     np.where(np.eye(2, 8) > 0, np.nan, 0.0).astype(np.float32),
+     'predicted_forgetting: protect_basis must have orthonormal rows (V V^T = '
+     'I; zero rows allowed), got max |(V V^T)^2 q - V V^T q| / max |q| = nan '
+     'for a random q (tolerance 0.001); orthonormalise it, e.g. with '
+     'metacf.protect.extend_basis(None, vectors).'),
     ('class_balanced_buffer_add_labels',
      _balanced_add,
      np.int32([0, 1, 2, 2]), np.int32([0, 1, 3, 2]),

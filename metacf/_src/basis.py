@@ -31,7 +31,8 @@ def check_basis(basis: Any, num_params: int | None, name: str,
   ``V V^T`` is a 0/1 diagonal, which passes; for a generic ``V`` (rows not
   unit, or not orthogonal) ``(V V^T)^2 q != V V^T q`` and it fails. What
   passes is (up to the probe) any ``V`` whose ``V^T V`` is an orthogonal
-  projector, which is all that :func:`project_out` needs.
+  projector, which is all that :func:`project_out` needs. A traced basis is
+  checked under ``jit`` only with runtime checks on (:mod:`metacf.checks`).
 
   With ``columns=True`` the basis is ``M [d, r]`` with one direction per
   column (GPM's layout, :func:`metacf.protect.gpm_basis`): the same checks
@@ -54,29 +55,44 @@ def check_basis(basis: Any, num_params: int | None, name: str,
         f'{fn}: {name} must have one {what} = {num_params}, got shape '
         f'{shape}.')
   k = shape[1] if columns else shape[0]
-  if checks.is_traced(basis) or k == 0:
+  if k == 0:
     return
-  probe = np.random.default_rng(0).standard_normal(k).astype(dtype)
+  if columns:
+    message = (
+        f'{fn}: {name} must have orthonormal columns (M^T M = I; zero '
+        'columns allowed), got max |(M^T M)^2 q - M^T M q| / max |q| = '
+        '{err:.3g} for a random q (tolerance '
+        f'{ORTHONORMAL_TOL:g}); orthonormalise it, e.g. with '
+        'jnp.linalg.qr(basis)[0].')
+  else:
+    message = (
+        f'{fn}: {name} must have orthonormal rows (V V^T = I; zero rows '
+        'allowed), got max |(V V^T)^2 q - V V^T q| / max |q| = {err:.3g} '
+        f'for a random q (tolerance {ORTHONORMAL_TOL:g}); orthonormalise '
+        'it, e.g. with metacf.protect.extend_basis(None, vectors).')
+  ok = lambda xp, err: err <= ORTHONORMAL_TOL  # Also False for NaN.
+  if checks.is_traced(basis):
+    # Checked under checkify when runtime checks are on (metacf.checks).
+    checks.value_check([basis], lambda xp, v: {'err': _probe_error(v, columns)},
+                       ok, message)
+    return
+  err = _probe_error(basis, columns)  # On the basis' device, no host copy.
+  if not ok(np, err):
+    raise ValueError(message.format(err=err))
+
+
+def _probe_error(basis: Any, columns: bool) -> Any:
+  """``max |(V V^T)^2 q - V V^T q| / max |q|`` for a fixed random ``q``."""
+  dtype = jnp.result_type(basis)
   v = jnp.asarray(basis)
   if columns:
     v = v.T
+  probe = np.random.default_rng(0).standard_normal(v.shape[0]).astype(dtype)
   gram_times = lambda q: jnp.matmul(v, jnp.matmul(q, v, precision=_HIGHEST),
                                     precision=_HIGHEST)
   once = gram_times(jnp.asarray(probe))
-  err = float(jnp.max(jnp.abs(gram_times(once) - once)) /
-              np.max(np.abs(probe)))
-  if not err <= ORTHONORMAL_TOL:  # Also catches NaN.
-    if columns:
-      raise ValueError(
-          f'{fn}: {name} must have orthonormal columns (M^T M = I; zero '
-          f'columns allowed), got max |(M^T M)^2 q - M^T M q| / max |q| = '
-          f'{err:.3g} for a random q (tolerance {ORTHONORMAL_TOL:g}); '
-          'orthonormalise it, e.g. with jnp.linalg.qr(basis)[0].')
-    raise ValueError(
-        f'{fn}: {name} must have orthonormal rows (V V^T = I; zero rows '
-        f'allowed), got max |(V V^T)^2 q - V V^T q| / max |q| = {err:.3g} '
-        f'for a random q (tolerance {ORTHONORMAL_TOL:g}); orthonormalise '
-        'it, e.g. with metacf.protect.extend_basis(None, vectors).')
+  err = jnp.max(jnp.abs(gram_times(once) - once)) / np.max(np.abs(probe))
+  return err if checks.is_traced(err) else float(err)
 
 
 def project_out(basis: jax.Array, flat: jax.Array) -> jax.Array:
