@@ -22,12 +22,10 @@ resumable loop reads:
       ckpt.save(epoch + 1, state, {'epoch': epoch + 1})
 """
 
-import argparse
 from collections.abc import Iterator, Mapping, Sequence
 import datetime
 import importlib
 import json
-import logging
 import os
 import platform
 import sys
@@ -461,7 +459,8 @@ def run_info() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------
-# Command-line plumbing shared by every experiment's main.py and configs.
+# Config selection shared by every experiment's configs (the command line is
+# in ``cli.py``).
 
 CONFIG_NAMES = ('default', 'smoke')
 
@@ -476,44 +475,6 @@ def load_config(package: str, name: str) -> Any:
     raise ValueError(
         f'get_config: name must be one of {CONFIG_NAMES}, got {name!r}.')
   return importlib.import_module(f'{package}.{name}').get_config()
-
-
-def experiment_parser(doc: str, default_workdir: str, *,
-                      data_flags: bool = True) -> argparse.ArgumentParser:
-  """The flags every experiment takes: --config, --workdir (+ data dirs)."""
-  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-  parser.add_argument('--config', default='default', choices=CONFIG_NAMES,
-                      help='config name (configs/<name>.py)')
-  parser.add_argument('--workdir', default=default_workdir,
-                      help='results, figures and checkpoints go here')
-  if data_flags:
-    parser.add_argument('--raw_dir', default=os.environ.get('METACF_RAW_DIR'),
-                        help='raw dataset files (default: $METACF_RAW_DIR; '
-                        'unset: tfds downloads them)')
-    parser.add_argument('--data_dir', default=None,
-                        help='tensorflow-datasets data dir (default: '
-                        '$METACF_DATA_DIR, else tfds\'s)')
-  return parser
-
-
-def experiment_logger() -> logging.Logger:
-  """The 'experiments' logger, printing timestamped lines once."""
-  log = logging.getLogger('experiments')
-  if not log.handlers:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-  return log
-
-
-def print_run_summary(table: str, results: Mapping[str, Any],
-                      results_path: str) -> None:
-  """Prints an experiment's results table and where its results went."""
-  print(table)
-  print(f'{results["device"]}; this run {results["wall_time_s"]:.0f}s; '
-        f'results in {results_path}')
 
 
 def load_image_splits(dataset: str, *, num_train: int | None = None,

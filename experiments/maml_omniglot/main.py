@@ -11,23 +11,21 @@ with the same command to continue:
   python -m experiments.maml_omniglot.main --config=default \
       --workdir=runs/maml_omniglot --settings=5way1shot --time_budget_s=1500
 
-This file is intentionally kept short; the logic is in ``train.py``. Run it
-again with the same ``--workdir`` to resume an interrupted run.
+Config fields are overridden with ``--config.<field>=<value>``, settings'
+fields by index (``--config.settings.0.inner_lr=0.2``). This file is
+intentionally kept short; the logic is in ``train.py``. Run it again with
+the same ``--workdir`` to resume an interrupted run.
 """
 
 import argparse
 import dataclasses
-import os
 
-from tqdm.contrib import logging as tqdm_logging
-
-from experiments.common import utils
+from experiments.common import cli
 from experiments.maml_omniglot import configs
 from experiments.maml_omniglot import train
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  parser = utils.experiment_parser(__doc__, 'runs/maml_omniglot')
+def add_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument(
       '--settings', default=None,
       help='comma-separated settings to run, e.g. 5way1shot,20way1shot '
@@ -37,7 +35,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help='train each setting for about this many seconds in this session, '
       'then checkpoint and evaluate (default: the config\'s, None: until '
       'done)')
-  return parser.parse_args(argv)
 
 
 def select(config: configs.Config, settings: str | None,
@@ -62,16 +59,10 @@ def select(config: configs.Config, settings: str | None,
 
 
 def main(argv: list[str] | None = None) -> None:
-  args = parse_args(argv)
-  log = utils.experiment_logger()  # progress lines from train.py
-  config = select(configs.get_config(args.config), args.settings,
-                  args.time_budget_s)
-  with tqdm_logging.logging_redirect_tqdm(loggers=[log]):  # Keep bars whole.
-    results = train.train_and_evaluate(config, args.workdir,
-                                       raw_dir=args.raw_dir,
-                                       data_dir=args.data_dir)
-  utils.print_run_summary(train.format_table(results), results,
-                          os.path.join(args.workdir, train.RESULTS_JSON))
+  cli.run(__doc__, configs, train, 'runs/maml_omniglot', argv,
+          add_flags=add_flags,
+          select=lambda config, args: select(config, args.settings,
+                                             args.time_budget_s))
 
 
 if __name__ == '__main__':

@@ -5,31 +5,20 @@ Usage, from the repository root:
   python -m experiments.maml_sinusoid.main --config=default \
       --workdir=runs/maml_sinusoid
 
-This file is intentionally kept short; the logic is in ``train.py``. Run it
-again with the same ``--workdir`` to resume an interrupted run.
+Config fields are overridden with ``--config.<field>=<value>`` (e.g.
+``--config=smoke --config.seed=3``). This file is intentionally kept short;
+the logic is in ``train.py``. Run it again with the same ``--workdir`` to
+resume an interrupted run.
 """
 
-import argparse
-import os
-
-from experiments.common import utils
+from experiments.common import cli
 from experiments.maml_sinusoid import configs
 from experiments.maml_sinusoid import train
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  parser = utils.experiment_parser(__doc__, 'runs/maml_sinusoid',
-                                   data_flags=False)
-  return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-  args = parse_args(argv)
-  utils.experiment_logger()  # progress lines from train.py
-  results = train.train_and_evaluate(configs.get_config(args.config),
-                                     args.workdir)
-  utils.print_run_summary(train.format_table(results), results,
-                          os.path.join(args.workdir, train.RESULTS_JSON))
+  cli.run(__doc__, configs, train, 'runs/maml_sinusoid', argv,
+          data_flags=False)
 
 
 if __name__ == '__main__':
