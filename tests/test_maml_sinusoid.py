@@ -26,7 +26,10 @@ import pytest
 
 import _smoke_run
 from experiments.maml_sinusoid import configs
+from experiments.maml_sinusoid import data
 from experiments.maml_sinusoid import main as sinusoid_main
+from experiments.maml_sinusoid import report
+from experiments.maml_sinusoid import steps
 from experiments.maml_sinusoid import train
 
 RUNS = ('maml_K5', 'pretrained_K5')
@@ -107,9 +110,9 @@ class MamlSinusoidSmokeTest(_smoke_run.SmokeRunTestCase):
       with open(os.path.join(self.workdir, name), 'rb') as f:
         self.assertEqual(f.read(8), b'\x89PNG\r\n\x1a\n', name)
     for run in RUNS:
-      steps = sorted(os.listdir(os.path.join(self.workdir, 'checkpoints',
+      saved = sorted(os.listdir(os.path.join(self.workdir, 'checkpoints',
                                              run)))
-      self.assertEqual(steps, ['200', '400'], run)
+      self.assertEqual(saved, ['200', '400'], run)
 
   def test_resume_gives_identical_results(self):
     workdir = self._tempdir()
@@ -138,7 +141,7 @@ class MamlSinusoidSmokeTest(_smoke_run.SmokeRunTestCase):
                           f'--workdir={self._copy_of_run()}'])
     out = out.getvalue()
     self.assertIn('| K | MAML, paper (1 step) |', out)
-    maml_1 = train.format_mse(self.results['shots']['5']['maml'], 1)
+    maml_1 = report.format_mse(self.results['shots']['5']['maml'], 1)
     self.assertIn(f'| 5 | 1.13 | {maml_1} |', out)
 
 
@@ -147,8 +150,8 @@ class PiecesTest(parameterized.TestCase):
   def test_sample_tasks_ranges_shapes_and_same_functions_for_every_k(self):
     config = configs.get_config('default')
     key = jax.random.key(3)
-    a = train.sample_tasks(key, 200, 5, 7, config)
-    b = train.sample_tasks(key, 200, 20, 7, config)
+    a = data.sample_tasks(key, 200, 5, 7, config)
+    b = data.sample_tasks(key, 200, 20, 7, config)
     self.assertEqual(a.tasks.support_x.shape, (200, 5, 1))
     self.assertEqual(a.tasks.query_y.shape, (200, 7, 1))
     self.assertEqual(b.tasks.support_x.shape, (200, 20, 1))
@@ -168,18 +171,18 @@ class PiecesTest(parameterized.TestCase):
         * np.sin(np.asarray(a.tasks.query_x)
                  - np.asarray(a.phase)[:, None, None]), rtol=1e-5,
         atol=1e-5)
-    other = train.sample_tasks(jax.random.key(4), 200, 5, 7, config)
+    other = data.sample_tasks(jax.random.key(4), 200, 5, 7, config)
     self.assertFalse(np.array_equal(a.amplitude, other.amplitude))
 
   def test_init_mlp_matches_the_reference_initialisation(self):
-    params = train.init_mlp(jax.random.key(0), (40, 40), 0.01)
+    params = steps.init_mlp(jax.random.key(0), (40, 40), 0.01)
     self.assertEqual([p['w'].shape for p in params],
                      [(1, 40), (40, 40), (40, 1)])
     for layer in params:
       np.testing.assert_array_equal(layer['b'], 0.0)
       self.assertLessEqual(float(jnp.abs(layer['w']).max()), 0.02)
     self.assertBetween(float(jnp.std(params[1]['w'])), 0.007, 0.01)
-    self.assertEqual(train.apply_mlp(params, jnp.zeros([3, 1])).shape,
+    self.assertEqual(steps.apply_mlp(params, jnp.zeros([3, 1])).shape,
                      (3, 1))
 
   @parameterized.named_parameters(
@@ -194,7 +197,7 @@ class PiecesTest(parameterized.TestCase):
 
   def test_unknown_kind_raises(self):
     with self.assertRaisesRegex(ValueError, 'kind must be one of'):
-      train.make_train_chunk('reptile', configs.get_config('smoke'), 5)
+      steps.make_train_chunk('reptile', configs.get_config('smoke'), 5)
 
 
 @pytest.mark.slow
