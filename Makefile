@@ -7,13 +7,19 @@ STAMP  := $(VENV)/.installed-stamp
 RAW_DIR ?= $(firstword $(wildcard ../shared/data))
 export METACF_RAW_DIR ?= $(if $(RAW_DIR),$(abspath $(RAW_DIR)),)
 
-.PHONY: demo distill forgetting-predict omniglot paradigms lwf prevent test bench clean
+.PHONY: demo distill forgetting-predict omniglot paradigms lwf prevent test docs doctest bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,experiments]'
 	touch $(STAMP)
+
+# The [docs] extra (Sphinx, furo, myst-parser, offline MathJax) on top; `make test` does not need it.
+DOCS_STAMP := $(VENV)/.docs-stamp
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $(DOCS_STAMP)
 
 demo: $(STAMP)  ## the main job: catastrophic forgetting and its cures on Split MNIST
 	$(PY) -m experiments.forgetting.main --config=default --workdir=runs/forgetting
@@ -39,6 +45,13 @@ prevent: $(STAMP)  ## OGD, PCA-OGD, GPM, A-GEM, EWC, ER on Permuted/Rotated MNIS
 test: $(STAMP)  ## the test suite, on 2 processes (pytest-xdist; one class per process at a time)
 	$(PY) -m pytest -q -n 2 --dist loadscope
 
+docs: $(DOCS_STAMP)  ## HTML docs into docs/_build/html (offline; warnings are errors)
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html -j auto docs docs/_build/html
+	@echo "docs: open docs/_build/html/index.html"
+
+doctest: $(DOCS_STAMP)  ## runs the >>> examples of the docs pages and of the docstrings they render
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b doctest docs docs/_build/doctest
+
 bench: $(STAMP)  ## microbenchmarks; JSON lines go to benchmarks/results/
 	$(PY) -m benchmarks.bench_distill
 	$(PY) -m benchmarks.bench_replay
@@ -49,4 +62,4 @@ bench: $(STAMP)  ## microbenchmarks; JSON lines go to benchmarks/results/
 	$(PY) -m benchmarks.bench_maml
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache docs/_build docs/api/_autosummary

@@ -254,14 +254,15 @@ class MetacfOmniglot(_RawFileBuilder):
   Examples are ordered by character number, then drawer.
 
   Features:
-    image: uint8 ``[105, 105, 1]``, 255 for the white background and 0 for
-      the stroke (the original 1-bit PNGs, as 8-bit grayscale).
-    label: Omniglot's global character number minus one, in ``[0, 1623)``
-      (the ``XXXX`` in ``XXXX_YY.png``; background characters are 0..963,
-      evaluation characters 964..1622).
-    alphabet: Index into the 50 alphabet names, sorted.
-    alphabet_char_id: Character number inside its alphabet minus one.
-    drawer: Drawer minus one, in ``[0, 20)``.
+
+  * ``image``: uint8 ``[105, 105, 1]``, 255 for the white background and 0
+    for the stroke (the original 1-bit PNGs, as 8-bit grayscale).
+  * ``label``: Omniglot's global character number minus one, in
+    ``[0, 1623)`` (the ``XXXX`` in ``XXXX_YY.png``; background characters
+    are 0..963, evaluation characters 964..1622).
+  * ``alphabet``: Index into the 50 alphabet names, sorted.
+  * ``alphabet_char_id``: Character number inside its alphabet minus one.
+  * ``drawer``: Drawer minus one, in ``[0, 20)``.
 
   References:
     Lake et al., `Human-level concept learning through probabilistic program

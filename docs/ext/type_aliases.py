@@ -1,0 +1,86 @@
+"""Shows metacf's type aliases by name in signatures.
+
+``metacf.typing.Params`` is a runtime ``Union`` (Python 3.11 has no lazy
+``type`` statement), so autodoc would print every ``params: Params`` as
+``Array | ndarray | Iterable[ArrayTree] | Mapping[Any, ArrayTree]``, and
+``PRNGKey`` as ``Array``. Before autodoc reads a signature, this extension
+replaces each annotation that names an alias in the source with the string
+``'metacf.typing.<Alias>'``, which the Python domain links to the alias's
+entry (shown unqualified: ``python_use_unqualified_type_names``). Only the
+``__annotations__`` of the documented functions change, in the docs build's
+own process.
+"""
+
+import ast
+import inspect
+import re
+import textwrap
+
+# Aliases (not classes) exported by metacf.typing.
+ALIASES = ('ArrayTree', 'BoolTree', 'MaskSpec', 'Params', 'PRNGKey')
+_ALIAS = re.compile(r'\b(?:[A-Za-z_]\w*\.)*(' + '|'.join(ALIASES) + r')\b')
+
+_namedtuple_new = {}  # id(cls.__new__) -> cls, for typing.NamedTuple classes
+
+
+def _source_annotations(obj):
+  """``{argument or field: annotation source}`` of a function or class."""
+  try:
+    source = textwrap.dedent(inspect.getsource(obj))
+  except (OSError, TypeError):
+    return {}
+  try:
+    node = ast.parse(source).body[0]
+  except (SyntaxError, IndexError):
+    return {}
+  found = {}
+  if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+    args = node.args
+    for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs,
+                args.vararg, args.kwarg]:
+      if arg is not None and arg.annotation is not None:
+        found[arg.arg] = ast.unparse(arg.annotation)
+    if node.returns is not None:
+      found['return'] = ast.unparse(node.returns)
+  elif isinstance(node, ast.ClassDef):
+    for item in node.body:
+      if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+        found[item.target.id] = ast.unparse(item.annotation)
+  return found
+
+
+def _before_signature(app, obj, bound_method):
+  del app, bound_method
+  annotations = getattr(obj, '__annotations__', None)
+  if not isinstance(annotations, dict) or not annotations:
+    return
+  cls = _namedtuple_new.get(id(obj))
+  if cls is None and not getattr(obj, '__module__', '').startswith('metacf'):
+    return
+  source = _source_annotations(cls if cls is not None else obj)
+  replaced = {}
+  for name, text in source.items():
+    if name in annotations and _ALIAS.search(text):
+      replaced[name] = _ALIAS.sub(r'metacf.typing.\1', text)
+  if replaced:
+    # A new dict: a NamedTuple's __new__ shares its dict with the class.
+    obj.__annotations__ = {**annotations, **replaced}
+
+
+def _collect_namedtuples(app):
+  del app
+  import coverage_check  # docs/ext, on sys.path (conf.py)
+  import importlib
+  for module_name, names in coverage_check.public_names().items():
+    module = importlib.import_module(module_name)
+    for full_name in names:
+      obj = getattr(module, full_name.rsplit('.', 1)[1])
+      if inspect.isclass(obj) and hasattr(obj, '_fields'):
+        _namedtuple_new[id(obj.__new__)] = obj
+
+
+def setup(app):
+  app.connect('builder-inited', _collect_namedtuples)
+  app.connect('autodoc-before-process-signature', _before_signature)
+  return {'version': '1', 'parallel_read_safe': True,
+          'parallel_write_safe': True}

@@ -1,0 +1,139 @@
+"""The API reference covers every public name, checked without building.
+
+``docs/ext/coverage_check.py`` fails the Sphinx build when a public name has
+no entry; these tests read the autosummary tables of ``docs/api/*.rst``
+directly, so a missing or stale entry fails in seconds. When a build exists
+(``make docs``), its ``objects.inv`` is checked too, with a reader of its own.
+"""
+
+import importlib.util
+import os
+import tempfile
+import textwrap
+import types
+import unittest
+import zlib
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DOCS = os.path.join(_ROOT, 'docs')
+
+
+def _load_coverage_check():
+  path = os.path.join(_DOCS, 'ext', 'coverage_check.py')
+  spec = importlib.util.spec_from_file_location('coverage_check', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+coverage_check = _load_coverage_check()
+
+
+def _inventory_names(path):
+  """Object names in a Sphinx ``objects.inv`` (version 2: 4 header lines, zlib)."""
+  with open(path, 'rb') as f:
+    for _ in range(4):
+      f.readline()
+    body = zlib.decompress(f.read()).decode()
+  return {line.split(' ', 1)[0] for line in body.splitlines() if line}
+
+
+class PublicNamesTest(unittest.TestCase):
+
+  def test_every_subpackage_is_listed(self):
+    names = coverage_check.public_names()
+    self.assertIn('metacf', names)
+    self.assertLessEqual(
+        {'metacf.adapters', 'metacf.data', 'metacf.jacobian', 'metacf.maml',
+         'metacf.protect', 'metacf.typing'}, set(names))
+    self.assertIn('metacf.runtime_checks', names['metacf'])
+    self.assertNotIn('metacf.maml', names['metacf'])  # modules are pages, not entries
+    self.assertIn('metacf.protect.ewc', names['metacf.protect'])
+
+
+class AutosummaryTablesTest(unittest.TestCase):
+
+  def test_every_public_name_has_an_entry(self):
+    missing = coverage_check.missing_names(coverage_check.autosummary_names())
+    self.assertEqual([], missing, 'add these to a table in docs/api/*.rst')
+
+  def test_every_entry_is_a_public_name(self):
+    public = {n for names in coverage_check.public_names().values()
+              for n in names}
+    stale = coverage_check.autosummary_names() - public
+    self.assertEqual(set(), stale, 'not in any __all__: remove from docs/api')
+
+  def test_parser_follows_currentmodule_and_skips_options(self):
+    rst = textwrap.dedent('''\
+        Title
+        =====
+
+        .. currentmodule:: metacf.a
+
+        .. autosummary::
+           :toctree: _autosummary
+
+           f
+           ~g
+           metacf.b.h
+
+        Text.
+
+        .. currentmodule:: metacf
+
+        .. autosummary::
+
+           runtime_checks
+        ''')
+    with tempfile.TemporaryDirectory() as tmp:
+      with open(os.path.join(tmp, 'x.rst'), 'w') as f:
+        f.write(rst)
+      self.assertEqual(
+          {'metacf.a.f', 'metacf.a.g', 'metacf.b.h', 'metacf.runtime_checks'},
+          coverage_check.autosummary_names(tmp))
+
+
+class BuildTimeCheckTest(unittest.TestCase):
+
+  def _app(self, documented, builder='html'):
+    domain = types.SimpleNamespace(objects=dict.fromkeys(documented))
+    env = types.SimpleNamespace(get_domain=lambda name: domain)
+    return types.SimpleNamespace(env=env,
+                                 builder=types.SimpleNamespace(name=builder))
+
+  def test_raises_listing_the_missing_names(self):
+    public = coverage_check.public_names()
+    documented = {n for names in public.values() for n in names}
+    documented -= {'metacf.protect.ewc', 'metacf.runtime_checks'}
+    with self.assertRaisesRegex(coverage_check.MissingApiEntries,
+                                r'2 public.*metacf\.protect\.ewc, '
+                                r'metacf\.runtime_checks$'):
+      coverage_check._check(self._app(documented), None)
+
+  def test_passes_when_everything_is_documented(self):
+    public = coverage_check.public_names()
+    documented = {n for names in public.values() for n in names}
+    coverage_check._check(self._app(documented | {'metacf.extra'}), None)
+
+  def test_skipped_for_other_builders_and_failed_builds(self):
+    coverage_check._check(self._app(set(), builder='linkcheck'), None)
+    coverage_check._check(self._app(set()), RuntimeError('build failed'))
+
+
+class BuiltHtmlTest(unittest.TestCase):
+
+  def test_built_inventory_has_every_public_name(self):
+    inventory = os.path.join(_DOCS, '_build', 'html', 'objects.inv')
+    if not os.path.exists(inventory):
+      self.skipTest('no docs build: run `make docs`')
+    documented = _inventory_names(inventory)
+    self.assertEqual([], coverage_check.missing_names(documented))
+    html = os.path.join(_DOCS, '_build', 'html', 'api', '_autosummary')
+    for names in coverage_check.public_names().values():
+      for name in names:
+        self.assertTrue(os.path.exists(os.path.join(html, f'{name}.html')),
+                        name)
+
+
+if __name__ == '__main__':
+  unittest.main()
