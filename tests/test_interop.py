@@ -576,8 +576,8 @@ class MamlInteropTest(chex.TestCase):
     _assert_same_structure(grads, case.params)
     _assert_finite(self, grads)
     self.assertGreater(float(np.linalg.norm(want)), 1e-3)
-    _assert_close(_flat(grads), want, rtol=1e-4,
-                  atol=1e-5 * float(np.max(np.abs(want))))
+    _assert_close(_flat(grads), want, rtol=1e-5,
+                  atol=1e-6 * float(np.max(np.abs(want))))
 
   # The step is framework-agnostic once maml_loss is right (above); nnx is
   # where its output has to go back into a graph. One model keeps the
@@ -627,7 +627,7 @@ class JacobianSvdInteropTest(chex.TestCase):
     # top-k subspace is well defined.
     gaps = np.asarray(s_ref[1:7] - s_ref[2:8])
     k = 2 + int(np.argmax(gaps))
-    self.assertGreater(gaps[k - 2], 0.02 * float(s_ref[0]))
+    self.assertGreater(gaps[k - 2], 0.05 * float(s_ref[0]))
     u_ref, s_ref, vt_ref = u_ref[:, :k], s_ref[:k], vt_ref[:k]
 
     svd = jax.jit(functools.partial(metacf.jacobian.jacobian_svd,
@@ -638,12 +638,10 @@ class JacobianSvdInteropTest(chex.TestCase):
     chex.assert_shape(svd.vt, (k, num_params))
     chex.assert_shape(svd.u, (num_rows, k))
     _assert_finite(self, (svd.s, svd.vt, svd.u))
-    _assert_close(svd.s, s_ref, rtol=1e-4)
+    _assert_close(svd.s, s_ref, rtol=1e-5)
     proj = lambda a, b: jnp.matmul(a, b, precision=_HIGHEST)
-    _assert_close(proj(svd.vt.T, svd.vt), proj(vt_ref.T, vt_ref),
-                  atol=1e-4)
-    _assert_close(proj(svd.u, svd.u.T), proj(u_ref, u_ref.T),
-                  atol=1e-4)
+    _assert_close(proj(svd.vt.T, svd.vt), proj(vt_ref.T, vt_ref), atol=1e-5)
+    _assert_close(proj(svd.u, svd.u.T), proj(u_ref, u_ref.T), atol=1e-5)
 
 
 def _pure_mlp_apply(p, x):
