@@ -29,6 +29,8 @@ from experiments.predict_forgetting import _plots
 from experiments.predict_forgetting import _tasks
 from experiments.predict_forgetting import configs
 from experiments.predict_forgetting import main as predict_main
+from experiments.predict_forgetting import report
+from experiments.predict_forgetting import steps
 from experiments.predict_forgetting import train
 
 _DEFAULT_RAW = os.path.join(os.path.dirname(__file__), '..', '..', 'shared',
@@ -115,9 +117,9 @@ class PredictForgettingSmokeTest(_smoke_run.SmokeRunTestCase):
     predicted = [r['predicted'] for r in self.results['pairs']]
     measured = [r['measured'] for r in self.results['pairs']]
     self.assertEqual(summary['loss']['spearman'],
-                     train.spearman(predicted, measured))
+                     report.spearman(predicted, measured))
     self.assertEqual(summary['loss']['pearson'],
-                     train.pearson(predicted, measured))
+                     report.pearson(predicted, measured))
     values = [summary['loss']['spearman'], summary['loss']['pearson'],
               summary['accuracy_drop']['spearman'],
               summary['accuracy_drop']['pearson']]
@@ -128,7 +130,7 @@ class PredictForgettingSmokeTest(_smoke_run.SmokeRunTestCase):
     for value in values:
       self.assertBetween(value, -1.0, 1.0)
     self.assertEqual(summary['meets_goal'],
-                     summary['loss']['spearman'] >= train.GOAL_SPEARMAN)
+                     summary['loss']['spearman'] >= report.GOAL_SPEARMAN)
     # Five pairs spanning very different amounts of forgetting: the
     # prediction ranks them (the default config's 21 pairs are the claim).
     self.assertGreater(summary['loss']['spearman'], 0.5)
@@ -228,7 +230,7 @@ class ProtocolTest(parameterized.TestCase):
       x_b = jax.random.normal(keys[3], (6, dim), jnp.float64)
       labels_a = jax.random.randint(keys[4], (7,), 0, num_classes)
       labels_b = jax.random.randint(keys[5], (6,), 0, num_classes)
-      fn = train.forgetting_fn(_linear_apply, num_steps=12, loss=loss,
+      fn = steps.forgetting_fn(_linear_apply, num_steps=12, loss=loss,
                                num_classes=num_classes)
       out = fn(params, x_a, labels_a, x_b, labels_b, 0.3)
       self.assertEqual(out['predicted'].dtype, jnp.float64)
@@ -237,7 +239,7 @@ class ProtocolTest(parameterized.TestCase):
                                  rtol=1e-10, atol=1e-12)
       # The sweep's vmap over learning rates is the same computation.
       lrs = jnp.asarray([0.1, 0.3], jnp.float64)
-      swept = train.forgetting_fn(_linear_apply, num_steps=12, loss=loss,
+      swept = steps.forgetting_fn(_linear_apply, num_steps=12, loss=loss,
                                   num_classes=num_classes, over_lrs=True)(
                                       params, x_a, labels_a, x_b, labels_b,
                                       lrs)
@@ -260,24 +262,24 @@ class ProtocolTest(parameterized.TestCase):
     x = rng.integers(0, 5, 30).astype(float)  # Ties.
     y = x + rng.normal(size=30)
     np.testing.assert_array_equal(ranks(x), stats.rankdata(x))
-    self.assertAlmostEqual(train.spearman(x, y), pearson(ranks(x), ranks(y)),
+    self.assertAlmostEqual(report.spearman(x, y), pearson(ranks(x), ranks(y)),
                            delta=1e-12)
-    self.assertAlmostEqual(train.pearson(x, y), pearson(x, y), delta=1e-12)
-    self.assertEqual(train.spearman(x, -2 * x), -1.0)
-    self.assertIsNone(train.pearson(x, np.ones(30)))
-    self.assertIsNone(train.spearman(x, np.ones(30)))
-    self.assertIsNone(train.spearman([1.0], [2.0]))
+    self.assertAlmostEqual(report.pearson(x, y), pearson(x, y), delta=1e-12)
+    self.assertEqual(report.spearman(x, -2 * x), -1.0)
+    self.assertIsNone(report.pearson(x, np.ones(30)))
+    self.assertIsNone(report.spearman(x, np.ones(30)))
+    self.assertIsNone(report.spearman([1.0], [2.0]))
 
   def test_agreement_of_a_scaled_prediction(self):
     measured = np.array([0.1, -0.2, 0.5, 1.0])
-    out = train.agreement(2 * measured, measured)
+    out = report.agreement(2 * measured, measured)
     self.assertAlmostEqual(out['slope'], 2.0)
     self.assertAlmostEqual(out['relative_error'], 1.0)
     self.assertAlmostEqual(out['median_ratio'], 2.0)
     self.assertAlmostEqual(out['spearman'], 1.0)
 
   def test_ntk_parameterisation_is_flax_mlp_at_init(self):
-    model = train.make_model(32, 0.1)
+    model = steps.make_model(32, 0.1)
     key = jax.random.key(3)
     x = jax.random.normal(jax.random.key(4), (5, _tasks.NUM_PIXELS))
     flax_mlp = models.MLP(widths=(32,))
@@ -285,7 +287,7 @@ class ProtocolTest(parameterized.TestCase):
     np.testing.assert_allclose(model.apply(model.init(key), x),
                                flax_mlp.apply({'params': standard}, x),
                                rtol=1e-5, atol=1e-5)
-    self.assertIs(train.make_model(32, 0.1), model)  # Cached: one compile.
+    self.assertIs(steps.make_model(32, 0.1), model)  # Cached: one compile.
 
   def test_rotation(self):
     image = np.arange(2 * 28 * 28, dtype=np.float32).reshape(2, 28, 28)

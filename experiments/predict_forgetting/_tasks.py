@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import utils
+from experiments.predict_forgetting.configs import Config
 from experiments.predict_forgetting.configs import Task
 
 # MNIST training-set pixel statistics (of values in [0, 1]).
@@ -151,3 +152,12 @@ def take(data: TaskData, num_train: int, num_eval: int) -> TaskData:
   """The first ``num_train`` / ``num_eval`` examples (a smaller draw)."""
   return TaskData(data.x_train[:num_train], data.y_train[:num_train],
                   data.x_eval[:num_eval], data.y_eval[:num_eval])
+
+
+def load_splits(config: Config, *, raw_dir: str | None = None,
+                data_dir: str | None = None) -> Splits:
+  """``{dataset: (train, test)}`` for every dataset the pairs use."""
+  datasets = sorted({t.dataset for p in config.pairs
+                     for t in (p.task_a, p.task_b)})
+  return {d: utils.load_image_splits(d, raw_dir=raw_dir, data_dir=data_dir)
+          for d in datasets}
