@@ -95,29 +95,33 @@ class AutosummaryTablesTest(unittest.TestCase):
 
 class BuildTimeCheckTest(unittest.TestCase):
 
-  def _app(self, documented, builder='html'):
+  def _app_env(self, documented):
     domain = types.SimpleNamespace(objects=dict.fromkeys(documented))
     env = types.SimpleNamespace(get_domain=lambda name: domain)
-    return types.SimpleNamespace(env=env,
-                                 builder=types.SimpleNamespace(name=builder))
+    return types.SimpleNamespace(statuscode=0), env
 
-  def test_raises_listing_the_missing_names(self):
-    public = coverage_check.public_names()
-    documented = {n for names in public.values() for n in names}
-    documented -= {'metacf.protect.ewc', 'metacf.runtime_checks'}
-    with self.assertRaisesRegex(coverage_check.MissingApiEntries,
-                                r'2 public.*metacf\.protect\.ewc, '
-                                r'metacf\.runtime_checks$'):
-      coverage_check._check(self._app(documented), None)
+  def test_message_lists_the_missing_names(self):
+    self.assertRegex(
+        coverage_check.message(['metacf.protect.ewc', 'metacf.runtime_checks']),
+        r'^2 public.*docs/api/\*\.rst\): metacf\.protect\.ewc, '
+        r'metacf\.runtime_checks$')
 
   def test_passes_when_everything_is_documented(self):
     public = coverage_check.public_names()
     documented = {n for names in public.values() for n in names}
-    coverage_check._check(self._app(documented | {'metacf.extra'}), None)
+    app, env = self._app_env(documented | {'metacf.extra'})
+    coverage_check._check(app, env)
+    self.assertEqual(0, app.statuscode)
 
-  def test_skipped_for_other_builders_and_failed_builds(self):
-    coverage_check._check(self._app(set(), builder='linkcheck'), None)
-    coverage_check._check(self._app(set()), RuntimeError('build failed'))
+  @unittest.skipUnless(importlib.util.find_spec('sphinx'), 'needs [docs]')
+  def test_fails_the_build_when_a_name_is_missing(self):
+    public = coverage_check.public_names()
+    documented = {n for names in public.values() for n in names}
+    app, env = self._app_env(documented - {'metacf.protect.ewc'})
+    with self.assertLogs('sphinx.coverage_check', 'ERROR') as logs:
+      coverage_check._check(app, env)
+    self.assertEqual(1, app.statuscode)
+    self.assertIn('metacf.protect.ewc', logs.output[0])
 
 
 class BuiltHtmlTest(unittest.TestCase):

@@ -3,9 +3,9 @@
 The public API is every name in ``metacf.<subpackage>.__all__`` (the
 subpackages are the module entries of ``metacf.__all__`` plus
 ``metacf.data``, which ``import metacf`` does not import) and the
-top-level functions in ``metacf.__all__``. At the end of a Sphinx build this
+top-level functions in ``metacf.__all__``. Once a Sphinx build has read all sources, this
 extension compares those names with the objects that autodoc registered in
-the Python domain and raises, listing what is missing.
+the Python domain and fails the build with an error listing what is missing.
 
 :func:`autosummary_names` reads the same information from the sources
 (the ``autosummary`` tables in ``docs/api/*.rst``), so
@@ -104,25 +104,25 @@ def missing_names(documented: Iterable[str],
                 if n not in documented)
 
 
-class MissingApiEntries(Exception):
-  """Raised at the end of a build when public names have no API entry."""
+def message(missing: Iterable[str]) -> str:
+  missing = list(missing)
+  return (f'{len(missing)} public metacf name(s) have no entry in the API '
+          'reference (add them to an autosummary table in docs/api/*.rst): '
+          + ', '.join(missing))
 
 
-def _check(app, exception) -> None:
-  if exception is not None:
-    return
-  if app.builder.name not in ('html', 'dirhtml', 'singlehtml', 'doctest'):
-    return
-  objects = app.env.get_domain('py').objects
-  missing = missing_names(objects)
+def _check(app, env) -> None:
+  """Logs an error and fails the build if a public name is not documented."""
+  missing = missing_names(env.get_domain('py').objects)
   if missing:
-    raise MissingApiEntries(
-        f'{len(missing)} public metacf name(s) have no entry in the API '
-        'reference (add them to an autosummary table in docs/api/*.rst): '
-        + ', '.join(missing))
+    from sphinx.util import logging  # pylint: disable=g-import-not-at-top
+    logging.getLogger(__name__).error(message(missing))
+    app.statuscode = 1  # fails the build with or without -W
 
 
 def setup(app):
-  app.connect('build-finished', _check)
+  # After all sources are read (and parallel readers' domain data merged),
+  # before anything is written: every builder (html, doctest) runs it.
+  app.connect('env-check-consistency', _check)
   return {'version': '1', 'parallel_read_safe': True,
           'parallel_write_safe': True}
