@@ -8,8 +8,8 @@ Usage, from the repository root:
 Config fields are overridden with ``--config.<field>=<value>`` (e.g.
 ``--config.seeds='(0, 1)'``), and ``--strategies naive joint er_500`` runs
 only those strategies. This file is intentionally kept short; the logic is
-in ``train.py``. Run it again with the same ``--workdir`` to resume an
-interrupted run.
+in ``train.py`` (the driver) and the modules beside it. Run it again with the
+same ``--workdir`` to resume an interrupted run.
 """
 
 import argparse

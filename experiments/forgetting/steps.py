@@ -17,24 +17,33 @@ Example::
                       keys, seen_classes, old_classes)
   acc_class_il, acc_task_il = make_evaluate(widths)(
       state['params'], test_images, test_labels, test_task, task_classes)
+
+``Evaluator`` holds a scenario's test arrays on the device and evaluates
+with ``make_evaluate``.
 """
 
+from collections.abc import Mapping
 import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from experiments.common import losses
 from experiments.common import models
+from experiments.forgetting import data
+from experiments.forgetting.configs import Config
+from experiments.forgetting.configs import Scenario
 from experiments.forgetting.configs import Strategy
 import metacf.distill
 import metacf.replay
 
-NUM_CLASSES = 10
+NUM_CLASSES = data.NUM_CLASSES
 # Logit given to classes masked out of a softmax. Finite, so that masked
 # entries of two logit vectors cancel in differences (a KL between two masked
 # vectors ignores them); exp(-1e4 / T) is 0 in float32 for any T <= 50.
 MASKED_LOGIT = -1e4
-
 
 
 def preprocess(images: jax.typing.ArrayLike) -> jax.Array:
@@ -121,10 +130,6 @@ def make_init_state(strategy: Strategy):
   return jax.jit(jax.vmap(init_one, in_axes=(0, None)))
 
 
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
 def _masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
   return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
@@ -173,7 +178,7 @@ def _make_step(strategy: Strategy, widths: tuple[int, ...], batch_size: int):
     """Returns ``(loss, logits of the current batch)``."""
     if kind in ('naive', 'joint'):
       logits = apply(params, x)
-      return jnp.mean(_cross_entropy(logits, y)), logits
+      return jnp.mean(losses.cross_entropy(logits, y)), logits
 
     if kind in ('er', 'class_balanced'):
       # Mammoth's ER: the replayed minibatch is concatenated to the batch
@@ -184,7 +189,7 @@ def _make_step(strategy: Strategy, widths: tuple[int, ...], batch_size: int):
       labels = jnp.concatenate([y, rows['y']])
       weights = jnp.concatenate([jnp.ones([batch_size], jnp.float32),
                                  valid.astype(jnp.float32)])
-      loss = _masked_mean(_cross_entropy(logits, labels), weights)
+      loss = _masked_mean(losses.cross_entropy(logits, labels), weights)
       return loss, logits[:batch_size]
 
     if kind == 'derpp':
@@ -195,8 +200,8 @@ def _make_step(strategy: Strategy, widths: tuple[int, ...], batch_size: int):
                          logits[batch_size:batch_size + mb],
                          logits[batch_size + mb:])
       mse = metacf.distill.logit_mse_loss(out1, r1['logits'])
-      ce_replay = _cross_entropy(out2, r2['y'])
-      loss = (jnp.mean(_cross_entropy(new, y))
+      ce_replay = losses.cross_entropy(out2, r2['y'])
+      loss = (jnp.mean(losses.cross_entropy(new, y))
               + strategy.alpha * _masked_mean(mse, valid1.astype(jnp.float32))
               + strategy.beta * _masked_mean(ce_replay,
                                              valid2.astype(jnp.float32)))
@@ -327,3 +332,34 @@ def make_evaluate(widths: tuple[int, ...]):
     return per_task(class_il), per_task(task_il)
 
   return jax.jit(jax.vmap(evaluate_one, in_axes=(0, None, None, None, None)))
+
+
+class Evaluator:
+  """Test arrays of one scenario on the device, and the jitted evaluation."""
+
+  def __init__(self, config: Config, scenario: Scenario,
+               test: Mapping[str, np.ndarray]):
+    classes = data.task_classes(scenario)
+    self.num_tasks = classes.shape[0]
+    # Padded to 10 tasks, so that every scenario shares one compiled
+    # evaluation per test-set size.
+    padded = np.zeros((NUM_CLASSES, NUM_CLASSES), bool)
+    padded[:self.num_tasks] = classes
+    self.task_classes = jnp.asarray(padded)
+    labels = test['label']
+    task_of = (labels // scenario.classes_per_task).astype(np.int32)
+    self.full = (jnp.asarray(test['image']), jnp.asarray(labels),
+                 jnp.asarray(task_of))
+    n = config.curve_test_size
+    self.curve = self.full if n is None else tuple(a[:n] for a in self.full)
+    self._evaluate = make_evaluate(config.widths)
+
+  def matrix_rows(self, params) -> tuple[jax.Array, jax.Array]:
+    """``(class_il, task_il)`` accuracies on the whole test set, ``[S, T]``."""
+    class_il, task_il = self._evaluate(params, *self.full, self.task_classes)
+    return class_il[:, :self.num_tasks], task_il[:, :self.num_tasks]
+
+  def curve_point(self, params) -> jax.Array:
+    """Class-IL accuracies ``[S, T]`` on the curve subset of the test set."""
+    class_il, _ = self._evaluate(params, *self.curve, self.task_classes)
+    return class_il[:, :self.num_tasks]
