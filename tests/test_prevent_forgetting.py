@@ -27,9 +27,13 @@ import optax
 
 import _smoke_run
 from _smoke_run import RAW_DIR
+from experiments.common import batching
 from experiments.prevent_forgetting import _plots
 from experiments.prevent_forgetting import configs
+from experiments.prevent_forgetting import data
 from experiments.prevent_forgetting import main as prevent_main
+from experiments.prevent_forgetting import memories
+from experiments.prevent_forgetting import steps
 from experiments.prevent_forgetting import train
 import metacf.jacobian
 import metacf.metrics
@@ -102,13 +106,13 @@ class PreventForgettingSmokeTest(_smoke_run.SmokeRunTestCase):
 
   def test_memory_accounting(self):
     config, t = self.config, self.config.num_tasks
-    widths = [train.NUM_PIXELS, *config.hidden]
+    widths = [data.NUM_PIXELS, *config.hidden]
     for bench in config.benchmarks:
       runs = {s: self.results['runs'][f'{bench}/{s}/seed0']
               for s in config.strategies}
       p = runs['naive']['num_params']
       self.assertEqual(p, sum(a * b for a, b in zip(
-          widths, widths[1:] + [train.NUM_CLASSES])))
+          widths, widths[1:] + [data.NUM_CLASSES])))
       self.assertEqual(runs['naive']['memory']['floats'], 0)
       self.assertEqual(runs['ewc']['memory']['floats'], 2 * p * (t - 1))
       self.assertEqual(runs['online_ewc']['memory']['floats'], 2 * p)
@@ -203,8 +207,8 @@ def _low_rank_task(key, n, rank):
   """``n`` inputs in a random ``rank``-dim subspace, labels from a teacher."""
   k1, k2, k3 = jax.random.split(key, 3)
   x = (jax.random.normal(k1, (n, rank)) @
-       jax.random.normal(k2, (rank, train.NUM_PIXELS)) / np.sqrt(rank))
-  y = jnp.argmax(x @ jax.random.normal(k3, (train.NUM_PIXELS, 10)),
+       jax.random.normal(k2, (rank, data.NUM_PIXELS)) / np.sqrt(rank))
+  y = jnp.argmax(x @ jax.random.normal(k3, (data.NUM_PIXELS, 10)),
                  axis=1).astype(jnp.int32)
   return np.asarray(x, np.float32), np.asarray(y)
 
@@ -220,24 +224,26 @@ class ProtectionTest(absltest.TestCase):
         gpm_thresholds=(0.9999, 0.99, 0.99), num_epochs=2)
     cls.task0 = _low_rank_task(jax.random.key(0), 100, 10)
     cls.task1 = _low_rank_task(jax.random.key(1), 100, 10)
-    params = train.init_params(jax.random.key(2), cls.config.hidden)
+    params = steps.init_params(jax.random.key(2), cls.config.hidden)
     cls.params0 = cls._train(params, 'naive', None, cls.task0)
 
   @classmethod
   def _train(cls, params, strategy, memory, task):
-    order = train.batch_order(jax.random.key(3), len(task[1]), cls.config)
-    memory = memory or train.Memory(strategy, cls.config, params)
+    order = batching.epoch_indices(jax.random.key(3), len(task[1]),
+                                   cls.config.num_epochs,
+                                   cls.config.batch_size)
+    memory = memory or memories.Memory(strategy, cls.config, params)
     return memory.train(params, jnp.asarray(task[0]), jnp.asarray(task[1]),
                         jnp.asarray(order), jax.random.key(4))
 
   def test_gpm_keeps_task0_layer_outputs(self):
-    memory = train.Memory('gpm', self.config, self.params0)
+    memory = memories.Memory('gpm', self.config, self.params0)
     memory.remember(self.params0, *self.task0, 0, jax.random.key(5))
     x0 = jnp.asarray(self.task0[0])
 
     def layer_outputs(p):
       return [h @ p[n]['kernel'] for h, n in zip(
-          train.layer_inputs(p, x0), train.layer_names(self.config.hidden))]
+          steps.layer_inputs(p, x0), steps.layer_names(self.config.hidden))]
 
     before = layer_outputs(self.params0)
     changes = {}
@@ -255,11 +261,11 @@ class ProtectionTest(absltest.TestCase):
       self.assertLess(gpm, 0.25 * naive, layer)
 
   def test_ogd_keeps_stored_logits(self):
-    memory = train.Memory('ogd', self.config, self.params0)
+    memory = memories.Memory('ogd', self.config, self.params0)
     memory.remember(self.params0, *self.task0, 0, jax.random.key(5))
     n = self.config.ogd_examples
     x0, y0 = jnp.asarray(self.task0[0][:n]), jnp.asarray(self.task0[1][:n])
-    gtl = lambda p: jnp.take_along_axis(train.apply_fn(p, x0), y0[:, None],
+    gtl = lambda p: jnp.take_along_axis(steps.apply_fn(p, x0), y0[:, None],
                                         axis=1)
     moved = {}
     for strategy, mem in (('naive', None), ('ogd', memory)):
@@ -270,15 +276,15 @@ class ProtectionTest(absltest.TestCase):
     self.assertLess(moved['ogd'], 0.3 * moved['naive'])
 
   def test_zero_padded_basis_projects_like_the_unpadded_one(self):
-    memory = train.Memory('ogd', self.config, self.params0)
+    memory = memories.Memory('ogd', self.config, self.params0)
     memory.remember(self.params0, *self.task0, 0, jax.random.key(5))
     rows = memory.floats()['rows']
     padded = optax.tree.get(memory.opt_state, 'basis')  # Swapped in.
     self.assertGreater(padded.shape[0], rows)  # Padded.
     np.testing.assert_array_equal(padded[rows:], 0.0)
     np.testing.assert_array_equal(padded[:rows], memory.basis)
-    grads = jax.grad(lambda p: train.cross_entropy(
-        train.apply_fn, p, jnp.asarray(self.task1[0]),
+    grads = jax.grad(lambda p: steps.cross_entropy(
+        steps.apply_fn, p, jnp.asarray(self.task1[0]),
         jnp.asarray(self.task1[1])))(self.params0)
 
     def project(basis):
@@ -295,8 +301,8 @@ class ProtectionTest(absltest.TestCase):
     for strategy, field in (('ogd', 'basis'), ('gpm', 'bases'),
                             ('online_ewc', 'anchor'), ('ewc', 'anchor')):
       with self.subTest(strategy):
-        memory = train.Memory(strategy, self.config, self.params0)
-        trainer = train._trainer(self.config, strategy)
+        memory = memories.Memory(strategy, self.config, self.params0)
+        trainer = steps.trainer(self.config, strategy)
         before = optax.tree.get_all_with_path(memory.opt_state, field)
         self._train(self.params0, strategy, memory, self.task0)
         size = trainer.train._cache_size()
@@ -333,7 +339,7 @@ class PredictedVsMeasuredTest(absltest.TestCase):
       # All n_a * c Jacobian rows of A.
       vt = metacf.jacobian.jacobian_svd(_linear_apply, params, task_a[0],
                                         n_a * c, method='dense').vt
-      out = {k: train.forgetting_under_protection(
+      out = {k: steps.forgetting_under_protection(
           _linear_apply, params, {'a': task_a}, task_b, vt, k=k, lr=0.5,
           num_steps=20)['a'] for k in (0, 2, 5, n_a * c)}
       plain = float(metacf.jacobian.predicted_forgetting(
