@@ -28,7 +28,10 @@ from _smoke_run import RAW_DIR
 from experiments.common import models
 from experiments.lwf_observability import _plots
 from experiments.lwf_observability import configs
+from experiments.lwf_observability import data as lwf_data
 from experiments.lwf_observability import main as lwf_main
+from experiments.lwf_observability import observability
+from experiments.lwf_observability import steps
 from experiments.lwf_observability import train
 import metacf.jacobian
 
@@ -95,7 +98,7 @@ class LwfObservabilityTest(_smoke_run.SmokeRunTestCase):
           self.assertBetween(task['observability'][measure], 0.0, 1.0)
         self.assertLen(task['observability']['s_a'], self.config.k_a)
         self.assertLen(task['observability']['s_b'], self.config.k_b)
-        for method in train.METHODS:
+        for method in steps.METHODS:
           cell = task[method]
           self.assertLen(cell['retention']['per_seed'], len(self.config.seeds))
           for acc, ret in zip(cell['a_accuracy']['per_seed'],
@@ -107,16 +110,16 @@ class LwfObservabilityTest(_smoke_run.SmokeRunTestCase):
             self.assertBetween(cell[key]['mean'], 0.0, 1.0)
           self.assertGreaterEqual(cell['a_on_b_kl']['mean'], 0.0)
     for run in results['runs'].values():
-      for method in train.METHODS:
+      for method in steps.METHODS:
         self.assertAlmostEqual(run[method]['backward_transfer'],
                                run[method]['a_accuracy'] - before, places=6)
 
   def test_finetune_keeps_a_head_lwf_trains_it_and_keeps_a_outputs(self):
-    kl = {m: [] for m in train.METHODS}
+    kl = {m: [] for m in steps.METHODS}
     for key, run in self.results['runs'].items():
       self.assertTrue(run['finetune']['head_a_unchanged'], key)
       self.assertFalse(run['lwf']['head_a_unchanged'], key)
-      for m in train.METHODS:
+      for m in steps.METHODS:
         kl[m].append(run[m]['a_on_b_kl'])
     # Distillation keeps A's outputs on B's inputs closer to the recorded
     # ones than fine-tuning does (on average over tasks and seeds).
@@ -126,7 +129,7 @@ class LwfObservabilityTest(_smoke_run.SmokeRunTestCase):
     corr = self.results['correlation']
     tasks = self.results['tasks'].values()
     self.assertEqual(corr['num_tasks'], len(self.config.tasks))
-    for measure in train.MEASURES:
+    for measure in observability.MEASURES:
       x = [t['observability'][measure] for t in tasks]
       for target, y in (
           ('lwf_retention', [t['lwf']['retention']['mean'] for t in tasks]),
@@ -197,11 +200,11 @@ class DataTest(parameterized.TestCase):
 
   def test_tasks_are_ten_class_images_of_the_right_shapes(self):
     config = configs.get_config('smoke')
-    a, tasks = train.load_data(config, raw_dir=RAW_DIR)
+    a, tasks = lwf_data.load_data(config, raw_dir=RAW_DIR)
     self.assertEqual(a.x_train.shape, (config.num_train_a, 784))
     self.assertEqual(a.x_test.shape, (config.num_test_a, 784))
-    lo = -train._tasks.PIXEL_MEAN / train._tasks.PIXEL_STD
-    hi = (1 - train._tasks.PIXEL_MEAN) / train._tasks.PIXEL_STD
+    lo = -lwf_data._tasks.PIXEL_MEAN / lwf_data._tasks.PIXEL_STD
+    hi = (1 - lwf_data._tasks.PIXEL_MEAN) / lwf_data._tasks.PIXEL_STD
     for name, b in tasks.items():
       with self.subTest(name):
         self.assertEqual(b.x_train.shape, (config.num_train_b, 784))
@@ -215,20 +218,20 @@ class DataTest(parameterized.TestCase):
           self.assertTrue(bool(jnp.all((y >= 0) & (y < 10))))
     # rotate_180's images are MNIST training images of the second half
     # (never A's pool), turned by 180 degrees; A's are of the first half.
-    train_split, _ = train._image_splits('mnist', RAW_DIR, None)
-    mnist = train.standardise(train._to_unit(train_split['image']))
+    train_split, _ = lwf_data._image_splits('mnist', RAW_DIR, None)
+    mnist = lwf_data.standardise(lwf_data._to_unit(train_split['image']))
     index = {row.tobytes(): i for i, row in enumerate(mnist)}
     turned = np.rot90(np.asarray(tasks['rotate_180'].x_train).reshape(
         -1, 28, 28), 2, axes=(1, 2)).reshape(-1, 784)
     found = [index.get(row.tobytes()) for row in turned]
     self.assertNotIn(None, found)
-    self.assertTrue(all(i >= train.MNIST_HALF for i in found))
+    self.assertTrue(all(i >= lwf_data.MNIST_HALF for i in found))
     found_a = [index.get(row.tobytes()) for row in np.asarray(a.x_train)]
-    self.assertTrue(all(i is not None and i < train.MNIST_HALF
+    self.assertTrue(all(i is not None and i < lwf_data.MNIST_HALF
                         for i in found_a))
 
   def test_omniglot_alphabets(self):
-    data = train.omniglot_alphabets(10, raw_dir=RAW_DIR, data_dir=None)
+    data = lwf_data.omniglot_alphabets(10, raw_dir=RAW_DIR, data_dir=None)
     # Ten alphabets; drawers 0-15 train, 16-19 test: 4 train per test.
     self.assertEqual(sorted(np.unique(data['train_label'])), list(range(10)))
     self.assertEqual(len(data['train_label']), 4 * len(data['test_label']))
@@ -245,14 +248,14 @@ class MeasuresTest(parameterized.TestCase):
 
   def test_features_are_the_hidden_layers_of_models_mlp(self):
     config = configs.get_config('smoke')
-    model = train.make_model(config)
+    model = steps.make_model(config)
     x = jax.random.normal(jax.random.key(0), (5, 784))
     params = model.init(jax.random.key(1), x)['params']
-    body, head = train.split_mlp(params, len(config.widths))
+    body, head = steps.split_mlp(params, len(config.widths))
     np.testing.assert_allclose(
-        train.head_logits(head, train.features(body, x)),
+        steps.head_logits(head, steps.features(body, x)),
         model.apply({'params': params}, x), rtol=1e-6, atol=1e-6)
-    centred = train.centred_logits(head, train.features(body, x))
+    centred = steps.centred_logits(head, steps.features(body, x))
     np.testing.assert_allclose(jnp.sum(centred, axis=-1), 0.0, atol=1e-5)
 
   def test_projected_energy_closed_form(self):
@@ -260,51 +263,49 @@ class MeasuresTest(parameterized.TestCase):
     svd = lambda s, rows: metacf.jacobian.JacobianSVD(
         s=jnp.asarray(s), vt=eye[jnp.asarray(rows)], u=jnp.zeros((4, len(s))))
     a = svd([2.0, 1.0], [0, 1])
-    self.assertAlmostEqual(float(train.projected_energy(a, svd([3.0, 1.0],
-                                                                [0, 2]))),
+    energy = observability.projected_energy
+    self.assertAlmostEqual(float(energy(a, svd([3.0, 1.0], [0, 2]))),
                            4.0 / 5.0, places=6)
-    self.assertAlmostEqual(float(train.projected_energy(a, svd([1.0, 1.0],
-                                                                [1, 0]))),
+    self.assertAlmostEqual(float(energy(a, svd([1.0, 1.0], [1, 0]))),
                            1.0, places=6)
-    self.assertEqual(float(train.projected_energy(a, svd([1.0, 1.0],
-                                                          [2, 3]))), 0.0)
+    self.assertEqual(float(energy(a, svd([1.0, 1.0], [2, 3]))), 0.0)
     # A direction half in B's span: cos^2 = 1/2.
     b = metacf.jacobian.JacobianSVD(
         s=jnp.ones(1), vt=(eye[0:1] + eye[2:3]) / jnp.sqrt(2.0),
         u=jnp.zeros((4, 1)))
-    self.assertAlmostEqual(float(train.projected_energy(a, b)), 0.4,
-                           places=6)
+    self.assertAlmostEqual(float(energy(a, b)), 0.4, places=6)
 
   def test_excitation_share_closed_form(self):
     w = jnp.asarray([3.0, 1.0])
     # Same sensitivity per example (B has twice the examples): 1/2.
-    self.assertAlmostEqual(float(train.excitation_share(
+    self.assertAlmostEqual(float(observability.excitation_share(
         jnp.asarray([1.0, 2.0]), jnp.asarray([2.0, 4.0]), w, 10, 20)), 0.5,
                            places=6)
     # First direction unseen by B, second seen as much as by A.
-    self.assertAlmostEqual(float(train.excitation_share(
+    self.assertAlmostEqual(float(observability.excitation_share(
         jnp.asarray([1.0, 1.0]), jnp.asarray([0.0, 1.0]), w, 1, 1)),
                            0.125, places=6)
 
   def test_a_observed_by_its_own_inputs(self):
     # The smoke config's shapes: the compiled functions of the smoke run.
     config = configs.get_config('smoke')
-    model = train.make_model(config)
+    model = steps.make_model(config)
     x = jax.random.normal(jax.random.key(0), (config.num_jac_a, 784))
     params = model.init(jax.random.key(1), x)['params']
     # Committed like the run's arrays, so the run's compilations are reused.
     params, x = jax.device_put((params, x), jax.devices()[0])
-    body, head = train.split_mlp(params, len(config.widths))
-    svd_fn = train._svd_fn(config.k_a, config.svd_method, config.oversampling,
-                           config.num_power_iters)
+    body, head = steps.split_mlp(params, len(config.widths))
+    svd_fn = observability._svd_fn(config.k_a, config.svd_method,
+                                   config.oversampling,
+                                   config.num_power_iters)
     svd_a = svd_fn(body, head, x, jax.random.key(2))
     # The same examples in another order: the same Jacobian row space.
     svd_b = svd_fn(body, head, x[::-1], jax.random.key(3))
-    self.assertAlmostEqual(float(train.projected_energy(svd_a, svd_b)), 1.0,
-                           places=4)
+    self.assertAlmostEqual(
+        float(observability.projected_energy(svd_a, svd_b)), 1.0, places=4)
     # ||J v_i||^2 = s_i^2 for A's singular vectors: the two computations of
     # the Jacobian agree.
-    sens = train._sensitivities(body, head, x, svd_a.vt)
+    sens = observability._sensitivities(body, head, x, svd_a.vt)
     np.testing.assert_allclose(sens, svd_a.s**2, rtol=1e-3)
-    self.assertAlmostEqual(float(train.excitation_share(
+    self.assertAlmostEqual(float(observability.excitation_share(
         sens, sens, svd_a.s**2, 8, 8)), 0.5, places=6)
