@@ -87,3 +87,23 @@ html_theme = 'furo'
 html_title = f'metacf {release}'
 html_static_path = []
 html_show_sourcelink = False
+
+
+def _viewcode_follow_imported(app, modname, fullname):
+  """Source links only into metacf: none into jax or typing for the aliases."""
+  del app
+  import importlib  # pylint: disable=g-import-not-at-top
+  obj = importlib.import_module(modname)
+  try:
+    for part in fullname.split('.'):
+      obj = getattr(obj, part)
+  except AttributeError:
+    return None
+  defined_in = getattr(obj, '__module__', None) or ''
+  # The documenting module: viewcode finds no definition of an alias there
+  # and adds no link.
+  return defined_in if defined_in.startswith('metacf') else modname
+
+
+def setup(app):
+  app.connect('viewcode-follow-imported', _viewcode_follow_imported)
