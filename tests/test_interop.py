@@ -41,6 +41,7 @@ classes); protections by the float64 projection / penalty formula applied to
 from collections.abc import Callable
 import functools
 import math
+import re
 from typing import Any, NamedTuple
 
 from absl.testing import parameterized
@@ -761,6 +762,20 @@ def _user_step(tx, loss_fn):
   return step
 
 
+def _assert_no_baked_arrays(test, step, *args):
+  """The lowered step holds no array constant of >= 64 elements.
+
+  Arrays captured by a transformation's closure become dense constants of
+  the program (``dense<"0x...">``, 8 hex digits per float32); the ones held
+  in the state are arguments. 64 is the size of the smallest protected
+  array here (an attention kernel, the head kernel's GPM basis). Lowering
+  reuses the step's trace (its ``assert_max_traces`` would fail otherwise).
+  """
+  text = step.lower(*args).as_text()
+  sizes = [len(c) // 8 for c in re.findall(r'dense<"0x([0-9A-Fa-f]+)">', text)]
+  test.assertLess(max(sizes, default=0), 64)
+
+
 def _gpm_kernel(path: str, leaf) -> bool:
   """Kernels in GPM's layout ``[d_in..., d_out]``: dense, DenseGeneral, conv.
 
@@ -811,6 +826,7 @@ class ProtectInteropTest(chex.TestCase):
       np.testing.assert_array_equal(optax.tree.get(opt_state, 'basis'),
                                     bases[t])
       params = new_params
+    _assert_no_baked_arrays(self, step, params, opt_state, x, y)
     self.assertEqual(step._cache_size(), 1)
 
   @parameterized.named_parameters(*_CASES)
@@ -843,6 +859,7 @@ class ProtectInteropTest(chex.TestCase):
       np.testing.assert_array_equal(
           _flat(optax.tree.get(opt_state, 'fisher')), _flat(fisher))
       params = new_params
+    _assert_no_baked_arrays(self, step, params, opt_state, x, y)
     self.assertEqual(step._cache_size(), 1)
 
   # equinox's Linear stores [d_out, d_in], not GPM's [d_in, d_out] layout:
@@ -896,4 +913,5 @@ class ProtectInteropTest(chex.TestCase):
         checked += 1
       self.assertEqual(checked, 3)
       params = new_params
+    _assert_no_baked_arrays(self, step, params, opt_state, x, y)
     self.assertEqual(step._cache_size(), 1)
