@@ -20,8 +20,9 @@ Each enters the kernels as a parameter pytree plus a pure ``apply_fn(params,
 x)``:
 
 * nnx: ``graphdef, params, rest = nnx.split(model, nnx.Param, ...)``,
-  ``apply_fn = lambda p, x: nnx.merge(graphdef, p, rest)(x)``
-  (flax:examples/nnx_toy_examples/01_functional_api.py);
+  ``apply_fn = lambda p, x: nnx.merge(graphdef, p, copy_of(rest))(x)``
+  (flax:examples/nnx_toy_examples/01_functional_api.py; ``rest`` holds the
+  batch statistics, copied per call, see ``_nnx_case``);
 * linen: ``model.apply({'params': p, 'batch_stats': bs}, x,
   mutable=['batch_stats'])[0]``: transductive batch norm, the updated
   statistics are discarded (nnx's ``BatchNorm`` does the same on its merged
@@ -265,7 +266,7 @@ def _num_inner_steps(make_case) -> int:
 
 
 @functools.cache
-def _reference_meta_grad(make_case) -> tuple[jax.Array, jax.Array]:
+def _reference_meta_grad(make_case) -> tuple[float, np.ndarray]:
   """Meta-loss and flat meta-gradient: a Python loop over ``_tasks()``."""
   case = make_case()
   loss_and_grad = jax.jit(jax.value_and_grad(functools.partial(
