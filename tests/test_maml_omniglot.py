@@ -27,7 +27,9 @@ from PIL import Image
 import _smoke_run
 from _smoke_run import RAW_DIR
 from experiments.maml_omniglot import configs
+from experiments.maml_omniglot import data
 from experiments.maml_omniglot import main as omniglot_main
+from experiments.maml_omniglot import report
 from experiments.maml_omniglot import train
 
 NAME = '5way1shot'
@@ -185,7 +187,7 @@ class MamlOmniglotSmokeTest(_smoke_run.SmokeRunTestCase):
       omniglot_main.main(argv)
     out = out.getvalue()
     self.assertIn('| setting | paper | ours | test steps | iterations |', out)
-    ours = train.format_accuracy(self.results['settings'][NAME])
+    ours = report.format_accuracy(self.results['settings'][NAME])
     self.assertIn(f'| {NAME} | 98.7 ± 0.4% | {ours} | 3 | 20 |', out)
 
 
@@ -202,11 +204,11 @@ class PiecesTest(parameterized.TestCase):
           self.assertEqual(img.mode, '1')
           pillow = np.asarray(img.resize((28, 28), Image.Resampling.LANCZOS)
                               .convert('L'))
-          ours = train.resize_nearest(np.asarray(img.convert('L')), 28)
+          ours = data.resize_nearest(np.asarray(img.convert('L')), 28)
         np.testing.assert_array_equal(ours, pillow, err_msg=name)
 
   def test_load_omniglot_all_characters_inverted(self):
-    images = train.load_omniglot(28, RAW_DIR)
+    images = data.load_omniglot(28, RAW_DIR)
     self.assertEqual(images.shape, (1623, 20, 28 * 28))
     self.assertEqual(images.dtype, np.uint8)
     counts = np.bincount(images.ravel(), minlength=256)
@@ -215,19 +217,19 @@ class PiecesTest(parameterized.TestCase):
 
   def test_rotation_tables_rotate(self):
     image = np.arange(16).reshape(4, 4)
-    for r, table in enumerate(train.rotation_tables(4)):
+    for r, table in enumerate(data.rotation_tables(4)):
       np.testing.assert_array_equal(image.ravel()[table],
                                     np.rot90(image, r).ravel())
 
   def test_sample_task_takes_rotated_drawings_of_distinct_characters(self):
-    images = train.load_omniglot(28, RAW_DIR)[1200:]
+    images = data.load_omniglot(28, RAW_DIR)[1200:]
     # Every drawing at every rotation, to find the sampled images among.
     where = {}
-    for rotation, table in enumerate(train.rotation_tables(28)):
+    for rotation, table in enumerate(data.rotation_tables(28)):
       for index, pixels in enumerate(images.reshape(-1, 28 * 28)[:, table]):
         where.setdefault(pixels.tobytes(), (index // 20, index % 20, rotation))
     ways, shots, queries = 5, 2, 3
-    sample = jax.jit(lambda k: train.sample_task(
+    sample = jax.jit(lambda k: data.sample_task(
         k, jnp.asarray(images), ways=ways, shots=shots, num_query=queries,
         rotations=True))
     task = sample(jax.random.key(0))
