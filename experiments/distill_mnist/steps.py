@@ -123,8 +123,8 @@ def init_state_fn(arch: tuple[Any, ...]):
 
 @functools.cache
 def train_step_fn(arch: tuple[Any, ...], jitter: int, distill: bool,
-                   teacher_arch: tuple[Any, ...] | None, learning_rate: float,
-                   total_steps: int):
+                  teacher_arch: tuple[Any, ...] | None, learning_rate: float,
+                  total_steps: int):
   return make_train_step(
       mlp(arch), make_optimizer(learning_rate, total_steps), jitter=jitter,
       distill=distill,
