@@ -19,7 +19,7 @@ from experiments.common import utils
 
 NAMES = utils.CONFIG_NAMES
 
-# Strategy kinds understood by train.py.
+# Strategy kinds understood by steps.py.
 KINDS = ('naive', 'joint', 'er', 'derpp', 'lwf', 'class_balanced')
 
 
