@@ -7,6 +7,7 @@ directly, so a missing or stale entry fails in seconds. When a build exists
 """
 
 import importlib.util
+import inspect
 import os
 import tempfile
 import textwrap
@@ -14,19 +15,26 @@ import types
 import unittest
 import zlib
 
+from metacf.typing import MaskSpec, Params, PRNGKey
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DOCS = os.path.join(_ROOT, 'docs')
 
 
-def _load_coverage_check():
-  path = os.path.join(_DOCS, 'ext', 'coverage_check.py')
-  spec = importlib.util.spec_from_file_location('coverage_check', path)
+def _load_ext(name):
+  path = os.path.join(_DOCS, 'ext', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
 
 
+def _load_coverage_check():
+  return _load_ext('coverage_check')
+
+
 coverage_check = _load_coverage_check()
+type_aliases = _load_ext('type_aliases')
 
 
 def _inventory_names(path):
@@ -122,6 +130,39 @@ class BuildTimeCheckTest(unittest.TestCase):
       coverage_check._check(app, env)
     self.assertEqual(1, app.statuscode)
     self.assertIn('metacf.protect.ewc', logs.output[0])
+
+
+def _kernel(params: Params, key: PRNGKey | None = None, *,
+            mask: MaskSpec = None, n: int = 1) -> Params:
+  del key, mask, n
+  return params
+
+
+class TypeAliasesTest(unittest.TestCase):
+
+  def test_signature_names_the_aliases(self):
+    kernel = types.FunctionType(_kernel.__code__, _kernel.__globals__,
+                                'kernel', _kernel.__defaults__)
+    kernel.__kwdefaults__ = _kernel.__kwdefaults__
+    kernel.__annotations__ = dict(_kernel.__annotations__)
+    kernel.__module__ = 'metacf.fake'  # only metacf functions are rewritten
+    type_aliases._before_signature(None, kernel, False)
+    signature = inspect.signature(kernel)
+    self.assertEqual('metacf.typing.Params',
+                     signature.parameters['params'].annotation)
+    self.assertEqual('metacf.typing.PRNGKey | None',
+                     signature.parameters['key'].annotation)
+    self.assertEqual('metacf.typing.MaskSpec',
+                     signature.parameters['mask'].annotation)
+    self.assertIs(int, signature.parameters['n'].annotation)
+    self.assertEqual('metacf.typing.Params', signature.return_annotation)
+    self.assertIsNot(Params, signature.parameters['params'].annotation)
+
+  def test_leaves_other_modules_alone(self):
+    def f(x: int) -> int:
+      return x
+    type_aliases._before_signature(None, f, False)
+    self.assertEqual({'x': int, 'return': int}, f.__annotations__)
 
 
 class BuiltHtmlTest(unittest.TestCase):

@@ -20,6 +20,7 @@ import textwrap
 ALIASES = ('ArrayTree', 'BoolTree', 'MaskSpec', 'Params', 'PRNGKey')
 _ALIAS = re.compile(r'\b(?:[A-Za-z_]\w*\.)*(' + '|'.join(ALIASES) + r')\b')
 
+_UNEVALUABLE = '_metacf_docs_alias_names'
 _namedtuple_new = {}  # id(cls.__new__) -> cls, for typing.NamedTuple classes
 
 
@@ -52,7 +53,8 @@ def _source_annotations(obj):
 def _before_signature(app, obj, bound_method):
   del app, bound_method
   annotations = getattr(obj, '__annotations__', None)
-  if not isinstance(annotations, dict) or not annotations:
+  if (not isinstance(annotations, dict) or not annotations
+      or _UNEVALUABLE in annotations):
     return
   cls = _namedtuple_new.get(id(obj))
   if cls is None and not getattr(obj, '__module__', '').startswith('metacf'):
@@ -63,8 +65,20 @@ def _before_signature(app, obj, bound_method):
     if name in annotations and _ALIAS.search(text):
       replaced[name] = _ALIAS.sub(r'metacf.typing.\1', text)
   if replaced:
-    # A new dict: a NamedTuple's __new__ shares its dict with the class.
-    obj.__annotations__ = {**annotations, **replaced}
+    # A new dict: a NamedTuple's __new__ shares its dict with the class. The
+    # extra entry cannot be evaluated, so autodoc's typing.get_type_hints()
+    # fails and it keeps these strings (in a module that binds ``metacf`` it
+    # would evaluate 'metacf.typing.Params' back to the Union).
+    obj.__annotations__ = {**annotations, **replaced,
+                           _UNEVALUABLE: '<metacf docs: keep strings>'}
+    # autodoc_preserve_defaults may have frozen the signature already.
+    signature = vars(obj).get('__signature__')
+    if signature is not None:
+      obj.__signature__ = signature.replace(
+          parameters=[p.replace(annotation=replaced.get(p.name, p.annotation))
+                      for p in signature.parameters.values()],
+          return_annotation=replaced.get('return',
+                                         signature.return_annotation))
 
 
 def _collect_namedtuples(app):
