@@ -35,6 +35,7 @@ extensions = [
     'mathjax_offline',  # docs/ext: sphinx-mathjax-offline, declared parallel-safe
     'coverage_check',  # docs/ext: fails the build if a public name has no entry
     'type_aliases',  # docs/ext: signatures say Params, not the Union it stands for
+    'namedtuple_fields',  # docs/ext: NamedTuple fields from their source comments
 ]
 
 source_suffix = {'.rst': 'restructuredtext', '.md': 'markdown'}

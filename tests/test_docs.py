@@ -4,11 +4,14 @@
 no entry; these tests read the autosummary tables of ``docs/api/*.rst``
 directly, so a missing or stale entry fails in seconds. When a build exists
 (``make docs``), its ``objects.inv`` is checked too, with a reader of its own.
+The other docs extensions (``type_aliases``, ``namedtuple_fields``) are tested
+on their own, without Sphinx.
 """
 
 import importlib.util
 import inspect
 import os
+import sys
 import tempfile
 import textwrap
 import types
@@ -35,6 +38,8 @@ def _load_coverage_check():
 
 coverage_check = _load_coverage_check()
 type_aliases = _load_ext('type_aliases')
+sys.modules.setdefault('type_aliases', type_aliases)  # imported by the next one
+namedtuple_fields = _load_ext('namedtuple_fields')
 
 
 def _inventory_names(path):
@@ -163,6 +168,38 @@ class TypeAliasesTest(unittest.TestCase):
       return x
     type_aliases._before_signature(None, f, False)
     self.assertEqual({'x': int, 'return': int}, f.__annotations__)
+
+
+class NamedTupleFieldsTest(unittest.TestCase):
+
+  def test_fields_from_comments_above_and_after(self):
+    import metacf  # pylint: disable=g-import-not-at-top
+    lines = []
+    namedtuple_fields._process_docstring(
+        None, 'class', 'metacf.replay.ClassBalancedBuffer',
+        metacf.replay.ClassBalancedBuffer, None, lines)
+    text = '\n'.join(lines)
+    self.assertIn('.. attribute:: init\n'
+                  '   :type: Callable[[metacf.typing.Params], '
+                  'ClassBalancedState]\n\n   init(example_item) -> state', text)
+    self.assertIn('.. attribute:: sample', text)
+    lines = []
+    namedtuple_fields._process_docstring(
+        None, 'class', 'metacf.maml.MetaTrainMetrics',
+        metacf.maml.MetaTrainMetrics, None, lines)
+    self.assertIn('   shape=(), global norm of the meta-gradient.', lines)
+
+  def test_own_attributes_section_wins(self):
+    import metacf  # pylint: disable=g-import-not-at-top
+    lines = []
+    namedtuple_fields._process_docstring(
+        None, 'class', 'metacf.jacobian.JacobianSVD',
+        metacf.jacobian.JacobianSVD, None, lines)
+    self.assertEqual([], lines)
+
+  def test_escape(self):
+    self.assertEqual(r'a \*b\* \`c\` d\_ e_f \|g',
+                     namedtuple_fields._escape('a *b* `c` d_ e_f |g'))
 
 
 class BuiltHtmlTest(unittest.TestCase):
