@@ -46,8 +46,7 @@ out]`` (and ``[kw, kh, c_in, c_out]``)::
 
   params, static = eqx.partition(model, eqx.is_inexact_array)
   flip = lambda tree: jax.tree.map(jnp.transpose, tree)  # reverses the axes
-  lora_params = metacf.adapters.lora_init(key, flip(params), rank=4,
-                                          targets='weight$')
+  lora_params = metacf.adapters.lora_init(key, flip(params), rank=4)
 
   def apply_lora(params, lora_params, x):
     merged = flip(metacf.adapters.lora_merge(flip(params), lora_params,
@@ -56,6 +55,10 @@ out]`` (and ``[kw, kh, c_in, c_out]``)::
 
 so that ``x -> W x`` becomes ``x -> W x + (alpha / r) b.T (a.T x)``, the
 paper's ``W + B A`` with ``A = a.T`` (random) and ``B = b.T`` (zero at init).
+The default targets fit equinox too: biases are excluded by name and
+``LayerNorm`` weights by rank (a ``targets='weight$'`` regex would select
+those 1-D weights and fail), but an ``eqx.nn.Embedding``'s 2-D ``weight`` is
+selected as well: leave it out with a callable ``targets``.
 (``fan_in_axes=1`` on ``[out, in]`` would also give a rank-``r`` update, but
 with ``a`` on the output side: the random factor and the zero one swap roles,
 ``a``'s scale uses ``d_out``, and :func:`lora_dense` would contract ``x``
@@ -258,7 +261,7 @@ def lora_init(key: jax.Array, params: Params, rank: int, *,
 
     params, static = eqx.partition(model, eqx.is_inexact_array)
     flip = lambda tree: jax.tree.map(jnp.transpose, tree)
-    lora_params = lora_init(key, flip(params), 4, targets='weight$')
+    lora_params = lora_init(key, flip(params), 4)  # default targets
 
     def apply_lora(params, lora_params, x):
       merged = flip(lora_merge(flip(params), lora_params, alpha=8.0))
