@@ -60,6 +60,9 @@ comparison), plus checkify's error plumbing. Measured in
 
 from metacf._src import checks as _checks
 
+#: ``'METACF_RUNTIME_CHECKS'``, the environment variable that sets the
+#: initial global default (``1``, ``true``, ``yes`` or ``on`` turn checks on;
+#: ``0``, ``false``, ``no``, ``off`` or unset leave them off).
 ENV_VAR = _checks.ENV_VAR
 
 

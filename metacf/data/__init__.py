@@ -53,13 +53,17 @@ except ImportError as e:  # pragma: no cover - exercised in a bare install
       'metacf.data needs tensorflow-datasets, pillow, importlib_resources and '
       "array_record: pip install 'metacf[data]'.") from e
 
+from metacf.data import _arrays
 from metacf.data._arrays import DatasetArrays as DatasetArrays
 from metacf.data._arrays import get_builder as get_builder
 from metacf.data._arrays import load_arrays as load_arrays
-from metacf.data._arrays import SPLITS as SPLITS
 from metacf.data._builders import MetacfFashionMnist as MetacfFashionMnist
 from metacf.data._builders import MetacfMnist as MetacfMnist
 from metacf.data._builders import MetacfOmniglot as MetacfOmniglot
+
+#: Dataset names accepted by :func:`load_arrays`, with their splits
+#: (``{'mnist': ('train', 'test'), 'fashion_mnist': ..., 'omniglot': ...}``).
+SPLITS = _arrays.SPLITS
 
 __all__ = [
     'DatasetArrays',
