@@ -27,7 +27,10 @@ from _smoke_run import RAW_DIR
 from experiments.common import models
 from experiments.finetune_paradigms import _plots
 from experiments.finetune_paradigms import configs
+from experiments.finetune_paradigms import data as paradigms_data
 from experiments.finetune_paradigms import main as paradigms_main
+from experiments.finetune_paradigms import steps
+from experiments.finetune_paradigms import systems
 from experiments.finetune_paradigms import train
 import metacf.masks
 
@@ -64,7 +67,7 @@ def expected_counts(config: configs.Config, variant: configs.Variant
                     ) -> tuple[int, int]:
   """(trainable per task, added per extra task), from the ViT's shapes."""
   d, m, depth, p, c = (config.dim, config.mlp_dim, config.depth,
-                       config.patch_size, train.NUM_CLASSES)
+                       config.patch_size, paradigms_data.NUM_CLASSES)
   tokens = (28 // p) ** 2 + 1
   head = d * c + c
   layer_norm = 2 * d
@@ -149,13 +152,13 @@ class FinetuneParadigmsTest(_smoke_run.SmokeRunTestCase):
     # trace), which initialises nothing and compiles nothing.
     config = configs.get_config('default')
     pretrained = jax.eval_shape(
-        train.make_model(config).init, jax.random.key(0),
+        systems.make_model(config).init, jax.random.key(0),
         jnp.zeros([1, 28, 28, 1]))['params']
     counts = {}
 
     def count_all(pretrained):
       for v in config.variants:
-        counts[v.name] = train.param_counts(config, v, pretrained)
+        counts[v.name] = systems.param_counts(config, v, pretrained)
       return ()
 
     jax.eval_shape(count_all, pretrained)
@@ -272,12 +275,12 @@ class LoraAtZeroTest(parameterized.TestCase):
   def test_lora_with_b_zero_leaves_a_accuracy_unchanged(self):
     config = dataclasses.replace(configs.get_config('smoke'),
                                  num_test_a=200)
-    data = train.load_data(config, raw_dir=RAW_DIR)
-    pretrained = train.make_model(config).init(
+    data = paradigms_data.load_data(config, raw_dir=RAW_DIR)
+    pretrained = systems.make_model(config).init(
         jax.random.key(3), jnp.zeros([1, 28, 28, 1]))['params']
-    evaluator = train.Evaluator(config, data)
-    probe = train.System(config, config.variant('linear_probe'))
-    lora = train.System(config, config.variant('lora_r4'))
+    evaluator = steps.Evaluator(config, data)
+    probe = systems.System(config, config.variant('linear_probe'))
+    lora = systems.System(config, config.variant('lora_r4'))
     base = probe.init(pretrained, jax.random.key(0))
     params = lora.init(pretrained, jax.random.key(0))
     for leaf in jax.tree.leaves(params['lora']):

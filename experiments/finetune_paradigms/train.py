@@ -24,9 +24,15 @@ prediction one record (``workdir/predictions/``), all through
 ``experiments.common.loop``: a run started again in the same workdir resumes
 and, since every draw comes from keys folded from the seed and names, gives
 bitwise the same numbers.
+
+The code: ``data.py`` loads the data and draws the K-shot sets,
+``systems.py`` the ViT and each variant's trainable leaves, ``steps.py`` the
+jitted adaptation loop and evaluation, ``report.py`` the summaries,
+correlation and tables, ``_plots.py`` the figures; this file pre-trains,
+runs the adaptations and predictions and writes the results.
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 import dataclasses
 import os
 import time
@@ -36,232 +42,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from scipy import stats
 
+from experiments.common import batching
 from experiments.common import loop
-from experiments.common import models
+from experiments.common.losses import cross_entropy
 from experiments.common import utils
 from experiments.finetune_paradigms import _plots
+from experiments.finetune_paradigms import data as data_lib
+from experiments.finetune_paradigms import report
+from experiments.finetune_paradigms import steps
+from experiments.finetune_paradigms import systems
 from experiments.finetune_paradigms.configs import Config
 from experiments.finetune_paradigms.configs import Variant
-import metacf.adapters
-import metacf.distill
+from experiments.finetune_paradigms.report import format_table  # For main.py.
 import metacf.jacobian
-import metacf.masks
-import metacf.replay
 
 RESULTS_JSON = 'results.json'
 RESULTS_MD = 'results.md'
-NUM_CLASSES = 10
 
 Params = Any
-
-# Which leaves of the adaptation system each gradient paradigm trains (a
-# regex on the '/'-joined paths of {'body', 'head_a', 'head_b', 'lora',
-# 'prompt'}); '{last}' is the last block.
-TRAINABLE = {
-    'linear_probe': r'^head_b/',
-    'full_finetune': r'^(body|head_b)/',
-    'partial_finetune': r'^(body/({last}|norm)|head_b)/',
-    'lora': r'^(lora|head_b)/',
-    'prompt_tuning': r'^(prompt$|head_b/)',
-    'lwf': r'^(body|head_a|head_b)/',
-    'replay': r'^(body|head_a|head_b)/',
-}
-
-# Paradigms under which A's model (body or A's head) changes.
-CHANGES_A = ('full_finetune', 'partial_finetune', 'lora', 'lwf', 'replay')
-
-# The lecture's table (feature extraction, full fine-tuning, prompt
-# engineering, prompt tuning, low-rank adapters) mapped onto our variants.
-# Words marked '*' are our reading, not quoted from the lecture.
-LECTURE = {
-    'linear_probe': ('feature extraction', 'Small', 'Good*', 'OK*'),
-    'full_finetune': ('full fine-tuning', 'Huge', 'Bad*', 'Good*'),
-    'nearest_class_mean': ('prompt engineering (stand-in)', 'None', 'Good*',
-                           'OK*'),
-    'prompt_tuning': ('prompt tuning', 'Small', 'Good*', 'OK*'),
-    'lora': ('low-rank adapters', 'Small', 'Good*', 'Good*'),
-}
-
-
-def shots_key(k: int | None) -> str:
-  """Results key of K: ``'10'``, ..., ``'all'``."""
-  return 'all' if k is None else str(k)
-
-
-# --------------------------------------------------------------------- data
-
-
-def load_data(config: Config, *, raw_dir: str | None = None,
-              data_dir: str | None = None) -> dict[str, dict[str, np.ndarray]]:
-  """Real MNIST (A) and Fashion-MNIST (B): train and test splits."""
-  a_train, a_test = utils.load_image_splits(
-      'mnist', num_train=config.num_train_a, num_test=config.num_test_a,
-      raw_dir=raw_dir, data_dir=data_dir)
-  b_train, b_test = utils.load_image_splits(
-      'fashion_mnist', num_train=config.num_train_b,
-      num_test=config.num_test_b, raw_dir=raw_dir, data_dir=data_dir)
-  return {'a_train': a_train, 'a_test': a_test, 'b_train': b_train,
-          'b_test': b_test}
-
-
-def shot_indices(labels: np.ndarray, k: int | None,
-                 key: jax.Array) -> np.ndarray:
-  """Indices of K examples per class, nested in K, in round-robin order.
-
-  Each class's members are permuted once (by ``key``, not by K), and K-shot
-  takes the first K of each, so the K = 10 set lies inside the K = 100 set,
-  and so on; the result is ordered shot-major (shot 0 of every class, then
-  shot 1, ...), so its first ``10 n`` entries are the first ``n`` shots.
-  ``None``: every example.
-  """
-  rng = utils.numpy_rng(key)
-  per_class = []
-  for c in range(NUM_CLASSES):
-    members = np.flatnonzero(labels == c)
-    per_class.append(members[rng.permutation(len(members))])
-  count = max(len(m) for m in per_class) if k is None else k
-  if k is not None and min(len(m) for m in per_class) < k:
-    raise ValueError(f'shot_indices: fewer than K={k} examples in a class.')
-  order = [m[i] for i in range(count) for m in per_class if i < len(m)]
-  return np.asarray(order, np.int32)
-
-
-def batch_indices(subset: np.ndarray, steps: int, batch_size: int,
-                  key: jax.Array) -> np.ndarray:
-  """``[steps, batch_size]`` indices: epochs of permutations of ``subset``."""
-  rng = utils.numpy_rng(key)
-  needed = steps * batch_size
-  orders = []
-  while sum(len(o) for o in orders) < needed:
-    orders.append(subset[rng.permutation(len(subset))])
-  return np.concatenate(orders)[:needed].reshape(steps, batch_size)
-
-
-def _chunks(split: Mapping[str, np.ndarray], chunk: int
-            ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Test images, labels and mask as ``[num_chunks, chunk, ...]``."""
-  batches = list(utils.padded_batches(split, chunk))
-  images = np.stack([b['image'] for b, _ in batches])
-  labels = np.stack([b['label'] for b, _ in batches])
-  mask = np.stack([m for _, m in batches])
-  return tuple(jax.device_put(jnp.asarray(a), jax.devices()[0])
-               for a in (images, labels, mask))
-
-
-# -------------------------------------------------------------------- model
-
-
-def make_model(config: Config) -> models.ViT:
-  return models.ViT(num_classes=NUM_CLASSES, patch_size=config.patch_size,
-                    dim=config.dim, depth=config.depth,
-                    num_heads=config.num_heads, mlp_dim=config.mlp_dim)
-
-
-def to_float(images: jax.Array) -> jax.Array:
-  return images.astype(jnp.float32) / 255.0
-
-
-def apply_head(head: Params, features: jax.Array) -> jax.Array:
-  """A linear head ``{'kernel', 'bias'}`` on features ``[N, dim]``."""
-  return jnp.matmul(features, head['kernel']) + head['bias'][None]
-
-
-class System:
-  """The adaptation system of one variant: frozen + trainable leaves.
-
-  The full parameter tree is ``{'body', 'head_a', 'head_b'}`` plus
-  ``'lora'`` (LoRA) or ``'prompt'`` (prompt tuning); ``split`` cuts it into
-  the trainable leaves and the frozen ones (``None`` in place of the
-  others), ``merge`` puts them back together.
-  """
-
-  def __init__(self, config: Config, variant: Variant):
-    self.config = config
-    self.variant = variant
-    self.model = make_model(config)
-    pattern = TRAINABLE.get(variant.kind)
-    self.pattern = (None if pattern is None else
-                    pattern.format(last=f'block_{config.depth - 1}'))
-
-  def init(self, pretrained: Params, key: jax.Array) -> Params:
-    """The variant's parameters before adaptation (B's head is new)."""
-    body = {k: v for k, v in pretrained.items() if k != 'head'}
-    example = jnp.zeros([1, 28, 28, 1], jnp.float32)
-    fresh = self.model.init(utils.name_key(key, 'head_b'), example)['params']
-    params = {'body': body, 'head_a': pretrained['head'],
-              'head_b': fresh['head']}
-    v = self.variant
-    if v.kind == 'lora':
-      params['lora'] = metacf.adapters.lora_init(
-          utils.name_key(key, 'lora'), body, v.rank,
-          targets=self.config.lora_targets)
-    elif v.kind == 'prompt_tuning':
-      prompt_key = utils.name_key(key, 'prompt')
-      if v.deep:
-        params['prompt'] = jnp.stack([
-            metacf.adapters.soft_prompt_init(k, v.prompt_tokens,
-                                             self.config.dim)
-            for k in jax.random.split(prompt_key, self.config.depth)])
-      else:
-        params['prompt'] = metacf.adapters.soft_prompt_init(
-            prompt_key, v.prompt_tokens, self.config.dim)
-    return params
-
-  def mask(self, params: Params) -> Any:
-    return metacf.masks.resolve_mask(self.pattern, params)
-
-  def split(self, params: Params) -> tuple[Params, Params]:
-    """``(trainable, frozen)``, each with ``None`` in place of the other's."""
-    mask = self.mask(params)
-    trainable = jax.tree.map(lambda m, x: x if m else None, mask, params)
-    frozen = jax.tree.map(lambda m, x: None if m else x, mask, params)
-    return trainable, frozen
-
-  @staticmethod
-  def merge(trainable: Params, frozen: Params) -> Params:
-    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
-                        is_leaf=lambda x: x is None)
-
-  def features(self, params: Params, images: jax.Array, *,
-               adapted: bool = True, prompt: bool = True) -> jax.Array:
-    """Class-token features; ``adapted=False``: LoRA switched off.
-
-    ``prompt``: use the prompt (task B's input); A is served without it.
-    """
-    body = params['body']
-    if adapted and 'lora' in params:
-      body = metacf.adapters.lora_merge(body, params['lora'],
-                                        alpha=self.config.lora_alpha)
-    kwargs = {}
-    if prompt and 'prompt' in params:
-      kwargs['deep_prompts' if self.variant.deep else 'prompt'] = (
-          params['prompt'])
-    return self.model.apply({'params': body}, to_float(images),
-                            features_only=True, **kwargs)
-
-  def logits(self, params: Params, images: jax.Array, task: str, *,
-             adapted: bool = True) -> jax.Array:
-    """Logits of task ``'a'`` (A's head, no prompt) or ``'b'``."""
-    feats = self.features(params, images, adapted=adapted,
-                          prompt=task == 'b')
-    return apply_head(params[f'head_{task}'], feats)
-
-  def two_task_logits(self, params: Params, x: Mapping[str, jax.Array]
-                      ) -> jax.Array:
-    """One ``apply_fn`` for both tasks: ``x['is_b']`` picks the head."""
-    feats_b = self.features(params, x['image'], prompt=True)
-    feats_a = (self.features(params, x['image'], prompt=False)
-               if 'prompt' in params else feats_b)
-    return jnp.where(x['is_b'][:, None],
-                     apply_head(params['head_b'], feats_b),
-                     apply_head(params['head_a'], feats_a))
-
-
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.losses.softmax_cross_entropy_with_integer_labels(logits,
-                                                                labels)
 
 
 # -------------------------------------------------------------- pretraining
@@ -270,7 +69,7 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def pretrain(config: Config, data: Mapping[str, Mapping[str, np.ndarray]],
              workdir: str) -> tuple[Params, dict[str, Any]]:
   """The ViT trained on MNIST; orbax checkpoint per epoch, reused."""
-  model = make_model(config)
+  model = systems.make_model(config)
   train = data['a_train']
   num = len(train['label'])
   steps_per_epoch = utils.num_batches(num, config.pretrain_batch_size)
@@ -291,8 +90,9 @@ def pretrain(config: Config, data: Mapping[str, Mapping[str, np.ndarray]],
   def epoch_fn(state, idx):
     def step(state, batch_idx):
       def loss_fn(params):
-        logits = model.apply({'params': params}, to_float(images[batch_idx]))
-        return jnp.mean(_cross_entropy(logits, labels[batch_idx]))
+        logits = model.apply({'params': params},
+                             systems.to_float(images[batch_idx]))
+        return jnp.mean(cross_entropy(logits, labels[batch_idx]))
       loss, grads = jax.value_and_grad(loss_fn)(state['params'])
       updates, opt_state = utils.optimizer_update(tx, grads,
                                                   state['opt_state'],
@@ -331,121 +131,14 @@ def _model_recipe(config: Config) -> dict[str, Any]:
           for k in ('patch_size', 'dim', 'depth', 'num_heads', 'mlp_dim')}
 
 
-# --------------------------------------------------------------- evaluation
-
-
-class Evaluator:
-  """Jitted test-set accuracies, compiled once per variant and task."""
-
-  def __init__(self, config: Config, data: Mapping[str, Any]):
-    self.config = config
-    self.chunks = {task: _chunks(data[f'{task}_test'],
-                                 config.eval_batch_size)
-                   for task in ('a', 'b')}
-    self.sizes = {task: len(data[f'{task}_test']['label'])
-                  for task in ('a', 'b')}
-    self._fns: dict[tuple[str, bool, bool], Callable[..., jax.Array]] = {}
-
-  def accuracy(self, system: System, params: Params, task: str, *,
-               adapted: bool = True) -> float:
-    """Accuracy on task's whole test set (A: A's head, no prompt)."""
-    # Compiled per parameter structure (jit's cache), shared by variants.
-    key = (task, adapted, system.variant.deep)
-    if key not in self._fns:
-      def count(params, images, labels, mask):
-        def chunk(args):
-          im, lab, m = args
-          pred = jnp.argmax(system.logits(params, im, task, adapted=adapted),
-                            axis=-1)
-          return jnp.sum((pred == lab) & m, dtype=jnp.int32)
-        return jnp.sum(jax.lax.map(chunk, (images, labels, mask)))
-      self._fns[key] = jax.jit(count)
-    correct = self._fns[key](params, *self.chunks[task])
-    return int(correct) / self.sizes[task]
-
-
 # ------------------------------------------------------------- adaptation
-
-
-def make_adapt(config: Config, system: System
-               ) -> Callable[..., tuple[Params, jax.Array]]:
-  """``adapt(trainable, frozen, extra, idx, keys, images, labels)``.
-
-  Runs ``config.steps`` SGD steps (one ``lax.scan``) on the trainable
-  leaves only; returns them and the losses.
-  """
-  v = system.variant
-  tx = optax.sgd(v.learning_rate, momentum=config.momentum)
-
-  def loss_fn(trainable, frozen, extra, images, labels, key):
-    params = System.merge(trainable, frozen)
-    if v.kind == 'replay':
-      key_sample, key_mix = jax.random.split(key)
-      replayed = extra['buffer'].sample(key_sample, extra['state'],
-                                        images.shape[0])
-      batch = {'image': images, 'label': labels}
-      batch, is_replay = metacf.replay.mix_replay(key_mix, batch, replayed,
-                                                  v.replay_fraction)
-      images, labels = batch['image'], batch['label']
-      feats = system.features(params, images)
-      logits = jnp.where(is_replay[:, None],
-                         apply_head(params['head_a'], feats),
-                         apply_head(params['head_b'], feats))
-      return jnp.mean(_cross_entropy(logits, labels))
-    if v.kind == 'lwf':
-      feats = system.features(params, images)
-      # A's head on B's inputs before any training: the recorded outputs.
-      recorded = jax.lax.stop_gradient(apply_head(
-          extra['head_a0'], system.model.apply(
-              {'params': extra['body0']}, to_float(images),
-              features_only=True)))
-      return jnp.mean(metacf.distill.lwf_loss(
-          apply_head(params['head_b'], feats), labels,
-          apply_head(params['head_a'], feats), recorded,
-          temperature=v.temperature, old_weight=v.old_weight))
-    return jnp.mean(_cross_entropy(system.logits(params, images, 'b'),
-                                   labels))
-
-  def adapt(trainable, frozen, extra, idx, keys, images, labels):
-    opt_state = tx.init(trainable)
-
-    def step(carry, xs):
-      trainable, opt_state = carry
-      batch_idx, key = xs
-      loss, grads = jax.value_and_grad(loss_fn)(
-          trainable, frozen, extra, images[batch_idx], labels[batch_idx], key)
-      updates, opt_state = utils.optimizer_update(tx, grads, opt_state,
-                                                  trainable)
-      return (optax.apply_updates(trainable, updates), opt_state), loss
-
-    (trainable, _), losses = jax.lax.scan(step, (trainable, opt_state),
-                                          (idx, keys))
-    return trainable, losses
-
-  return adapt
-
-
-def fill_buffer(variant: Variant, a_train: Mapping[str, jax.Array],
-                key: jax.Array) -> tuple[Any, Any]:
-  """A reservoir of ``buffer_size`` A training images (a shuffled stream)."""
-  buffer = metacf.replay.replay_buffer(variant.buffer_size)
-  images, labels = a_train['image'], a_train['label']
-  state = buffer.init({'image': images[0], 'label': labels[0]})
-  order = jax.random.permutation(utils.name_key(key, 'order'), len(labels))
-  add = jax.jit(buffer.add, donate_argnums=1)
-  chunk = 1000
-  for i, start in enumerate(range(0, len(labels), chunk)):
-    idx = order[start:start + chunk]
-    state = add(utils.name_key(key, 'add', i), state,
-                {'image': images[idx], 'label': labels[idx]})
-  return buffer, state
 
 
 class Runner:
   """Runs the adaptations; compiled functions are kept per variant."""
 
   def __init__(self, config: Config, data: Mapping[str, Any],
-               pretrained: Params, evaluator: Evaluator):
+               pretrained: Params, evaluator: steps.Evaluator):
     self.config = config
     self.data = data
     self.pretrained = pretrained
@@ -459,18 +152,18 @@ class Runner:
     self._loss_a: dict[str, Any] = {}
     self._features: dict[str, np.ndarray] | None = None
     # A's accuracy and loss (on the NTK subset) before adaptation.
-    system = System(config, Variant('a_model', 'linear_probe', 1.0))
+    system = systems.System(config, Variant('a_model', 'linear_probe', 1.0))
     params = system.init(pretrained, jax.random.key(0))
     self.a_before = evaluator.accuracy(system, params, 'a')
-    self.ntk_a = ntk_subset_a(config, data)
+    self.ntk_a = data_lib.ntk_subset_a(config, data)
     self.a_loss_before = self.a_loss(system, params)
 
-  def a_loss(self, system: System, params: Params) -> float:
+  def a_loss(self, system: systems.System, params: Params) -> float:
     """A's mean cross-entropy on the NTK subset of A's test images."""
     name = 'a'  # Prompts are not used on A: one function for all.
     if name not in self._loss_a:
-      self._loss_a[name] = jax.jit(lambda p, x, y: jnp.mean(_cross_entropy(
-          system.logits(p, x, 'a'), y)))
+      self._loss_a[name] = jax.jit(lambda p, x, y: jnp.mean(
+          cross_entropy(system.logits(p, x, 'a'), y)))
     return float(self._loss_a[name](params, self.ntk_a['image'],
                                     self.ntk_a['label']))
 
@@ -478,30 +171,31 @@ class Runner:
     """One adaptation run: its record."""
     config = self.config
     key = jax.random.key(seed)
-    subset = shot_indices(self.data['b_train']['label'], k,
-                          utils.name_key(key, 'shots'))
+    subset = data_lib.shot_indices(self.data['b_train']['label'], k,
+                                   utils.name_key(key, 'shots'))
     if variant.kind == 'nearest_class_mean':
       return self._nearest_class_mean(variant, subset)
-    system = System(config, variant)
+    system = systems.System(config, variant)
     params = system.init(self.pretrained,
                          utils.name_key(key, 'init', variant.name))
     trainable, frozen = system.split(params)
     extra: dict[str, Any] = {}
     if variant.kind == 'replay':
-      buffer, state = fill_buffer(variant, self.device_data['a_train'],
-                                  utils.name_key(key, 'buffer'))
+      buffer, state = steps.fill_buffer(variant, self.device_data['a_train'],
+                                        utils.name_key(key, 'buffer'))
       extra = {'state': state}
     elif variant.kind == 'lwf':
       extra = {'body0': params['body'], 'head_a0': params['head_a']}
-    idx = jnp.asarray(batch_indices(subset, config.steps, config.batch_size,
-                                    utils.name_key(key, 'batches')))
+    idx = jnp.asarray(batching.shuffled_indices(
+        subset, config.steps, config.batch_size,
+        utils.name_key(key, 'batches')))
     keys = utils.name_key(key, 'steps', variant.name)
     keys = jax.random.split(keys, config.steps)
     b_train = self.device_data['b_train']
     args = (trainable, frozen, extra, idx, keys, b_train['image'],
             b_train['label'])
     if variant.name not in self._adapt:
-      fn = make_adapt(config, system)
+      fn = steps.make_adapt(config, system)
       if variant.kind == 'replay':
         # The buffer's functions are static; its state is an argument.
         inner = fn
@@ -514,7 +208,7 @@ class Runner:
     trainable, losses = compiled(*args)
     losses = np.asarray(jax.block_until_ready(losses))
     train_s = time.perf_counter() - start
-    adapted = System.merge(trainable, frozen)
+    adapted = systems.System.merge(trainable, frozen)
 
     record: dict[str, Any] = {
         'b_accuracy': self.evaluator.accuracy(system, adapted, 'b'),
@@ -544,7 +238,8 @@ class Runner:
   def b_features(self) -> dict[str, np.ndarray]:
     """Frozen features of all of B's training and test images (cached)."""
     if self._features is None:
-      system = System(self.config, Variant('a_model', 'linear_probe', 1.0))
+      system = systems.System(self.config,
+                              Variant('a_model', 'linear_probe', 1.0))
       params = system.init(self.pretrained, jax.random.key(0))
       fn = jax.jit(lambda p, x: system.features(p, x, prompt=False))
       chunk = self.config.eval_batch_size
@@ -564,7 +259,7 @@ class Runner:
     start = time.perf_counter()
     x = feats['b_train'][subset]
     means = np.stack([x[labels == c].mean(axis=0)
-                      for c in range(NUM_CLASSES)])
+                      for c in range(data_lib.NUM_CLASSES)])
     fit_s = time.perf_counter() - start
     test = feats['b_test']
     dist = ((test[:, None, :] - means[None]) ** 2).sum(-1)
@@ -591,12 +286,6 @@ def _check_unchanged(adapted: Params, params: Params) -> None:
 # --------------------------------------------------------------- prediction
 
 
-def ntk_subset_a(config: Config, data: Mapping[str, Any]) -> dict[str, Any]:
-  n = min(config.ntk_num_a, len(data['a_test']['label']))
-  return {'image': jnp.asarray(data['a_test']['image'][:n]),
-          'label': jnp.asarray(data['a_test']['label'][:n])}
-
-
 def predict(config: Config, variant: Variant, data: Mapping[str, Any],
             pretrained: Params, runner: 'Runner') -> dict[str, Any]:
   """``predicted_forgetting`` of A under the variant's parametrisation.
@@ -613,12 +302,12 @@ def predict(config: Config, variant: Variant, data: Mapping[str, Any],
   """
   seed = config.seeds[0]
   key = jax.random.key(seed)
-  system = System(config, variant)
+  system = systems.System(config, variant)
   params = system.init(pretrained, utils.name_key(key, 'init', variant.name))
   trainable, frozen = system.split(params)
-  subset = shot_indices(data['b_train']['label'], None,
-                        utils.name_key(key, 'shots'))
-  n_b = config.ntk_shots_b * NUM_CLASSES
+  subset = data_lib.shot_indices(data['b_train']['label'], None,
+                                 utils.name_key(key, 'shots'))
+  n_b = config.ntk_shots_b * data_lib.NUM_CLASSES
   b_idx = subset[:n_b]
   x_b = jnp.asarray(data['b_train']['image'][b_idx])
   y_b = jnp.asarray(data['b_train']['label'][b_idx])
@@ -628,8 +317,8 @@ def predict(config: Config, variant: Variant, data: Mapping[str, Any],
     x_b, y_b = jnp.concatenate([x_b, x_b]), jnp.concatenate([y_b, pseudo])
     is_b = jnp.concatenate([is_b, jnp.zeros([n_b], bool)])
   elif variant.kind == 'replay':
-    _, state = fill_buffer(variant, runner.device_data['a_train'],
-                           utils.name_key(key, 'buffer'))
+    _, state = steps.fill_buffer(variant, runner.device_data['a_train'],
+                                 utils.name_key(key, 'buffer'))
     count = min(n_b, variant.buffer_size)
     x_b = jnp.concatenate([x_b, state.items['image'][:count]])
     y_b = jnp.concatenate([y_b, state.items['label'][:count]])
@@ -638,7 +327,8 @@ def predict(config: Config, variant: Variant, data: Mapping[str, Any],
   task_a = ({'image': a['image'], 'is_b': jnp.zeros([len(a['label'])], bool)},
             a['label'])
   task_b = ({'image': x_b, 'is_b': is_b}, y_b)
-  apply_fn = lambda t, x: system.two_task_logits(System.merge(t, frozen), x)
+  apply_fn = lambda t, x: system.two_task_logits(
+      systems.System.merge(t, frozen), x)
   lr = variant.learning_rate / (1.0 - config.momentum)
   fn = jax.jit(lambda t, ta, tb: metacf.jacobian.predicted_forgetting(
       apply_fn, t, ta, tb, lr=lr, num_steps=config.steps,
@@ -651,64 +341,7 @@ def predict(config: Config, variant: Variant, data: Mapping[str, Any],
           'time_s': time.perf_counter() - start}
 
 
-# ------------------------------------------------------------ param counts
-
-
-def param_counts(config: Config, variant: Variant,
-                 pretrained: Params) -> dict[str, int]:
-  """Trainable parameters per task and parameters added per extra task.
-
-  Added per extra task: what must be stored, besides what already serves
-  the other tasks, to serve one more: a full copy (full), the changed block
-  (partial), the head (probe; and for LwF and replay, whose body is shared
-  and overwritten), adapters + head (LoRA), prompt + head (prompts), the
-  class means (nearest class mean).
-  """
-  if variant.kind == 'nearest_class_mean':
-    return {'trainable_params': 0,
-            'params_added_per_task': NUM_CLASSES * config.dim}
-  system = System(config, variant)
-  # Shapes only: count_params counts jax.ShapeDtypeStruct leaves.
-  params = jax.eval_shape(lambda: system.init(pretrained, jax.random.key(0)))
-  trainable, _ = system.split(params)
-  count = metacf.adapters.count_params(trainable)
-  if variant.kind in ('lwf', 'replay'):
-    added = metacf.adapters.count_params(params['head_b'])
-  else:
-    added = count
-  return {'trainable_params': count, 'params_added_per_task': added}
-
-
 # ---------------------------------------------------------------- driver
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-  return float(np.mean(values)), float(np.std(values))
-
-
-def summarize(config: Config, variant: Variant,
-              records: Mapping[tuple[str, int], Mapping[str, Any]],
-              prediction: Mapping[str, Any] | None,
-              counts: Mapping[str, int]) -> dict[str, Any]:
-  out: dict[str, Any] = {'paradigm': variant.kind,
-                         'variant': dataclasses.asdict(variant), **counts,
-                         'predicted_forgetting': None if prediction is None
-                         else prediction['predicted_forgetting'],
-                         'prediction': prediction, 'shots': {}}
-  for k in config.shots:
-    rows = [records[shots_key(k), s] for s in config.seeds]
-    cell: dict[str, Any] = {}
-    keys = ['b_accuracy', 'a_accuracy', 'forgetting', 'a_loss_change',
-            'step_time_s']
-    if variant.kind == 'lora':
-      keys += ['a_accuracy_lora_off', 'forgetting_lora_off']
-    for name in keys:
-      values = [r[name] for r in rows]
-      cell[name], cell[f'{name}_std'] = _mean_std(values)
-      cell[f'{name}_per_seed'] = values
-    cell['final_loss_per_seed'] = [r['final_loss'] for r in rows]
-    out['shots'][shots_key(k)] = cell
-  return out
 
 
 def train_and_evaluate(config: Config, workdir: str, *,
@@ -729,9 +362,9 @@ def train_and_evaluate(config: Config, workdir: str, *,
   """
   wall_start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
-  data = load_data(config, raw_dir=raw_dir, data_dir=data_dir)
+  data = data_lib.load_data(config, raw_dir=raw_dir, data_dir=data_dir)
   pretrained, pre_meta = pretrain(config, data, workdir)
-  evaluator = Evaluator(config, data)
+  evaluator = steps.Evaluator(config, data)
   runner = Runner(config, data, pretrained, evaluator)
   base_recipe = {'model': _model_recipe(config),
                  'pretrain': {'seed': config.pretrain_seed,
@@ -747,7 +380,7 @@ def train_and_evaluate(config: Config, workdir: str, *,
   def path(item):
     variant, k, seed = item
     return os.path.join(workdir, 'runs', variant.name,
-                        f'K{shots_key(k)}_seed{seed}.json')
+                        f'K{data_lib.shots_key(k)}_seed{seed}.json')
 
   items = [(v, k, s) for v in config.variants for k in config.shots
            for s in config.seeds]
@@ -760,7 +393,7 @@ def train_and_evaluate(config: Config, workdir: str, *,
       summary=lambda r: (f'B {r["b_accuracy"]:.3f} forgetting '
                          f'{r["forgetting"]:+.3f}'),
       desc='adaptation runs', progress_bar=config.progress_bar)
-  records = {(v.name, shots_key(k), s): r
+  records = {(v.name, data_lib.shots_key(k), s): r
              for (v, k, s), r in zip(items, records_list)}
 
   gradient = [v for v in config.variants if v.gradient]
@@ -779,9 +412,11 @@ def train_and_evaluate(config: Config, workdir: str, *,
   variants = {}
   for v in config.variants:
     per = {(kk, s): records[v.name, kk, s]
-           for kk in map(shots_key, config.shots) for s in config.seeds}
-    variants[v.name] = summarize(config, v, per, predicted.get(v.name),
-                                 param_counts(config, v, pretrained))
+           for kk in map(data_lib.shots_key, config.shots)
+           for s in config.seeds}
+    variants[v.name] = report.summarize(
+        config, v, per, predicted.get(v.name),
+        systems.param_counts(config, v, pretrained))
   paradigms: dict[str, list[str]] = {}
   for v in config.variants:
     paradigms.setdefault(v.kind, []).append(v.name)
@@ -797,7 +432,7 @@ def train_and_evaluate(config: Config, workdir: str, *,
                    'a_loss_ntk_subset': runner.a_loss_before},
       'paradigms': paradigms,
       'variants': variants,
-      'correlation': correlation(config, variants),
+      'correlation': report.correlation(config, variants),
   }
   results['wall_time_s'] = time.perf_counter() - wall_start
   utils.write_json(os.path.join(workdir, RESULTS_JSON), results)
@@ -805,124 +440,3 @@ def train_and_evaluate(config: Config, workdir: str, *,
     f.write(format_table(results) + '\n')
   _plots.plot_all(results, workdir)
   return results
-
-
-def correlation(config: Config, variants: Mapping[str, Any]
-                ) -> dict[str, Any]:
-  """Spearman of predicted vs measured forgetting over gradient variants x K."""
-  points = []
-  for name, v in variants.items():
-    if v['predicted_forgetting'] is None:
-      continue
-    for k, cell in v['shots'].items():
-      points.append({'variant': name, 'shots': k,
-                     'predicted': v['predicted_forgetting'],
-                     'measured_accuracy_drop': cell['forgetting'],
-                     'measured_loss_change': cell['a_loss_change']})
-  out: dict[str, Any] = {'points': points, 'num_points': len(points)}
-  # Also over the variants whose A model changes at all (not the probe or
-  # the prompts, whose A outputs do not depend on what they train).
-  changing = [p for p in points
-              if variants[p['variant']]['paradigm'] in CHANGES_A]
-  out['num_points_changing_a'] = len(changing)
-  for suffix, subset in (('', points), ('_changing_a', changing)):
-    pred = np.asarray([p['predicted'] for p in subset])
-    for key in ('measured_accuracy_drop', 'measured_loss_change'):
-      meas = np.asarray([p[key] for p in subset])
-      name = f'spearman_{key}{suffix}'
-      if len(subset) > 2 and np.ptp(pred) > 0 and np.ptp(meas) > 0:
-        rho, pval = stats.spearmanr(pred, meas)
-        out[name], out[f'{name}_p'] = float(rho), float(pval)
-      else:
-        out[name], out[f'{name}_p'] = None, None
-  del config
-  return out
-
-
-# ------------------------------------------------------------------- table
-
-
-def _pct(x: float | None, std: float | None = None) -> str:
-  if x is None:
-    return '-'
-  if std is None:
-    return f'{100 * x:.1f}'
-  return f'{100 * x:.1f} ± {100 * std:.1f}'
-
-
-def format_table(results: Mapping[str, Any]) -> str:
-  """Markdown: the measured cells per variant and K, then the lecture table."""
-  shots = [shots_key(k) for k in results['config']['shots']]
-  lines = [f'A = MNIST, pre-trained: A test accuracy '
-           f'{_pct(results["pretrain"]["a_accuracy"])}%. '
-           f'B = Fashion-MNIST; mean ± std over '
-           f'{len(results["config"]["seeds"])} seeds, accuracies in %.', '']
-  header = ['variant', 'trainable', 'added/task']
-  for k in shots:
-    header += [f'B acc K={k}', f'forget K={k}']
-  header += ['ms/step', 'predicted ΔL_A']
-  lines.append('| ' + ' | '.join(header) + ' |')
-  lines.append('|---|' + '---:|' * (len(header) - 1))
-  for name, v in results['variants'].items():
-    row = [name, f'{v["trainable_params"]:,}',
-           f'{v["params_added_per_task"]:,}']
-    for k in shots:
-      c = v['shots'][k]
-      row += [_pct(c['b_accuracy'], c['b_accuracy_std']),
-              _pct(c['forgetting'], c['forgetting_std'])]
-    step_ms = np.mean([v['shots'][k]['step_time_s'] for k in shots]) * 1e3
-    row.append(f'{step_ms:.1f}')
-    p = v['predicted_forgetting']
-    row.append('-' if p is None else f'{p:+.4f}')
-    lines.append('| ' + ' | '.join(row) + ' |')
-  lora = [n for n, v in results['variants'].items()
-          if v['paradigm'] == 'lora']
-  if lora:
-    lines += ['', 'LoRA, A accuracy (%) with the adapters merged (deployed) '
-              'and switched off:', '',
-              '| variant | ' + ' | '.join(f'merged K={k} | off K={k}'
-                                          for k in shots) + ' |',
-              '|---|' + '---:|' * (2 * len(shots))]
-    for n in lora:
-      c = results['variants'][n]['shots']
-      lines.append(f'| {n} | ' + ' | '.join(
-          f'{_pct(c[k]["a_accuracy"])} | {_pct(c[k]["a_accuracy_lora_off"])}'
-          for k in shots) + ' |')
-  corr = results['correlation']
-  lines += ['', f'Predicted vs measured forgetting over '
-            f'{corr["num_points"]} (variant, K) points: Spearman '
-            f'{_fmt(corr["spearman_measured_accuracy_drop"])} (accuracy '
-            f'drop), {_fmt(corr["spearman_measured_loss_change"])} (loss '
-            f'change on the same A subset); over the '
-            f'{corr["num_points_changing_a"]} points of the variants whose A '
-            f'model changes: '
-            f'{_fmt(corr["spearman_measured_accuracy_drop_changing_a"])} and '
-            f'{_fmt(corr["spearman_measured_loss_change_changing_a"])}.']
-  lines += ['', lecture_table(results)]
-  return '\n'.join(lines)
-
-
-def _fmt(x: float | None) -> str:
-  return '-' if x is None else f'{x:.3f}'
-
-
-def lecture_table(results: Mapping[str, Any]) -> str:
-  """The lecture's table, measured cells beside its words."""
-  shots = [shots_key(k) for k in results['config']['shots']]
-  few, many = shots[0], shots[-1]
-  lines = ['| lecture row | ours | trainable params (lecture) | measured | '
-           'multi-task scalability (lecture) | added per task | '
-           f'performance (lecture) | B acc K={few} / K={many} | '
-           f'forgetting K={few} / K={many} |',
-           '|---|---|---|---:|---|---:|---|---:|---:|']
-  for kind, (row, params, scal, perf) in LECTURE.items():
-    names = results['paradigms'].get(kind, [])
-    for name in names:
-      v = results['variants'][name]
-      c = v['shots']
-      lines.append(
-          f'| {row} | {name} | {params} | {v["trainable_params"]:,} | '
-          f'{scal} | {v["params_added_per_task"]:,} | {perf} | '
-          f'{_pct(c[few]["b_accuracy"])} / {_pct(c[many]["b_accuracy"])} | '
-          f'{_pct(c[few]["forgetting"])} / {_pct(c[many]["forgetting"])} |')
-  return '\n'.join(lines)
