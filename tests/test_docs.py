@@ -163,6 +163,16 @@ class TypeAliasesTest(unittest.TestCase):
     self.assertEqual('metacf.typing.Params', signature.return_annotation)
     self.assertIsNot(Params, signature.parameters['params'].annotation)
 
+  def test_qualify(self):
+    self.assertEqual(
+        'Callable[[metacf.typing.Params, metacf.typing.MaskSpec], '
+        'jax.typing.ArrayLike | None]',
+        type_aliases.qualify('Callable[[Params, masks.MaskSpec], '
+                             'ArrayLike | None]'))
+    self.assertEqual('jax.typing.ArrayLike',
+                     type_aliases.qualify('jax.typing.ArrayLike'))
+    self.assertEqual('jax.Array', type_aliases.qualify('jax.Array'))
+
   def test_leaves_other_modules_alone(self):
     def f(x: int) -> int:
       return x

@@ -71,7 +71,7 @@ def _process_docstring(app, what, name, obj, options, lines):
     return
   lines.extend(['', '.. rubric:: Fields', ''])
   for field, annotation, comment in fields:
-    annotation = type_aliases._ALIAS.sub(r'metacf.typing.\1', annotation)  # pylint: disable=protected-access
+    annotation = type_aliases.qualify(annotation)
     lines.extend([f'.. attribute:: {field}', f'   :type: {annotation}', ''])
     if comment:
       lines.extend([f'   {_escape(comment)}', ''])

@@ -1,14 +1,15 @@
-"""Shows metacf's type aliases by name in signatures.
+"""Shows type aliases by name in signatures.
 
 ``metacf.typing.Params`` is a runtime ``Union`` (Python 3.11 has no lazy
 ``type`` statement), so autodoc would print every ``params: Params`` as
-``Array | ndarray | Iterable[ArrayTree] | Mapping[Any, ArrayTree]``, and
-``PRNGKey`` as ``Array``. Before autodoc reads a signature, this extension
-replaces each annotation that names an alias in the source with the string
-``'metacf.typing.<Alias>'``, which the Python domain links to the alias's
-entry (shown unqualified: ``python_use_unqualified_type_names``). Only the
-``__annotations__`` of the documented functions change, in the docs build's
-own process.
+``Array | ndarray | Iterable[ArrayTree] | Mapping[Any, ArrayTree]``,
+``PRNGKey`` as ``Array`` and ``jax.typing.ArrayLike`` as a Union of eight
+types. Before autodoc reads a signature, this extension replaces each
+annotation that names an alias in the source with a string,
+``'metacf.typing.<Alias>'`` (linked to the alias's entry) or
+``'jax.typing.ArrayLike'``, shown unqualified
+(``python_use_unqualified_type_names``). Only the ``__annotations__`` of the
+documented metacf functions change, in the docs build's own process.
 """
 
 import ast
@@ -19,6 +20,14 @@ import textwrap
 # Aliases (not classes) exported by metacf.typing.
 ALIASES = ('ArrayTree', 'BoolTree', 'MaskSpec', 'Params', 'PRNGKey')
 _ALIAS = re.compile(r'\b(?:[A-Za-z_]\w*\.)*(' + '|'.join(ALIASES) + r')\b')
+# jax's own alias, a Union of eight types at run time.
+_ARRAY_LIKE = re.compile(r'\b(?:jax\.typing\.)?ArrayLike\b')
+
+
+def qualify(text):
+  """Annotation source with the aliases spelled out for the Python domain."""
+  text = _ALIAS.sub(r'metacf.typing.\1', text)
+  return _ARRAY_LIKE.sub('jax.typing.ArrayLike', text)
 
 _UNEVALUABLE = '_metacf_docs_alias_names'
 _namedtuple_new = {}  # id(cls.__new__) -> cls, for typing.NamedTuple classes
@@ -62,8 +71,8 @@ def _before_signature(app, obj, bound_method):
   source = _source_annotations(cls if cls is not None else obj)
   replaced = {}
   for name, text in source.items():
-    if name in annotations and _ALIAS.search(text):
-      replaced[name] = _ALIAS.sub(r'metacf.typing.\1', text)
+    if name in annotations and qualify(text) != text:
+      replaced[name] = qualify(text)
   if replaced:
     # A new dict: a NamedTuple's __new__ shares its dict with the class. The
     # extra entry cannot be evaluated, so autodoc's typing.get_type_hints()
