@@ -61,7 +61,8 @@ python_display_short_literal_types = True
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
-napoleon_use_ivar = True
+napoleon_use_ivar = False  # Attributes: as .. attribute:: entries, so :attr: links resolve
+napoleon_attr_annotations = False  # field types are in the class signature
 
 # -- doctest -----------------------------------------------------------------
 doctest_global_setup = '''
