@@ -570,15 +570,15 @@ class RandomizedSvdAccuracyTest(chex.TestCase):
     self.assertEqual(int(outs[0].num_products), int(outs[1].num_products))
 
   def test_auto_unroll_only_for_convolutions_without_tol(self):
-    from metacf.jacobian import _svd  # pylint: disable=g-import-not-at-top
+    from metacf.jacobian import _krylov  # pylint: disable=g-import-not-at-top
     flat = jnp.ones(9, jnp.float32)
     conv = lambda w: jax.lax.conv_general_dilated(
         jnp.ones((2, 1, 5, 5)), w.reshape(1, 1, 3, 3), (1, 1), 'SAME')
     dense = lambda w: jnp.ones((2, 9)) @ w
     on_cpu = jax.default_backend() == 'cpu'
-    self.assertEqual(_svd._auto_unroll(conv, flat, 0.0), on_cpu)
-    self.assertFalse(_svd._auto_unroll(conv, flat, 1e-3))
-    self.assertFalse(_svd._auto_unroll(dense, flat, 0.0))
+    self.assertEqual(_krylov.auto_unroll(conv, flat, 0.0), on_cpu)
+    self.assertFalse(_krylov.auto_unroll(conv, flat, 1e-3))
+    self.assertFalse(_krylov.auto_unroll(dense, flat, 0.0))
 
   @parameterized.named_parameters(('single_vectors', 1, None),
                                   ('blocks_of_4', 4, 72))

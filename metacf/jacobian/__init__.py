@@ -47,7 +47,8 @@ Models from flax and equinox enter as a params pytree and a pure
 
 Modules: ``_jacobian`` (the dense, chunked :func:`jacobian` and the helpers
 shared by the others), ``_ntk`` (:func:`ntk`), ``_svd`` (:func:`jacobian_svd`
-and the subspace comparisons) and ``_forgetting``
+and its options), ``_krylov`` (the randomized method's block Krylov solver),
+``_subspace`` (the subspace comparisons) and ``_forgetting``
 (:func:`predicted_forgetting` and its low-rank variant).
 """
 
@@ -55,13 +56,13 @@ from metacf.jacobian._forgetting import predicted_forgetting
 from metacf.jacobian._forgetting import predicted_forgetting_low_rank
 from metacf.jacobian._jacobian import jacobian
 from metacf.jacobian._ntk import ntk
+from metacf.jacobian._krylov import default_krylov_dim
+from metacf.jacobian._subspace import principal_angle_cosines
+from metacf.jacobian._subspace import subspace_overlap
+from metacf.jacobian._subspace import weighted_subspace_overlap
 from metacf.jacobian._svd import auto_svd_method
-from metacf.jacobian._svd import default_krylov_dim
 from metacf.jacobian._svd import jacobian_svd
 from metacf.jacobian._svd import JacobianSVD
-from metacf.jacobian._svd import principal_angle_cosines
-from metacf.jacobian._svd import subspace_overlap
-from metacf.jacobian._svd import weighted_subspace_overlap
 
 __all__ = [
     'JacobianSVD',

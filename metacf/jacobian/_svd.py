@@ -1,23 +1,21 @@
-r"""Top-``k`` SVDs of the Jacobian and comparisons of their subspaces.
+r"""Top-``k`` SVDs of the Jacobian: :func:`jacobian_svd` and its options.
 
 :func:`jacobian_svd` computes :math:`J \approx U S V^\top` (``'dense'``,
 ``'gram'``, ``'randomized'`` or ``'subspace_iteration'``, chosen by
-:func:`auto_svd_method` for ``'auto'``); :func:`subspace_overlap`,
-:func:`weighted_subspace_overlap` and :func:`principal_angle_cosines` compare
-the parameter-space subspaces of two such SVDs. Conventions in
-:mod:`metacf.jacobian`.
+:func:`auto_svd_method` for ``'auto'``). The randomized method's block Krylov
+solver is in ``_krylov``; comparisons of the parameter-space subspaces of two
+SVDs are in ``_subspace``. Conventions in :mod:`metacf.jacobian`.
 """
 
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from metacf._src import checks
 from metacf._src.types import ApplyFn, Params
 from metacf.jacobian import _jacobian
+from metacf.jacobian import _krylov
 from metacf.jacobian import _ntk
 
 # `auto` picks 'dense' while the Jacobian has at most this many entries
@@ -28,15 +26,6 @@ _GRAM_MAX_ROWS = 4096
 # ... else 'randomized'.
 
 _SVD_METHODS = ('auto', 'dense', 'gram', 'randomized', 'subspace_iteration')
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-# Relative size of the random part added to each Krylov block (see
-# _block_krylov): eps ** this.
-_RESTART_EXPONENT = 0.75
-# The randomized method keeps J^T Q (and skips k VJPs) up to this size.
-_KEEP_JT_Q_BYTES = 2**30
-# The randomized method tests its stopping rule every this many columns.
-_CHECK_COLUMNS = 4
 
 # Subspace iteration's defaults (the randomized method's before issue 14).
 _SUBSPACE_OVERSAMPLING = 10
@@ -47,18 +36,6 @@ _SUBSPACE_OVERSAMPLING = 10
 # flat spectrum, converged Ritz pairs need not be the top k yet.
 _DEFAULT_TOL = 0.0
 _SUBSPACE_POWER_ITERS = 2
-
-
-def default_krylov_dim(k: int) -> int:
-  """The randomized method's default Krylov dimension, ``4 k + 20``.
-
-  Chosen by measurement (float64 NumPy, 1000 x 5000 and 300 x 2000 matrices
-  with ``s_k / s_(k+1)`` = 1.01-1.02, power-law, geometric and clustered
-  spectra, k = 5, 10, 20, 4 keys each): single-vector blocks reached
-  relative errors <= 1e-5 on every ``s_i``, ``i <= k``, where ``3 k`` (k >= 10)
-  or ``6 k`` (k = 5) still missed 1e-3 on some. Capped at ``min(N * C, P)``.
-  """
-  return 4 * k + 20
 
 
 class JacobianSVD(NamedTuple):
@@ -144,23 +121,6 @@ def auto_svd_method(num_rows: int, num_params: int, *,
   return 'randomized'
 
 
-def _krylov_shape(k: int, krylov_dim: int, block_size: int,
-                  bound: int) -> tuple[int, int]:
-  """``(block_size, num_blocks)`` for a Krylov space of about ``krylov_dim``.
-
-  The space never exceeds ``bound = min(N * C, P)`` columns (its vectors
-  could not all be orthogonal). Where the requested space covers the whole
-  row space, one block of ``bound`` vectors gives it exactly, in one
-  batched product; where capping leaves fewer than ``k`` columns, likewise.
-  """
-  num_blocks = math.ceil(krylov_dim / block_size)
-  if block_size * num_blocks >= bound:
-    num_blocks = bound // block_size
-    if krylov_dim >= bound or block_size * num_blocks < k:
-      return bound, 1
-  return block_size, num_blocks
-
-
 def check_svd_options(method: Any, key: Any, oversampling: Any,
                       num_power_iters: Any, num_rows: int, num_params: int,
                       fn: str, *, k: int | None = None,
@@ -220,11 +180,12 @@ def check_svd_options(method: Any, key: Any, oversampling: Any,
   else:
     block_size = 1 if block_size is None else block_size
     if krylov_dim is None:
-      krylov_dim = default_krylov_dim(k)
+      krylov_dim = _krylov.default_krylov_dim(k)
     elif krylov_dim < k:
       raise ValueError(f'{fn}: krylov_dim must be >= k = {k}, got '
                        f'{krylov_dim}.')
-  block_size, num_blocks = _krylov_shape(k, krylov_dim, block_size, bound)
+  block_size, num_blocks = _krylov.krylov_shape(k, krylov_dim, block_size,
+                                                 bound)
   return SvdOptions(method, None, None, block_size, num_blocks, float(tol))
 
 
@@ -239,180 +200,6 @@ def _canonical_signs(u: jax.Array, s: jax.Array, vt: jax.Array,
                      u=u * sign.astype(u.dtype)[None, :], residual=residual,
                      num_products=None if num_products is None else
                      jnp.asarray(num_products, jnp.int32))
-
-
-def _thin_svd(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``jnp.linalg.svd(a, full_matrices=False)``, through ``a.T`` if wide.
-
-  LAPACK's SVD of a wide ``[l, P]`` matrix measured 2-2.7x slower on CPU than
-  that of its transpose (``[20, 1e7]``: 10.0 s vs 4.8 s), same values.
-  """
-  if a.shape[0] >= a.shape[1]:
-    return jnp.linalg.svd(a, full_matrices=False)
-  v, s, ut = jnp.linalg.svd(a.T, full_matrices=False)
-  return ut.T, s, v.T
-
-
-def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.matmul(a, b, precision=_HIGHEST)
-
-
-def _ritz_residual(jjt_u: jax.Array, u: jax.Array, s: jax.Array) -> jax.Array:
-  r""":math:`\lVert J v_i - s_i u_i \rVert` from :math:`J J^\top u_i`.
-
-  With :math:`J^\top u_i = s_i v_i`, :math:`J v_i = J J^\top u_i / s_i`.
-  """
-  r = jnp.linalg.norm(jjt_u - u * (s**2)[None, :], axis=0)
-  return jnp.where(s > 0, r / jnp.where(s > 0, s, 1), jnp.inf)
-
-
-def _orthonormalize(z: jax.Array, basis: jax.Array) -> jax.Array:
-  """Orthonormal columns spanning ``z`` minus its part in ``basis``.
-
-  Block classical Gram-Schmidt, twice ("twice is enough", Giraud et al.
-  2005), then a QR within the block. Zero columns of ``basis`` (the unfilled
-  part of a preallocated Krylov basis) do nothing.
-  """
-  for _ in range(2):
-    z = z - _mm(basis, _mm(basis.T, z))
-  if z.shape[1] == 1:  # Lanczos: a norm, not a LAPACK QR per step.
-    return z / jnp.linalg.norm(z)
-  q, _ = jnp.linalg.qr(z)
-  return q
-
-
-def _ritz(basis: jax.Array, products: jax.Array,
-          k: int) -> tuple[jax.Array, jax.Array]:
-  """Top-``k`` Ritz pairs ``(theta, y)`` of ``J J^T`` on ``span(basis)``.
-
-  Unfilled (zero) columns of a preallocated basis give zero rows and columns
-  of ``G = Q^T J J^T Q``, so zero eigenvalues below every positive one.
-  """
-  gram = _mm(basis.T, products)
-  theta, y = jnp.linalg.eigh(0.5 * (gram + gram.T))  # Ascending.
-  return theta[::-1][:k], y[:, ::-1][:, :k]
-
-
-def _converged(basis: jax.Array, products: jax.Array, k: int,
-               tol: float) -> jax.Array:
-  r"""Whether every top-``k`` Ritz pair has relative residual ``<= tol``.
-
-  For a Ritz pair :math:`(\theta_i, Q y_i)` of :math:`J J^\top`,
-  :math:`\rho_i = \lVert J J^\top Q y_i - \theta_i Q y_i \rVert / \theta_i`
-  is about :math:`\lVert J v_i - s_i u_i \rVert / s_i`, and the error of
-  ``s_i`` is then about :math:`\rho_i^2 s_i / (2 \delta_i)` (Kato-Temple),
-  :math:`\delta_i` the relative gap of :math:`s_i^2` to the rest of the
-  spectrum: ``tol = 1e-3`` and ``s_k / s_(k+1) = 1.01``
-  (:math:`\delta \approx 0.02`) give about ``3e-5``. A larger ``tol`` can
-  stop on Ritz values that lag a whole gap behind (1e-2 gave 1.1e-2).
-  """
-  theta, y = _ritz(basis, products, k)
-  r = jnp.linalg.norm(_mm(products, y) - _mm(basis, y) * theta[None, :],
-                      axis=0)
-  return jnp.all((theta > 0) & (r <= tol * theta))
-
-
-def _has_convolution(f, flat: jax.Array) -> bool:
-  """Whether ``f(flat)`` contains a convolution (its jaxpr, nested too)."""
-  return 'conv_general_dilated' in str(jax.make_jaxpr(f)(flat))
-
-
-def check_unroll(unroll: Any, tol: float, fn: str) -> None:
-  if unroll is not None and not isinstance(unroll, bool):
-    raise TypeError(f'{fn}: unroll must be None or a bool, got {unroll!r}.')
-  if unroll and tol > 0:
-    raise ValueError(f'{fn}: unroll=True needs tol=0 (a stopping rule needs '
-                     f'a while_loop), got tol={tol!r}.')
-
-
-def _auto_unroll(f, flat: jax.Array, tol: float) -> bool:
-  """``unroll=None``: unroll the Krylov steps for a CNN on CPU.
-
-  On XLA:CPU the JVPs and VJPs of a convolutional network ran 10x slower
-  inside a ``while_loop`` than unrolled (the CNN of
-  ``benchmarks/bench_jacobian.py`` on 1,000 MNIST images: 2.2-2.6 s against
-  0.20 s per step), while unrolling costs compile time (an MLP: 15 s for
-  100 steps against 1.5 s). Hence: unrolled only with ``tol=0``, on the CPU
-  backend, for a model with a convolution.
-  """
-  return (tol == 0 and jax.default_backend() == 'cpu'
-          and _has_convolution(f, flat))
-
-
-def _block_krylov(jt_fn, j_fn, num_rows: int, num_params: int, dtype,
-                  k: int, block_size: int, num_blocks: int, tol: float,
-                  key: jax.Array, shard,
-                  unroll: bool) -> tuple[jax.Array, ...]:
-  r"""Block Krylov (block Lanczos with full re-orthogonalisation) of ``J J^T``.
-
-  Returns the top-``k`` ``(u, s, vt, residual, num_products)``. See
-  :func:`jacobian_svd`.
-  """
-  b, dim = block_size, block_size * num_blocks
-  start_key, noise_key = jax.random.split(key)
-  # A tiny random part (eps ** 0.75 relative) keeps the basis orthogonal
-  # when the Krylov space is exhausted (J J^T q already in the span, e.g.
-  # rank(J) < krylov_dim): the block is then completed by random directions
-  # instead of rounding noise, which lost orthogonality (s off by 2x on a
-  # rank-12 J without it). Measured: eps ** 0.5 left a relative residual
-  # floor of 3e-4 in float32; eps ** 0.75 and 0.9 gave the same s.
-  tau = float(np.finfo(dtype).eps) ** _RESTART_EXPONENT
-  omega = jax.random.normal(start_key, (b, num_params), dtype)
-  q0 = shard(_orthonormalize(j_fn(omega), jnp.zeros((num_rows, 1), dtype)))
-  # The stopping rule costs an eigh of [dim, dim]: test it about every
-  # _CHECK_COLUMNS new columns, once the basis has k of them.
-  check_every = max(1, _CHECK_COLUMNS // b)
-
-  # Keeping J^T Q ([dim, P]) saves the k VJPs of U_k^T J at the end, where
-  # it fits in _KEEP_JT_Q_BYTES.
-  keep = dim * num_params * np.dtype(dtype).itemsize <= _KEEP_JT_Q_BYTES
-  jt_q = jnp.zeros((dim if keep else 0, num_params), dtype)
-
-  # All the random directions at once: one PRNG call (a call per step made
-  # compiling 100 unrolled steps of an MLP take 24 s instead of 15 s).
-  noise = jax.random.normal(noise_key, (num_blocks, num_rows, b), dtype)
-  noise = noise / jnp.linalg.norm(noise, axis=1, keepdims=True)
-
-  def step(carry):
-    i, basis, products, jt_q, q, _ = carry
-    w = jt_fn(q)  # J^T q: b VJPs.
-    z = shard(j_fn(w))  # J J^T q: b JVPs.
-    basis = jax.lax.dynamic_update_slice_in_dim(basis, q, i * b, axis=1)
-    products = jax.lax.dynamic_update_slice_in_dim(products, z, i * b,
-                                                   axis=1)
-    if keep:
-      jt_q = jax.lax.dynamic_update_slice_in_dim(jt_q, w, i * b, axis=0)
-    g = shard(jax.lax.dynamic_index_in_dim(noise, i, keepdims=False))
-    z = z + tau * jnp.linalg.norm(z, axis=0, keepdims=True) * g
-    test = ((i + 1) % check_every == 0) & ((i + 1) * b >= k)
-    if tol > 0:
-      done = jax.lax.cond(
-          test, lambda: _converged(basis, products, k, tol),
-          lambda: jnp.asarray(False))
-    else:
-      done = jnp.asarray(False)
-    return (i + 1, basis, products, jt_q, shard(_orthonormalize(z, basis)),
-            done)
-
-  zeros = shard(jnp.zeros((num_rows, dim), dtype))
-  carry = (jnp.asarray(0, jnp.int32), zeros, zeros, jt_q, q0,
-           jnp.asarray(False))
-  if unroll:  # See _auto_unroll.
-    for _ in range(num_blocks):
-      carry = step(carry)
-  else:
-    carry = jax.lax.while_loop(
-        lambda carry: (carry[0] < num_blocks) & ~carry[5], step, carry)
-  num_blocks_used, basis, products, jt_q, _, _ = carry
-  # Rayleigh-Ritz on span(basis): G = Q^T J J^T Q, top-k eigenvectors.
-  _, y = _ritz(basis, products, k)
-  u_k = _mm(basis, y)
-  # B = U_k^T J = U' S V^T; u = U_k U'. J J^T u from the stored products.
-  u_small, s, vt = _thin_svd(_mm(y.T, jt_q) if keep else jt_fn(u_k))
-  u = _mm(u_k, u_small)
-  residual = _ritz_residual(_mm(products, _mm(y, u_small)), u, s)
-  num_products = b * (1 + 2 * num_blocks_used) + (0 if keep else k)
-  return u, s, vt, residual, num_products
 
 
 def jacobian_svd(apply_fn: ApplyFn, params: Params, x: Any, k: int, *,
@@ -589,16 +376,16 @@ def jacobian_svd(apply_fn: ApplyFn, params: Params, x: Any, k: int, *,
                            num_rows, num_params, fn, k=k,
                            krylov_dim=krylov_dim, block_size=block_size,
                            tol=tol)
-  check_unroll(unroll, opts.tol or 0.0, fn)
+  _krylov.check_unroll(unroll, opts.tol or 0.0, fn)
   axis = _jacobian.check_mesh(mesh, n, 'x', fn)
   shard, replicate = _jacobian.sharding_fns(mesh, axis)
   x, flat = shard(x), replicate(flat)
 
   if opts.method == 'dense':
     j = _jacobian.jacobian(apply_fn, unravel(flat), x, chunk_size=chunk_size)
-    u, s, vt = _thin_svd(j)
+    u, s, vt = _krylov.thin_svd(j)
     u, s, vt = u[:, :k], s[:k], vt[:k]
-    residual = jnp.linalg.norm(_mm(j, vt.T) - u * s[None, :], axis=0)
+    residual = jnp.linalg.norm(_krylov.mm(j, vt.T) - u * s[None, :], axis=0)
     return _canonical_signs(u, s, vt, residual)
 
   f = _jacobian.flat_fn(apply_fn, unravel, x)
@@ -612,10 +399,10 @@ def jacobian_svd(apply_fn: ApplyFn, params: Params, x: Any, k: int, *,
     kernel = shard(0.5 * (kernel + kernel.T))
     _, eigvecs = jnp.linalg.eigh(kernel)  # Ascending eigenvalues.
     q = shard(eigvecs[:, ::-1][:, :k])
-    u_small, s, vt = _thin_svd(project_rows(q))
-    u = _mm(q, u_small)
-    return _canonical_signs(u, s, vt, _ritz_residual(_mm(kernel, u), u, s),
-                            2 * num_rows + k)
+    u_small, s, vt = _krylov.thin_svd(project_rows(q))
+    u = _krylov.mm(q, u_small)
+    residual = _krylov.ritz_residual(_krylov.mm(kernel, u), u, s)
+    return _canonical_signs(u, s, vt, residual, 2 * num_rows + k)
 
   _, f_jvp = jax.linearize(f, flat)
 
@@ -623,10 +410,10 @@ def jacobian_svd(apply_fn: ApplyFn, params: Params, x: Any, k: int, *,
     return shard(jax.vmap(lambda v: f_jvp(v).reshape(num_rows))(vt).T)
 
   if opts.method == 'randomized':
-    u, s, vt, residual, num_products = _block_krylov(
+    u, s, vt, residual, num_products = _krylov.block_krylov(
         project_rows, apply_j, num_rows, num_params, flat.dtype, k,
         opts.block_size, opts.num_blocks, opts.tol, key, shard,
-        _auto_unroll(f, flat, opts.tol) if unroll is None else unroll)
+        _krylov.auto_unroll(f, flat, opts.tol) if unroll is None else unroll)
     return _canonical_signs(u, s, vt, residual, num_products)
 
   num_probes = min(k + opts.oversampling, num_rows, num_params)
@@ -636,149 +423,7 @@ def jacobian_svd(apply_fn: ApplyFn, params: Params, x: Any, k: int, *,
     z, _ = jnp.linalg.qr(project_rows(q).T)  # Orthonormal basis [P, l].
     q, _ = jnp.linalg.qr(apply_j(z.T))
   # Rayleigh-Ritz: SVD of the small projected matrix Q^T J [l, P].
-  u_small, s, vt = _thin_svd(project_rows(q))
-  u = _mm(q, u_small)
+  u_small, s, vt = _krylov.thin_svd(project_rows(q))
+  u = _krylov.mm(q, u_small)
   return _canonical_signs(u[:, :k], s[:k], vt[:k], None,
                           2 * num_probes * (opts.num_power_iters + 1))
-
-
-# ---------------------------------------------------------------------------
-# Subspace comparisons.
-
-
-def _top_rows(svd_a: Any, svd_b: Any, k: int | None,
-              fn: str) -> tuple[jax.Array, jax.Array, int]:
-  """Validates a pair of SVDs and returns their top-k ``vt`` rows and k."""
-  vts = []
-  for name, svd in (('svd_a', svd_a), ('svd_b', svd_b)):
-    if not hasattr(svd, 'vt') or not hasattr(svd, 's'):
-      raise TypeError(
-          f'{fn}: {name} must be a JacobianSVD (with fields s and vt), got '
-          f'{type(svd).__name__}.')
-    if np.ndim(svd.vt) != 2 or np.shape(svd.s) != np.shape(svd.vt)[:1]:
-      raise ValueError(
-          f'{fn}: {name} must have s of shape [k] and vt of shape [k, P], '
-          f'got {np.shape(svd.s)} and {np.shape(svd.vt)}.')
-    vts.append(jnp.asarray(svd.vt))
-  vt_a, vt_b = vts
-  if vt_a.shape[1] != vt_b.shape[1]:
-    raise ValueError(
-        f'{fn}: svd_a.vt and svd_b.vt must have the same number of columns '
-        f'(parameters P), got {vt_a.shape[1]} and {vt_b.shape[1]}.')
-  bound = min(vt_a.shape[0], vt_b.shape[0])
-  k = checks.check_int(k, 'k', fn, optional=True)
-  if k is None:
-    k = bound
-  if not 1 <= k <= bound:
-    raise ValueError(
-        f'{fn}: k must satisfy 1 <= k <= min(rank of svd_a, rank of svd_b) = '
-        f'min({vt_a.shape[0]}, {vt_b.shape[0]}) = {bound}, got {k}.')
-  return vt_a[:k], vt_b[:k], k
-
-
-def principal_angle_cosines(svd_a: JacobianSVD, svd_b: JacobianSVD,
-                            k: int | None = None) -> jax.Array:
-  r"""Cosines of the principal angles between two top-``k`` subspaces.
-
-  The singular values of :math:`V_a V_b^\top` (``vt`` rows ``[:k]`` of each),
-  descending and clipped to ``[0, 1]``.
-
-  Args:
-    svd_a: A :class:`JacobianSVD` (only ``vt`` is used).
-    svd_b: Another one, with the same number of parameters ``P``.
-    k: Directions of each to compare (static; default the smaller ``k``).
-
-  Returns:
-    Cosines of shape ``[k]``: 1 for shared directions, 0 for orthogonal ones.
-
-  Raises:
-    ValueError: if the ``vt`` widths differ or ``k`` is outside
-      ``[1, min(k_a, k_b)]``.
-  """
-  vt_a, vt_b, _ = _top_rows(svd_a, svd_b, k, 'principal_angle_cosines')
-  overlap = jnp.matmul(vt_a, vt_b.T, precision=_HIGHEST)
-  return jnp.clip(jnp.linalg.svd(overlap, compute_uv=False), 0.0, 1.0)
-
-
-def subspace_overlap(svd_a: JacobianSVD, svd_b: JacobianSVD,
-                     k: int | None = None) -> jax.Array:
-  r"""Mean squared cosine of the principal angles between top-``k`` subspaces.
-
-  .. math::
-    \mathrm{overlap} = \frac{1}{k} \lVert V_a V_b^\top \rVert_F^2
-      = \frac{1}{k} \sum_{i, j \le k} (v_{a,i} \cdot v_{b,j})^2 \in [0, 1],
-
-  symmetric; 1 when both span the same subspace, 0 when they are orthogonal.
-  This is the unweighted version of the NTK overlap of Doan et al. 2021.
-
-  Args:
-    svd_a: A :class:`JacobianSVD` (only ``vt`` is used).
-    svd_b: Another one, with the same number of parameters ``P``.
-    k: Directions of each to compare (static; default the smaller ``k``).
-
-  Returns:
-    A scalar in ``[0, 1]``.
-
-  Raises:
-    ValueError: if the ``vt`` widths differ or ``k`` is outside
-      ``[1, min(k_a, k_b)]``.
-
-  References:
-    Doan et al., `A Theoretical Analysis of Catastrophic Forgetting through
-    the NTK Overlap Matrix <https://arxiv.org/abs/2010.04003>`_, AISTATS 2021
-  """
-  vt_a, vt_b, k = _top_rows(svd_a, svd_b, k, 'subspace_overlap')
-  overlap = jnp.matmul(vt_a, vt_b.T, precision=_HIGHEST)
-  return jnp.clip(jnp.sum(overlap**2) / k, 0.0, 1.0)
-
-
-def weighted_subspace_overlap(svd_a: JacobianSVD, svd_b: JacobianSVD,
-                              k: int | None = None) -> jax.Array:
-  r"""Energy-weighted overlap of two top-``k`` subspaces.
-
-  With :math:`K_a = V_a^\top S_a^2 V_a` and :math:`K_b` likewise (the rank-k
-  approximations of :math:`J_a^\top J_a`, :math:`J_b^\top J_b`), this is the
-  cosine similarity of the two PSD matrices:
-
-  .. math::
-    \frac{\langle K_a, K_b \rangle_F}{\lVert K_a \rVert_F
-      \lVert K_b \rVert_F}
-    = \frac{\sum_{i, j \le k} s_{a,i}^2 s_{b,j}^2
-      (v_{a,i} \cdot v_{b,j})^2}{\sqrt{\sum_i s_{a,i}^4}
-      \sqrt{\sum_j s_{b,j}^4}} \in [0, 1]
-
-  (Cauchy-Schwarz), symmetric, 1 for identical SVDs (or proportional
-  spectra on the same directions), 0 for orthogonal subspaces; 0 if either
-  spectrum is all zeros. NaN in ``s`` or ``vt`` gives NaN.
-
-  Args:
-    svd_a: A :class:`JacobianSVD` (``s`` and ``vt`` are used).
-    svd_b: Another one, with the same number of parameters ``P``.
-    k: Directions of each to compare (static; default the smaller ``k``).
-
-  Returns:
-    A scalar in ``[0, 1]``.
-
-  Raises:
-    ValueError: if the ``vt`` widths differ or ``k`` is outside
-      ``[1, min(k_a, k_b)]``.
-
-  References:
-    Doan et al., `A Theoretical Analysis of Catastrophic Forgetting through
-    the NTK Overlap Matrix <https://arxiv.org/abs/2010.04003>`_, AISTATS 2021
-  """
-  vt_a, vt_b, k = _top_rows(svd_a, svd_b, k, 'weighted_subspace_overlap')
-  w_a = jnp.asarray(svd_a.s)[:k]**2
-  w_b = jnp.asarray(svd_b.s)[:k]**2
-  overlap = jnp.matmul(vt_a, vt_b.T, precision=_HIGHEST)
-  num = jnp.matmul(w_a, jnp.matmul(overlap**2, w_b, precision=_HIGHEST),
-                   precision=_HIGHEST)
-  den = jnp.linalg.norm(w_a) * jnp.linalg.norm(w_b)
-  # den is 0 only when a spectrum is all zeros, and then the overlap is 0.
-  # Test den == 0 rather than den > 0, and keep 0 * ratio (0, or NaN when
-  # num is), so that NaN in s or vt gives NaN instead of a silent 0.
-  zero = den == 0
-  ratio = num / jnp.where(zero, 1, den)
-  ratio = jnp.where(zero, 0 * ratio, ratio)
-  return jnp.clip(ratio, 0.0, 1.0)
-
