@@ -1,7 +1,7 @@
 """Minimal grayscale PNG codec, fast for the small images of this package.
 
-Pillow spends ~0.1 ms of Python overhead per image, which dominates for 28x28
-digits. :func:`encode_gray` writes a standard 8-bit grayscale PNG with filter
+Pillow's Python overhead per image dominates for 28x28 digits (see the
+benchmarks page). :func:`encode_gray` writes a standard 8-bit grayscale PNG with filter
 type 0 (None) on every row, so :func:`decode_gray` can read such files with one
 ``zlib.decompress``. Any other PNG (other bit depths, filters, colour types,
 interlacing) is decoded with Pillow, so every valid PNG is accepted.
@@ -28,8 +28,8 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def encode_gray(image: np.ndarray) -> bytes:
   """Encodes a ``uint8 [H, W]`` array as an 8-bit grayscale PNG.
 
-  zlib level 1: 4x faster than level 6 on 105x105 Omniglot images, for files
-  about twice as large (~470 bytes instead of ~230).
+  zlib level 1: faster than level 6 on 105x105 Omniglot images, for files
+  about twice as large (see the benchmarks page).
   """
   height, width = image.shape
   rows = np.zeros((height, width + 1), np.uint8)  # Leading 0: filter None.

@@ -58,8 +58,8 @@ def krylov_shape(k: int, krylov_dim: int, block_size: int,
 def thin_svd(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``jnp.linalg.svd(a, full_matrices=False)``, through ``a.T`` if wide.
 
-  LAPACK's SVD of a wide ``[l, P]`` matrix measured 2-2.7x slower on CPU than
-  that of its transpose (``[20, 1e7]``: 10.0 s vs 4.8 s), same values.
+  LAPACK's SVD of a wide ``[l, P]`` matrix is slower on CPU than that of its
+  transpose, with the same values (see the benchmarks page).
   """
   if a.shape[0] >= a.shape[1]:
     return jnp.linalg.svd(a, full_matrices=False)
@@ -142,11 +142,9 @@ def check_unroll(unroll: Any, tol: float, fn: str) -> None:
 def auto_unroll(f, flat: jax.Array, tol: float) -> bool:
   """``unroll=None``: unroll the Krylov steps for a CNN on CPU.
 
-  On XLA:CPU the JVPs and VJPs of a convolutional network ran 10x slower
-  inside a ``while_loop`` than unrolled (the CNN of
-  ``benchmarks/bench_jacobian.py`` on 1,000 MNIST images: 2.2-2.6 s against
-  0.20 s per step), while unrolling costs compile time (an MLP: 15 s for
-  100 steps against 1.5 s). Hence: unrolled only with ``tol=0``, on the CPU
+  On XLA:CPU the JVPs and VJPs of a convolutional network run much slower
+  inside a ``while_loop`` than unrolled, while unrolling costs compile time
+  (see the benchmarks page). Hence: unrolled only with ``tol=0``, on the CPU
   backend, for a model with a convolution.
   """
   return (tol == 0 and jax.default_backend() == 'cpu'

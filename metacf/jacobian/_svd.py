@@ -27,13 +27,12 @@ _GRAM_MAX_ROWS = 4096
 
 _SVD_METHODS = ('auto', 'dense', 'gram', 'randomized', 'subspace_iteration')
 
-# Subspace iteration's defaults (the randomized method's before issue 14).
+# Subspace iteration's defaults (the randomized method's before metacf 0.3).
 _SUBSPACE_OVERSAMPLING = 10
 # The randomized method stops once every top-k triplet has
-# ||J v - s u|| / s <= this (see _converged). Off by default: on the MLP
-# with P = 1e7 (benchmarks/bench_jacobian.py --peers, 2026-12-03) tol = 1e-3
-# stopped after 68 columns with every residual small but s off by 11%: on a
-# flat spectrum, converged Ritz pairs need not be the top k yet.
+# ||J v - s u|| / s <= this (see _krylov._converged). Off by default: on a
+# flat spectrum, converged Ritz pairs need not be the top k yet (see
+# jacobian_svd's tol and the benchmarks page).
 _DEFAULT_TOL = 0.0
 _SUBSPACE_POWER_ITERS = 2
 
@@ -264,9 +263,9 @@ def jacobian_svd(apply_fn: ApplyFn, params: Params, x: Any, k: int, *,
     ``oversampling = 10``), ``num_power_iters`` (default 2) rounds of
     :math:`Y \leftarrow J J^\top Y` with QR re-orthonormalisations, then the
     SVD of :math:`Q^\top J`. ``2 l (num_power_iters + 1)`` products. Fast but
-    rough on flat spectra: ``s[19]`` of MNIST MLPs off by 2-8% with the
-    defaults (``benchmarks/bench_jacobian.py``). Kept as the peer of the
-    benchmark and for reproducing earlier results.
+    rough on flat spectra, such as those of MNIST MLPs (see the benchmarks
+    page). Kept as the peer of the benchmark and for reproducing earlier
+    results.
   * ``'auto'``: chosen from the shape of ``J`` by :func:`auto_svd_method`:
     ``'dense'`` if ``N * C * P <= 2**22``, else ``'gram'`` if
     ``N * C <= 4096``, else ``'randomized'`` when a ``key`` is given and
@@ -328,18 +327,18 @@ def jacobian_svd(apply_fn: ApplyFn, params: Params, x: Any, k: int, *,
       ``krylov_dim``). The error of a converged ``s_i`` is about
       ``tol^2 s_i / (2 gap)`` (Kato-Temple; ``gap`` the relative gap of
       ``s_i^2``), but on flat spectra the converged Ritz pairs need not be
-      the top ``k`` yet: on an MLP with P = 1e7, ``tol=1e-3`` stopped after
-      68 columns with ``s`` off by 11% (``benchmarks/bench_jacobian.py``).
-      Use it where the spectrum decays, and check against ``tol=0``.
+      the top ``k`` yet, so a small ``tol`` can stop early with every
+      residual small and ``s`` still off (see the benchmarks page). Use it
+      where the spectrum decays, and check against ``tol=0``.
     chunk_size: Forwarded to :func:`jacobian` (``'dense'``) or :func:`ntk`
       (``'gram'``).
     mesh: A 1-D ``jax.sharding.Mesh`` to shard the examples over, or None.
     unroll: Whether the randomized method unrolls its Krylov steps (static;
       needs ``tol=0``) instead of a ``while_loop``. Default None: unrolled
       on the CPU backend when ``apply_fn`` has a convolution, whose JVPs
-      and VJPs XLA:CPU ran 10x slower inside a ``while_loop`` (a CNN on
-      1,000 MNIST images); unrolling costs compile time (15 s for 100 steps
-      of an MLP, against 1.5 s).
+      and VJPs XLA:CPU runs slowly inside a ``while_loop``; unrolling costs
+      compile time, so it is not the default elsewhere (see the benchmarks
+      page).
 
   Returns:
     A :class:`JacobianSVD` ``(s [k], vt [k, P], u [N * C, k], residual [k],

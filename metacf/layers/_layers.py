@@ -3,8 +3,8 @@
 Under ``jax.vmap`` over tasks with per-task weights (MAML's adapted
 parameters), ``lax.conv_general_dilated`` becomes a grouped convolution (one
 group per task) whose weight gradient is a dilated convolution; XLA:CPU runs
-both on a slow generic path, superlinear in the number of tasks (4 -> 32
-tasks: 3.3 s -> 122 s per Conv-4 meta-step). Written as patches (im2col) and
+both on a slow generic path, superlinear in the number of tasks (see the
+benchmarks page). Written as patches (im2col) and
 one matrix product, the same convolution becomes a batched matmul under
 ``vmap``. Likewise ``lax.reduce_window`` max-pooling differentiates through
 ``select_and_scatter``, slow on XLA:CPU and worse at second order, whereas a
@@ -12,8 +12,8 @@ running ``where(candidate > best, candidate, best)`` over one strided slice
 per window offset has the same gradient for non-overlapping windows (the
 first maximum of a window wins ties, as with ``reduce_window``).
 ``batch_norm`` differentiates the normalisation by its closed form (fewer
-passes over the activations than autodiff through the mean and variance: a
-Conv-4 meta-step 1.2x faster on CPU) and takes the moments of shifted data,
+passes over the activations than autodiff through the mean and variance,
+so a faster Conv-4 meta-step on CPU) and takes the moments of shifted data,
 so that float32 second-order meta-gradients stay accurate (2e-5 instead of
 2.5e-3 off float64 on a Conv-4).
 

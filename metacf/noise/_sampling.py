@@ -197,7 +197,7 @@ def count_and_sum(bounds: jax.Array, weights: jax.Array, size: int,
     Two int32 ``[size]``: the counts and the weight sums.
 
   Short ``m``: a ``[size, m]`` compare-and-sum, which XLA:CPU vectorises.
-  Long ``m`` (there the compare-and-sum ran as a scalar loop, 100x slower):
+  Long ``m`` (there the compare-and-sum runs as a slow scalar loop):
   one scatter-add of the ``m`` values into ``[size]`` and a prefix sum, the
   count and the sum packed into one int32 when they fit.
   """

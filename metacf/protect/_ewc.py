@@ -77,7 +77,8 @@ def fisher_diagonal(apply_fn: ApplyFn, params: Params, x: Any, *,
     x: Inputs with a leading example axis ``N`` (an array or a pytree).
     labels: None (true Fisher) or integer labels ``[N]`` in ``[0, C)``.
     chunk_size: Examples per chunk (static, >= 1; default 32, and 1 for
-      the empirical Fisher on CPU, where it measured 5x faster).
+      the empirical Fisher on CPU, where XLA:CPU's batched small matmuls
+      are slow for single-example gradients; see the benchmarks page).
 
   Returns:
     A pytree like ``params``: the Fisher diagonal, >= 0, in each leaf's

@@ -84,12 +84,14 @@ def orthogonal_projection(basis: jax.typing.ArrayLike
   donate_argnums=(0, 1))`` for ``step(params, opt_state, ...)``): ``update``
   returns the basis unchanged in the new state, and a jitted function that
   returns an input it was not given to keep copies it, :math:`4kP` bytes
-  per call (P = 10^5, k = 100 on a 2-core CPU: 9 ms per SGD step donated,
-  43-66 ms not). A donated basis is consumed: swap in a fresh array
+  per call, which can dominate an SGD step (see the benchmarks page). A
+  donated basis is consumed: swap in a fresh array
   (``jnp.asarray(padded)``), not one you use afterwards.
 
-  A swapped basis is not checked for orthonormality (only its shape, when
-  ``update`` is traced); pass the same dtype (a new dtype is a new trace).
+  A swapped basis is checked for its shape when ``update`` is traced, and
+  for orthonormality and finiteness only with runtime checks on
+  (:mod:`metacf.checks`; the probe costs another :math:`4kP` flops per
+  step); pass the same dtype (a new dtype is a new trace).
   If the chain holds several transformations with a ``basis`` field,
   ``optax.tree.set``'s ``filtering`` argument picks one by its path.
 
@@ -143,6 +145,8 @@ def orthogonal_projection(basis: jax.typing.ArrayLike
                        f'that init returns, got {type(state).__name__}.')
     flat, unravel = flatten_util.ravel_pytree(updates)
     check_width(state.basis, flat.shape[0], 'updates')
+    if checks.runtime_checks_enabled():  # Opt-in: 4kP more flops per step.
+      basis_lib.check_basis(state.basis, flat.shape[0], 'basis', fn)
     return unravel(basis_lib.project_out(state.basis, flat)), state
 
   return optax.GradientTransformation(init_fn, update_fn)
