@@ -18,6 +18,7 @@ import types
 import unittest
 import zlib
 
+import jax
 from metacf.typing import MaskSpec, Params, PRNGKey
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,8 +139,9 @@ class BuildTimeCheckTest(unittest.TestCase):
 
 
 def _kernel(params: Params, key: PRNGKey | None = None, *,
-            mask: MaskSpec = None, n: int = 1) -> Params:
-  del key, mask, n
+            mask: MaskSpec = None, n: int = 1,
+            x: jax.typing.ArrayLike = 0) -> Params:
+  del key, mask, n, x
   return params
 
 
@@ -147,7 +149,7 @@ class TypeAliasesTest(unittest.TestCase):
 
   def test_signature_names_the_aliases(self):
     kernel = types.FunctionType(_kernel.__code__, _kernel.__globals__,
-                                'kernel', _kernel.__defaults__)
+                                '_kernel', _kernel.__defaults__)
     kernel.__kwdefaults__ = _kernel.__kwdefaults__
     kernel.__annotations__ = dict(_kernel.__annotations__)
     kernel.__module__ = 'metacf.fake'  # only metacf functions are rewritten
@@ -160,6 +162,8 @@ class TypeAliasesTest(unittest.TestCase):
     self.assertEqual('metacf.typing.MaskSpec',
                      signature.parameters['mask'].annotation)
     self.assertIs(int, signature.parameters['n'].annotation)
+    self.assertEqual('jax.typing.ArrayLike',
+                     signature.parameters['x'].annotation)
     self.assertEqual('metacf.typing.Params', signature.return_annotation)
     self.assertIsNot(Params, signature.parameters['params'].annotation)
 

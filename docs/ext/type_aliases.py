@@ -43,6 +43,8 @@ def _source_annotations(obj):
     node = ast.parse(source).body[0]
   except (SyntaxError, IndexError):
     return {}
+  if getattr(node, 'name', None) != getattr(obj, '__name__', None):
+    return {}  # the file changed since it was imported: trust nothing
   found = {}
   if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
     args = node.args
@@ -71,7 +73,8 @@ def _before_signature(app, obj, bound_method):
   source = _source_annotations(cls if cls is not None else obj)
   replaced = {}
   for name, text in source.items():
-    if name in annotations and qualify(text) != text:
+    if name in annotations and (_ALIAS.search(text) or
+                                _ARRAY_LIKE.search(text)):
       replaced[name] = qualify(text)
   if replaced:
     # A new dict: a NamedTuple's __new__ shares its dict with the class. The
