@@ -18,6 +18,7 @@ import jax
 from jax.experimental import checkify
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import metacf
 from metacf import distill
@@ -406,3 +407,44 @@ class SharedChecksTest(chex.TestCase):
 if __name__ == '__main__':
   import absl.testing.absltest  # pylint: disable=g-import-not-at-top
   absl.testing.absltest.main()
+
+
+class SwappedBasisChecksTest(chex.TestCase):
+  """A basis swapped into the optax state is value-checked under jit, opt-in."""
+
+  def _step(self, tx):
+    def step(params, opt_state, grads):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return updates, opt_state
+    return _checked(step)
+
+  def test_orthogonal_projection_state_basis(self):
+    params = {'w': jnp.ones((3, 2)), 'b': jnp.ones((2,))}
+    good = jnp.eye(8)[:2]
+    tx = protect.orthogonal_projection(good)
+    opt_state = tx.init(params)
+    bad_state = optax.tree.set(opt_state, basis=2.0 * good)
+    step = self._step(tx)
+    with metacf.runtime_checks():
+      err, _ = step(params, opt_state, params)
+      err.throw()
+      err, _ = step(params, bad_state, params)
+    self.assertIn('orthogonal_projection: basis must have orthonormal rows',
+                  err.get())
+    err, _ = step(params, bad_state, params)   # Checks off: not reported.
+    self.assertIsNone(err.get())
+
+  def test_gpm_projection_state_bases(self):
+    params = {'w': jnp.ones((4, 2)), 'b': jnp.ones((2,))}
+    good = {'w': jnp.eye(4)[:, :2], 'b': None}
+    tx = protect.gpm_projection(good)
+    opt_state = tx.init(params)
+    bad_state = optax.tree.set(
+        opt_state, bases={'w': jnp.full((4, 2), jnp.nan), 'b': None})
+    step = self._step(tx)
+    with metacf.runtime_checks():
+      err, _ = step(params, opt_state, params)
+      err.throw()
+      err, _ = step(params, bad_state, params)
+    self.assertIn("gpm_projection: bases['w'] must have orthonormal columns",
+                  err.get())

@@ -167,7 +167,8 @@ def gpm_projection(bases: Any) -> optax.GradientTransformation:
           opt_state, bases=jax.tree.map(jnp.asarray, padded))
 
   Swapped bases are checked for their shapes when ``update`` is traced,
-  not for orthonormality. Donate the optimizer state to a jitted step, as
+  and for orthonormal columns and finiteness only with runtime checks on
+  (:mod:`metacf.checks`). Donate the optimizer state to a jitted step, as
   for :func:`orthogonal_projection`: otherwise each call copies the bases
   into the state it returns.
 
@@ -240,6 +241,12 @@ def gpm_projection(bases: Any) -> optax.GradientTransformation:
       raise ValueError(f'{fn}: state must be the GpmProjectionState that '
                        f'init returns, got {type(state).__name__}.')
     check(state.bases, updates, 'updates')
+    if checks.runtime_checks_enabled():  # Opt-in: a 4 d r flops probe.
+      for path, m in jax.tree_util.tree_leaves_with_path(
+          state.bases, is_leaf=_is_none):
+        if m is not None:
+          basis_lib.check_basis(m, None, f'bases{jax.tree_util.keystr(path)}',
+                                fn, columns=True)
     return jax.tree.map(project, state.bases, updates,
                         is_leaf=_is_none), state
 
