@@ -22,7 +22,8 @@ Projections chain with any optax optimizer, first in the chain::
   # predicts the forgetting of this projected training before it runs.
 
 The arrays a transformation needs live in its optax state, never in its
-closure (STYLE.md section 15): :class:`OrthogonalProjectionState` ``(basis)``,
+closure, as optax keeps a learning rate in ``inject_hyperparams``:
+:class:`OrthogonalProjectionState` ``(basis)``,
 :class:`GpmProjectionState` ``(bases)`` and :class:`EwcState` ``(anchor,
 fisher, strength)``. The constructor's arguments are the initial state; a
 jitted step that takes the optimizer state as an argument compiles once, its
