@@ -30,6 +30,14 @@ def test_quick_start_is_at_most_40_lines():
   assert num_lines <= 40, f'the quick start has {num_lines} lines, limit 40.'
 
 
+def test_relative_links_exist():
+  text = README.read_text(encoding='utf-8')
+  links = re.findall(r'\]\(([^)#\s]+)\)', text)
+  missing = [link for link in links if '://' not in link
+             and not (README.parent / link).exists()]
+  assert not missing, f'README.md links to missing files: {missing}'
+
+
 def test_python_blocks_run():
   blocks = _python_blocks(README.read_text(encoding='utf-8'))
   assert blocks, 'README.md has no ```python block'
