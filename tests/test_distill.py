@@ -10,7 +10,7 @@ from jax.test_util import check_grads
 import numpy as np
 
 from metacf import distill
-from metacf.distill import _losses
+from metacf.distill import _kl
 
 
 def _np_log_softmax(z):
@@ -215,7 +215,7 @@ class TemperedDistillationLossTest(chex.TestCase):
     # must still be right for every argument.
     with jax.enable_x64(True):
       s, t = _logits(0, dtype=np.float64), _logits(1, dtype=np.float64)
-      check_grads(jax.jit(_losses._hinton_loss), (s, t, np.float64(1.7)),
+      check_grads(jax.jit(_kl.hinton_loss), (s, t, np.float64(1.7)),
                   order=2, modes=('rev', 'fwd'))
 
   def test_where_masks_examples_and_their_gradients(self):
