@@ -5,13 +5,61 @@ Second-order by default; FOMAML (``first_order=True``), Meta-SGD (pytree
 (``remat=True``), optax inner optimizers, and a jitted, optionally sharded
 meta-training step. Loss functions may return aux outputs (``has_aux=True``,
 e.g. query accuracy) and take per-task keys (``key=``, dropout/augmentation).
+
+Example::
+
+  def loss_fn(params, x, y):
+    return jnp.mean((apply_fn(params, x) - y) ** 2)
+
+  tasks = metacf.maml.Task(support_x, support_y, query_x, query_y)  # [tasks, ...]
+  meta_loss = metacf.maml.maml_loss(loss_fn, params, tasks, inner_lr=0.01,
+                                    num_inner_steps=5)
+  meta_grad = jax.grad(metacf.maml.maml_loss, argnums=1)(
+      loss_fn, params, tasks, inner_lr=0.01, num_inner_steps=5)
+
+  step = metacf.maml.make_meta_train_step(loss_fn, optax.adam(1e-3),
+                                          inner_lr=0.01, num_inner_steps=5)
+  params, opt_state, metrics = step(params, opt_state, tasks)
+
+flax nnx, linen and equinox models (tested in ``tests/test_interop.py``)::
+
+  graphdef, params = nnx.split(model, nnx.Param)       # params: an nnx.State
+  apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
+  loss_fn = lambda p, x, y: jnp.mean((apply_fn(p, x) - y) ** 2)
+  step = metacf.maml.make_meta_train_step(loss_fn, optax.adam(1e-3),
+                                          inner_lr=0.01)
+  params, opt_state, metrics = step(params, opt_state, tasks)
+  model = nnx.merge(graphdef, params)                  # back to a Module
+  # nnx with BatchNorm: graphdef, params, rest = nnx.split(model, nnx.Param,
+  #   ...); apply_fn = lambda p, x: nnx.merge(graphdef, p, nnx.clone(rest))(x)
+  # linen: apply_fn = lambda p, x: model.apply({'params': p}, x)
+  # equinox: params, static = eqx.partition(model, eqx.is_array)
+  #          apply_fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)
+
+Leaf paths for ``adapt_mask`` are ``'/'``-joined (:mod:`metacf.masks`): for
+the nnx state above, e.g. ``'head/kernel/value'``; ``adapt_mask='^head/'``
+adapts the head only (ANIL).
+
+Model state. ``loss_fn`` is a pure function of ``(params, x, y)``: layers that
+keep state must be used in a stateless mode inside it. BatchNorm, in
+particular, is used as in the MAML paper ("transductive"): normalise with the
+statistics of the batch at hand (the support set in the inner loop, the query
+set in the outer loss) and keep no running averages — e.g. flax linen
+``nn.BatchNorm(use_running_average=False)`` applied with
+``mutable=['batch_stats']`` and the updated statistics discarded, or a
+functional batch norm on ``x.mean(0)``/``x.var(0)``. Its scale and offset are
+ordinary parameters and are adapted like any other.
+
+Modules: ``_inner`` (:func:`inner_adapt` and the checks it shares), ``_loss``
+(:class:`Task`, :func:`maml_loss`) and ``_train``
+(:func:`make_meta_train_step`, :class:`MetaTrainMetrics`).
 """
 
-from metacf.maml._maml import inner_adapt
-from metacf.maml._maml import make_meta_train_step
-from metacf.maml._maml import maml_loss
-from metacf.maml._maml import MetaTrainMetrics
-from metacf.maml._maml import Task
+from metacf.maml._inner import inner_adapt
+from metacf.maml._loss import maml_loss
+from metacf.maml._loss import Task
+from metacf.maml._train import make_meta_train_step
+from metacf.maml._train import MetaTrainMetrics
 
 __all__ = [
     'MetaTrainMetrics',
