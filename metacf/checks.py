@@ -17,15 +17,26 @@ metacf checks its arguments in two kinds of ways.
   is added to the program, zero cost) and **opt-in** through
   :mod:`jax.experimental.checkify`.
 
-Turning runtime checks on::
+Turning runtime checks on (a negative temperature, traced under ``jit``):
 
-  from jax.experimental import checkify
-
-  checked_step = jax.jit(checkify.checkify(train_step,
-                                           errors=checkify.user_checks))
-  with metacf.runtime_checks():          # or metacf.set_runtime_checks(True),
-    err, out = checked_step(state, batch)  # or METACF_RUNTIME_CHECKS=1
-  err.throw()   # raises checkify.JaxRuntimeError (a ValueError) if one failed
+>>> import jax
+>>> import jax.numpy as jnp
+>>> from jax.experimental import checkify
+>>> import metacf
+>>> def loss_fn(student, teacher, temperature):
+...   return jnp.mean(metacf.distill.tempered_distillation_loss(
+...       student, teacher, temperature))
+>>> checked = jax.jit(checkify.checkify(loss_fn, errors=checkify.user_checks))
+>>> logits = jnp.zeros((2, 3))
+>>> with metacf.runtime_checks():          # or metacf.set_runtime_checks(True),
+...   err, loss = checked(logits, logits, -1.0)  # or METACF_RUNTIME_CHECKS=1
+>>> err.throw()   # raises checkify.JaxRuntimeError (a ValueError)
+Traceback (most recent call last):
+  ...
+JaxRuntimeError: tempered_distillation_loss: temperature must be > 0 ...
+>>> err, loss = checked(logits, logits, 2.0)   # checks off: traced again
+>>> err.get() is None
+True
 
 With checks on, every value check that would raise eagerly emits a
 ``checkify.debug_check`` with the same message (the ``got ...`` part holds
@@ -85,12 +96,19 @@ def runtime_checks(enabled: bool = True):
   Raises:
     TypeError: if ``enabled`` is not a bool.
 
-  Example::
-
-    with metacf.runtime_checks():
-      err, loss = jax.jit(checkify.checkify(
-          loss_fn, errors=checkify.user_checks))(params, batch)
-    err.throw()
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from jax.experimental import checkify
+    >>> import metacf
+    >>> def loss_fn(probs):
+    ...   return jnp.sum(metacf.distill.temper_probs(probs, 2.0))
+    >>> checked = jax.jit(checkify.checkify(loss_fn,
+    ...                                     errors=checkify.user_checks))
+    >>> with metacf.runtime_checks():
+    ...   err, loss = checked(jnp.array([0.5, -0.5]))
+    >>> err.get() is None          # a negative probability was caught
+    False
   """
   return _checks.RUNTIME_CHECKS(_check_bool(enabled, 'runtime_checks'))
 

@@ -8,12 +8,14 @@ simple=True, separator='/')`` (e.g. ``'encoder/layers/0/kernel'``).
 :func:`leaf_paths` shows a tree's paths; :func:`resolve_mask` turns any of the
 three forms into the pytree of bools that the kernels use.
 
-Example::
-
-  metacf.masks.leaf_paths({'body': {'w': w1}, 'head': {'w': w2}})
-  # ['body/w', 'head/w']
-  metacf.maml.maml_loss(loss_fn, params, tasks, inner_lr=0.4,
-                        adapt_mask='^head/')       # ANIL: adapt the head only
+Examples:
+  >>> import jax.numpy as jnp
+  >>> import metacf
+  >>> params = {'body': {'w': jnp.ones((2, 2))}, 'head': {'w': jnp.ones((2, 1))}}
+  >>> metacf.masks.leaf_paths(params)
+  ['body/w', 'head/w']
+  >>> metacf.masks.resolve_mask('^head/', params)   # ANIL's adapt_mask='^head/'
+  {'body': {'w': False}, 'head': {'w': True}}
 """
 
 from metacf._src.masks import leaf_paths

@@ -21,17 +21,28 @@
 
 ``targets=`` and ``trainable=`` take the one leaf-selection form of
 :mod:`metacf.masks`: ``None``, a pytree of bools, a callable ``(path, leaf) ->
-bool``, or a regex searched in the ``/``-joined path. Example (LoRA on a flax
-nnx model)::
+bool``, or a regex searched in the ``/``-joined path.
 
-  graphdef, params = nnx.split(model, nnx.Param)
-  apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
-  lora_params = metacf.adapters.lora_init(
-      key, params, rank=4,  # kernels, not biases / norm scales / embeddings
-      fan_in_axes=metacf.adapters.flax_fan_in_axes)  # needed for attention
-  apply_lora = metacf.adapters.with_lora(apply_fn, alpha=8.0)
-  loss = lambda lp, x, y: jnp.mean((apply_lora(params, lp, x) - y) ** 2)
-  grads = jax.grad(loss)(lora_params, x, y)
+Examples:
+  LoRA on a flax nnx model (for attention kernels, add
+  ``fan_in_axes=metacf.adapters.flax_fan_in_axes``):
+
+  >>> import jax
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> import metacf
+  >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
+  ...                        nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+  >>> graphdef, params = nnx.split(model, nnx.Param)
+  >>> apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
+  >>> lora_params = metacf.adapters.lora_init(
+  ...     jax.random.key(0), params, rank=2)  # kernels, not biases
+  >>> apply_lora = metacf.adapters.with_lora(apply_fn, alpha=4.0)
+  >>> x, y = jnp.ones((3, 4)), jnp.zeros((3, 2))
+  >>> loss = lambda lp, x, y: jnp.mean((apply_lora(params, lp, x) - y) ** 2)
+  >>> grads = jax.grad(loss)(lora_params, x, y)
+  >>> metacf.adapters.count_params(grads)   # (4 + 8) * 2 + (8 + 2) * 2
+  44
 """
 
 from metacf.adapters._freeze import count_params

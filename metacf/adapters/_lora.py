@@ -243,16 +243,29 @@ def lora_init(key: jax.Array, params: Params, rank: int, *,
   order, so the same key gives the same adapters and target leaves of equal
   shape get different ``a``.
 
-  Example (flax linen attention; nnx is the same on ``nnx.split``'s state)::
+  flax linen attention (nnx is the same on ``nnx.split``'s state):
 
-    model = linen.MultiHeadDotProductAttention(num_heads=4, qkv_features=16)
-    variables = model.init(key, x)                       # x [batch, len, 8]
-    lora_params = lora_init(key, variables, 2, fan_in_axes=flax_fan_in_axes)
-    lora_params['params']['query']['kernel']['a'].shape  # (8, 2)
-    lora_params['params']['query']['kernel']['b'].shape  # (2, 16)
-    lora_params['params']['out']['kernel']['a'].shape    # (16, 2)
-    lora_params['params']['query']['bias']               # None
-    apply_lora = with_lora(model.apply, alpha=4.0)       # (vars, lora, x)
+  >>> import jax
+  >>> import jax.numpy as jnp
+  >>> from flax import linen
+  >>> from metacf.adapters import flax_fan_in_axes, lora_init, with_lora
+  >>> key = jax.random.key(0)
+  >>> x = jnp.ones((2, 5, 8))                              # [batch, len, 8]
+  >>> model = linen.MultiHeadDotProductAttention(num_heads=4, qkv_features=16)
+  >>> variables = model.init(key, x)
+  >>> lora_params = lora_init(key, variables, 2, fan_in_axes=flax_fan_in_axes)
+  >>> lora_params['params']['query']['kernel']['a'].shape
+  (8, 2)
+  >>> lora_params['params']['query']['kernel']['b'].shape
+  (2, 16)
+  >>> lora_params['params']['out']['kernel']['a'].shape
+  (16, 2)
+  >>> print(lora_params['params']['query']['bias'])
+  None
+  >>> apply_lora = with_lora(model.apply, alpha=4.0)       # (vars, lora, x)
+  >>> out = apply_lora(variables, lora_params, x)
+  >>> bool(jnp.allclose(out, model.apply(variables, x)))   # b = 0 at init
+  True
 
   equinox. ``eqx.nn.Linear.weight`` is ``[out, in]`` (``x -> W x``) and
   ``Conv2d.weight`` ``[c_out, c_in, kh, kw]``: the input axes come last,

@@ -16,22 +16,24 @@ checked against the sha256 that tfds registers for its own builders. This is
 the only ``metacf`` module that imports ``tensorflow_datasets``;
 ``import metacf`` does not import it.
 
-Example::
+:func:`load_arrays` returns a whole split as arrays:
+``load_arrays('mnist', 'train', dtype=np.float32)`` gives ``images`` of
+shape ``(60000, 28, 28, 1)`` in ``[0, 1]`` and ``labels`` of shape
+``(60000,)``; Omniglot's ``'background'`` split has 964 characters of 20
+drawers each (``images.reshape(964, 20, 105, 105)``). For random access
+without loading a whole split, :func:`get_builder` returns the tfds builder;
+``download_and_prepare()`` then ``as_data_source(split)[i]`` reads one
+example (``{'image': ..., 'label': ...}``). The example below runs without
+any data (nothing is read until a builder is prepared).
 
-  import numpy as np
-  import metacf.data
-
-  train = metacf.data.load_arrays('mnist', 'train', raw_dir='/data/raw',
-                                  dtype=np.float32)
-  train.images.shape, train.labels.shape   # (60000, 28, 28, 1), (60000,)
-
-  omniglot = metacf.data.load_arrays('omniglot', 'background')
-  images = omniglot.images.reshape(964, 20, 105, 105)  # [character, drawer]
-
-  # Random access without loading a whole split:
-  builder = metacf.data.get_builder('fashion_mnist', data_dir='/data/tfds')
-  builder.download_and_prepare()
-  example = builder.as_data_source('test')[0]   # {'image': ..., 'label': ...}
+Examples:
+  >>> import tempfile
+  >>> import metacf.data
+  >>> metacf.data.SPLITS['mnist'], metacf.data.SPLITS['omniglot']
+  (('train', 'test'), ('background', 'evaluation', 'small1', 'small2'))
+  >>> builder = metacf.data.get_builder('mnist', data_dir=tempfile.mkdtemp())
+  >>> builder.name, builder.info.features['image'].shape
+  ('metacf_mnist', (28, 28, 1))
 
 References:
   LeCun et al., `Gradient-based learning applied to document recognition

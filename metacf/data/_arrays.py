@@ -185,11 +185,9 @@ def load_arrays(name: str, split: str, *,
   read the cache. Examples keep the order of the raw files (Omniglot: by
   character number, then drawer).
 
-  Example::
-
-    train = metacf.data.load_arrays('mnist', 'train', raw_dir='/data/raw',
-                                    dtype=np.float32)
-    train.images.shape  # (60000, 28, 28, 1), float32 in [0, 1].
+  For example, ``load_arrays('mnist', 'train', raw_dir='/data/raw',
+  dtype=np.float32).images`` has shape ``(60000, 28, 28, 1)``, float32 in
+  ``[0, 1]`` (an example that runs without data is in :mod:`metacf.data`).
 
   Args:
     name: ``'mnist'``, ``'fashion_mnist'`` or ``'omniglot'``.

@@ -1,13 +1,23 @@
 """Knowledge distillation with temperature (Hinton et al. 2015) and LwF.
 
-Example::
+Examples:
+  Hinton et al.'s loss, soft targets at ``T = 4`` mixed with the hard labels:
 
-  import jax, metacf
-  def loss(student_params, x, teacher_logits, labels):
-    s = apply_fn(student_params, x)
-    kd = metacf.distill.tempered_distillation_loss(s, teacher_logits, 4.0)
-    return jnp.mean(0.9 * kd + 0.1 * optax.losses
-                    .softmax_cross_entropy_with_integer_labels(s, labels))
+  >>> import jax.numpy as jnp
+  >>> import optax
+  >>> import metacf
+  >>> student = jnp.array([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])  # [batch, classes]
+  >>> teacher = jnp.array([[3.0, 0.0, -2.0], [0.5, 0.5, 2.0]])
+  >>> labels = jnp.array([0, 2])
+  >>> kd = metacf.distill.tempered_distillation_loss(student, teacher, 4.0)
+  >>> kd.shape                                 # per example, no reduction
+  (2,)
+  >>> ce = optax.losses.softmax_cross_entropy_with_integer_labels(student, labels)
+  >>> loss = jnp.mean(0.9 * kd + 0.1 * ce)
+  >>> bool(jnp.all(kd >= 0))
+  True
+  >>> float(metacf.distill.tempered_distillation_loss(teacher, teacher, 4.0)[0])
+  0.0
 """
 
 from metacf.distill._losses import distillation_loss_from_probs

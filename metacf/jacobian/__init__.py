@@ -1,14 +1,27 @@
 r"""Jacobians, empirical NTKs, their top-k SVDs and NTK-predicted forgetting.
 
-Example::
-
-  from metacf import jacobian as jac
-
-  svd_a = jac.jacobian_svd(apply_fn, params, x_a, 10, method='gram')
-  svd_b = jac.jacobian_svd(apply_fn, params, x_b, 10, method='gram')
-  overlap = jac.subspace_overlap(svd_a, svd_b)          # in [0, 1]
-  delta = jac.predicted_forgetting(apply_fn, params, (x_a, y_a), (x_b, y_b),
-                                   lr=0.1, num_steps=100)  # > 0: forgetting
+Examples:
+  >>> import jax
+  >>> import jax.numpy as jnp
+  >>> from metacf import jacobian as jac
+  >>> def apply_fn(params, x):                    # [N, 4] -> [N, 3]
+  ...   return jnp.tanh(x @ params['w1']) @ params['w2']
+  >>> k1, k2, ka, kb = jax.random.split(jax.random.key(0), 4)
+  >>> params = {'w1': jax.random.normal(k1, (4, 8)) / 2,
+  ...           'w2': jax.random.normal(k2, (8, 3)) / 3}
+  >>> x_a, x_b = jax.random.normal(ka, (6, 4)), jax.random.normal(kb, (6, 4))
+  >>> y_a, y_b = jnp.zeros((6, 3)), jnp.ones((6, 3))
+  >>> svd_a = jac.jacobian_svd(apply_fn, params, x_a, 5, method='gram')
+  >>> svd_b = jac.jacobian_svd(apply_fn, params, x_b, 5, method='gram')
+  >>> svd_a.s.shape, svd_a.vt.shape              # P = 4 * 8 + 8 * 3 = 56
+  ((5,), (5, 56))
+  >>> overlap = jac.subspace_overlap(svd_a, svd_b)
+  >>> bool(0.0 <= overlap <= 1.0)
+  True
+  >>> delta = jac.predicted_forgetting(apply_fn, params, (x_a, y_a), (x_b, y_b),
+  ...                                  lr=0.1, num_steps=100)
+  >>> delta.shape                                # > 0: forgetting
+  ()
 
 Conventions. ``apply_fn(params, x)`` maps a batch of ``N`` examples to outputs
 of shape ``[N, C]``. A Jacobian :math:`J = \partial f / \partial \theta` has

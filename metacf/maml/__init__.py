@@ -6,20 +6,35 @@ Second-order by default; FOMAML (``first_order=True``), Meta-SGD (pytree
 meta-training step. Loss functions may return aux outputs (``has_aux=True``,
 e.g. query accuracy) and take per-task keys (``key=``, dropout/augmentation).
 
-Example::
+Examples:
+  Five inner steps of SGD on a batch of four linear-regression tasks:
 
-  def loss_fn(params, x, y):
-    return jnp.mean((apply_fn(params, x) - y) ** 2)
-
-  tasks = metacf.maml.Task(support_x, support_y, query_x, query_y)  # [tasks, ...]
-  meta_loss = metacf.maml.maml_loss(loss_fn, params, tasks, inner_lr=0.01,
-                                    num_inner_steps=5)
-  meta_grad = jax.grad(metacf.maml.maml_loss, argnums=1)(
-      loss_fn, params, tasks, inner_lr=0.01, num_inner_steps=5)
-
-  step = metacf.maml.make_meta_train_step(loss_fn, optax.adam(1e-3),
-                                          inner_lr=0.01, num_inner_steps=5)
-  params, opt_state, metrics = step(params, opt_state, tasks)
+  >>> import jax
+  >>> import jax.numpy as jnp
+  >>> import optax
+  >>> import metacf
+  >>> def loss_fn(params, x, y):                   # linear regression
+  ...   return jnp.mean((x @ params['w'] + params['b'] - y) ** 2)
+  >>> params = {'w': jnp.zeros((1, 1)), 'b': jnp.zeros(1)}
+  >>> kx, kq = jax.random.split(jax.random.key(0))
+  >>> support_x = jax.random.normal(kx, (4, 5, 1))   # [tasks, examples, ...]
+  >>> query_x = jax.random.normal(kq, (4, 5, 1))
+  >>> slopes = jnp.arange(1.0, 5.0)[:, None, None]   # task t: y = (t + 1) x
+  >>> tasks = metacf.maml.Task(support_x, slopes * support_x,
+  ...                          query_x, slopes * query_x)
+  >>> meta_loss = metacf.maml.maml_loss(loss_fn, params, tasks, inner_lr=0.1,
+  ...                                   num_inner_steps=5)
+  >>> meta_grad = jax.grad(metacf.maml.maml_loss, argnums=1)(
+  ...     loss_fn, params, tasks, inner_lr=0.1, num_inner_steps=5)
+  >>> jax.tree.map(jnp.shape, meta_grad)
+  {'b': (1,), 'w': (1, 1)}
+  >>> outer = optax.adam(1e-2)
+  >>> step = metacf.maml.make_meta_train_step(loss_fn, outer, inner_lr=0.1,
+  ...                                         num_inner_steps=5)
+  >>> opt_state = outer.init(params)
+  >>> params, opt_state, metrics = step(params, opt_state, tasks)
+  >>> bool(jnp.allclose(metrics.loss, meta_loss))  # the loss before the update
+  True
 
 flax nnx, linen and equinox models (tested in ``tests/test_interop.py``)::
 

@@ -14,15 +14,24 @@ with static output shapes, so they run inside a jitted input-pipeline step
   removed, each replaced by one mask token; the model rebuilds the whole
   sequence.
 
-Example, a word-level toy vocabulary (ids below the sentinels)::
+Examples:
+  A word-level toy vocabulary (ids below the sentinels):
 
-  words = 'Thank you for inviting me to your party last week .'.split()
-  vocab = {w: i for i, w in enumerate(sorted(set(words)))}
-  tokens = jnp.array([vocab[w] for w in words])
-  inputs, targets = metacf.noise.span_corruption(
-      jax.random.key(0), tokens, noise_density=0.2,
-      mean_noise_span_length=1.0, sentinel_start=100)
-  # inputs and targets hold ids 100, 99, ... for <X>, <Y>, ...
+  >>> import jax
+  >>> import jax.numpy as jnp
+  >>> import metacf
+  >>> words = 'Thank you for inviting me to your party last week .'.split()
+  >>> vocab = {w: i for i, w in enumerate(sorted(set(words)))}
+  >>> tokens = jnp.array([vocab[w] for w in words])
+  >>> inputs, targets = metacf.noise.span_corruption(
+  ...     jax.random.key(0), tokens, noise_density=0.2,
+  ...     mean_noise_span_length=1.0, sentinel_start=100)
+  >>> inputs.shape, targets.shape
+  ((11,), (4,))
+  >>> inputs.tolist()    # ids 100, 99, ... stand for the sentinels <X>, <Y>, ...
+  [1, 9, 2, 3, 5, 7, 10, 6, 100, 8, 99]
+  >>> targets.tolist()
+  [100, 4, 99, 0]
 
 The sampling is exact and sort-free (:mod:`metacf.noise._sampling`), which
 is what makes it fast on XLA:CPU; ``benchmarks/bench_noise.py`` measures it

@@ -8,23 +8,33 @@ Replay (DER/DER++) with no extra API. Both buffers' ``sample`` return a
 :class:`ReplaySample` ``(items, valid)``, which :func:`mix_replay` takes
 whole, and with ``label_fn`` the class-balanced buffer's ``add(key, state,
 batch)`` has the reservoir buffer's signature, so either buffer fits the same
-step. Example::
+step.
 
-  buffer = metacf.replay.replay_buffer(capacity=500)
-  # or: metacf.replay.class_balanced_buffer(
-  #         capacity=500, num_classes=10, label_fn=lambda batch: batch['y'])
-  state = buffer.init({'x': jnp.zeros([28, 28, 1], jnp.uint8),
-                       'y': jnp.zeros([], jnp.int32)})
-  replay = buffer.sample(key0, state, batch_size)  # ReplaySample, all invalid
-
-  @functools.partial(jax.jit, donate_argnums=1)
-  def train_step(key, state, replay, params, x, y):
-    key_add, key_next, key_mix = jax.random.split(key, 3)
-    batch, is_replay = metacf.replay.mix_replay(
-        key_mix, {'x': x, 'y': y}, replay, 0.5)   # replay.valid is the mask
-    ...  # loss and update on batch
-    state = buffer.add(key_add, state, {'x': x, 'y': y})
-    return state, buffer.sample(key_next, state, x.shape[0]), params
+Examples:
+  >>> import functools
+  >>> import jax
+  >>> import jax.numpy as jnp
+  >>> import metacf
+  >>> buffer = metacf.replay.replay_buffer(capacity=8)
+  >>> # or: metacf.replay.class_balanced_buffer(
+  >>> #         capacity=8, num_classes=10, label_fn=lambda batch: batch['y'])
+  >>> state = buffer.init({'x': jnp.zeros([3]), 'y': jnp.zeros([], jnp.int32)})
+  >>> replay = buffer.sample(jax.random.key(0), state, 4)
+  >>> replay.valid.tolist()                     # nothing stored yet
+  [False, False, False, False]
+  >>> @functools.partial(jax.jit, donate_argnums=1)
+  ... def train_step(key, state, replay, x, y):
+  ...   key_add, key_next, key_mix = jax.random.split(key, 3)
+  ...   batch, is_replay = metacf.replay.mix_replay(
+  ...       key_mix, {'x': x, 'y': y}, replay, 0.5)   # replay.valid is the mask
+  ...   # ... loss and update on batch
+  ...   state = buffer.add(key_add, state, {'x': x, 'y': y})
+  ...   return state, buffer.sample(key_next, state, x.shape[0])
+  >>> for t in range(3):
+  ...   x, y = jnp.full((4, 3), t, jnp.float32), jnp.full((4,), t)
+  ...   state, replay = train_step(jax.random.key(t + 1), state, replay, x, y)
+  >>> int(state.num_seen), replay.valid.tolist()
+  (12, [True, True, True, True])
 
 A ``ReplaySample`` unpacks as a pair (``items, valid = buffer.sample(...)``),
 and ``mix_replay(key, batch, items, 0.5, replay_valid=valid)`` is the same
