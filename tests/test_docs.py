@@ -2,8 +2,10 @@
 
 ``docs/ext/coverage_check.py`` fails the Sphinx build when a public name has
 no entry; these tests read the autosummary tables of ``docs/api/*.rst``
-directly, so a missing or stale entry fails in seconds. When a build exists
-(``make docs``), its ``objects.inv`` is checked too, with a reader of its own.
+directly, so a missing or stale entry fails in seconds. ``make docs`` also
+runs ``docs/ext/check_build.py`` on the real build (its ``objects.inv``, read
+with a reader of its own, and one page per name); it is tested here on a
+synthetic build.
 The other docs extensions (``type_aliases``, ``namedtuple_fields``) are tested
 on their own, without Sphinx.
 """
@@ -41,15 +43,7 @@ coverage_check = _load_coverage_check()
 type_aliases = _load_ext('type_aliases')
 sys.modules.setdefault('type_aliases', type_aliases)  # imported by the next one
 namedtuple_fields = _load_ext('namedtuple_fields')
-
-
-def _inventory_names(path):
-  """Object names in a Sphinx ``objects.inv`` (version 2: 4 header lines, zlib)."""
-  with open(path, 'rb') as f:
-    for _ in range(4):
-      f.readline()
-    body = zlib.decompress(f.read()).decode()
-  return {line.split(' ', 1)[0] for line in body.splitlines() if line}
+check_build = _load_ext('check_build')
 
 
 class PublicNamesTest(unittest.TestCase):
@@ -127,7 +121,6 @@ class BuildTimeCheckTest(unittest.TestCase):
     coverage_check._check(app, env)
     self.assertEqual(0, app.statuscode)
 
-  @unittest.skipUnless(importlib.util.find_spec('sphinx'), 'needs [docs]')
   def test_fails_the_build_when_a_name_is_missing(self):
     public = coverage_check.public_names()
     documented = {n for names in public.values() for n in names}
@@ -216,19 +209,47 @@ class NamedTupleFieldsTest(unittest.TestCase):
                      namedtuple_fields._escape('a *b* `c` d_ e_f |g'))
 
 
-class BuiltHtmlTest(unittest.TestCase):
+class CheckBuildTest(unittest.TestCase):
+  """docs/ext/check_build.py, which ``make docs`` runs on the real build."""
 
-  def test_built_inventory_has_every_public_name(self):
-    inventory = os.path.join(_DOCS, '_build', 'html', 'objects.inv')
-    if not os.path.exists(inventory):
-      self.skipTest('no docs build: run `make docs`')
-    documented = _inventory_names(inventory)
-    self.assertEqual([], coverage_check.missing_names(documented))
-    html = os.path.join(_DOCS, '_build', 'html', 'api', '_autosummary')
-    for names in coverage_check.public_names().values():
-      for name in names:
-        self.assertTrue(os.path.exists(os.path.join(html, f'{name}.html')),
-                        name)
+  def _fake_build(self, root, names, pages):
+    lines = ''.join(f'{n} py:function 1 api/_autosummary/{n}.html -\n'
+                    for n in names)
+    os.makedirs(os.path.join(root, 'api', '_autosummary'))
+    with open(os.path.join(root, 'objects.inv'), 'wb') as f:
+      f.write(b'# Sphinx inventory version 2\n# Project: metacf\n'
+              b'# Version: 0\n# The remainder of this file is compressed '
+              b'using zlib.\n' + zlib.compress(lines.encode()))
+    for n in pages:
+      with open(os.path.join(root, 'api', '_autosummary', f'{n}.html'),
+                'w') as f:
+        f.write('<html></html>')
+
+  def test_complete_build_passes(self):
+    public = [n for v in coverage_check.public_names().values() for n in v]
+    with tempfile.TemporaryDirectory() as root:
+      self._fake_build(root, public + ['metacf.extra'], public)
+      self.assertEqual([], check_build.problems(root))
+      self.assertEqual(set(public) | {'metacf.extra'},
+                       check_build.inventory_names(
+                           os.path.join(root, 'objects.inv')))
+      self.assertEqual(0, check_build.main(['check_build', root]))
+
+  def test_missing_entry_and_page_are_reported(self):
+    public = [n for v in coverage_check.public_names().values() for n in v]
+    with tempfile.TemporaryDirectory() as root:
+      self._fake_build(
+          root, [n for n in public if n != 'metacf.protect.ewc'],
+          [n for n in public if n != 'metacf.maml.maml_loss'])
+      self.assertEqual(
+          ['no inventory entry for metacf.protect.ewc',
+           'no page api/_autosummary/metacf.maml.maml_loss.html'],
+          check_build.problems(root))
+      self.assertEqual(1, check_build.main(['check_build', root]))
+
+  def test_no_build_is_a_problem(self):
+    with tempfile.TemporaryDirectory() as root:
+      self.assertIn('does not exist', check_build.problems(root)[0])
 
 
 if __name__ == '__main__':
