@@ -49,14 +49,23 @@ of ``chunk_size`` examples: with a chunk size below ``N`` that is exact only
 when ``apply_fn`` treats examples independently; the default is one chunk.
 
 Models from flax and equinox enter as a params pytree and a pure
-``apply_fn`` (tested in ``tests/test_interop.py``)::
+``apply_fn`` (tested in ``tests/test_interop.py``):
 
-  graphdef, params = nnx.split(model, nnx.Param)         # flax nnx
-  apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
-  svd = jac.jacobian_svd(apply_fn, params, x, 10, method='gram')
-  # linen: apply_fn = lambda p, x: model.apply({'params': p}, x)
-  # equinox: params, static = eqx.partition(model, eqx.is_array);
-  #          apply_fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)
+>>> import jax
+>>> import jax.numpy as jnp
+>>> from flax import nnx
+>>> from metacf import jacobian as jac
+>>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.tanh,
+...                        nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
+>>> graphdef, params = nnx.split(model, nnx.Param)        # flax nnx
+>>> apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
+>>> svd = jac.jacobian_svd(apply_fn, params, jnp.ones((5, 4)), 3, method='gram')
+>>> svd.vt.shape                                          # P = 40 + 27
+(3, 67)
+
+For linen, ``apply_fn = lambda p, x: model.apply({'params': p}, x)``; for
+equinox, ``params, static = eqx.partition(model, eqx.is_array)`` and
+``apply_fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)``.
 
 Modules: ``_jacobian`` (the dense, chunked :func:`jacobian` and the helpers
 shared by the others), ``_ntk`` (:func:`ntk`), ``_svd`` (:func:`jacobian_svd`

@@ -36,24 +36,40 @@ Examples:
   >>> bool(jnp.allclose(metrics.loss, meta_loss))  # the loss before the update
   True
 
-flax nnx, linen and equinox models (tested in ``tests/test_interop.py``)::
+flax nnx, linen and equinox models (tested in ``tests/test_interop.py``); leaf
+paths for ``adapt_mask`` are ``'/'``-joined (:mod:`metacf.masks`), so
+``adapt_mask='^layers/2/'`` adapts this model's last layer only (ANIL):
 
-  graphdef, params = nnx.split(model, nnx.Param)       # params: an nnx.State
-  apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
-  loss_fn = lambda p, x, y: jnp.mean((apply_fn(p, x) - y) ** 2)
-  step = metacf.maml.make_meta_train_step(loss_fn, optax.adam(1e-3),
-                                          inner_lr=0.01)
-  params, opt_state, metrics = step(params, opt_state, tasks)
-  model = nnx.merge(graphdef, params)                  # back to a Module
-  # nnx with BatchNorm: graphdef, params, rest = nnx.split(model, nnx.Param,
-  #   ...); apply_fn = lambda p, x: nnx.merge(graphdef, p, nnx.clone(rest))(x)
-  # linen: apply_fn = lambda p, x: model.apply({'params': p}, x)
-  # equinox: params, static = eqx.partition(model, eqx.is_array)
-  #          apply_fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)
+>>> import jax
+>>> import jax.numpy as jnp
+>>> import optax
+>>> from flax import nnx
+>>> import metacf
+>>> model = nnx.Sequential(nnx.Linear(1, 16, rngs=nnx.Rngs(0)), nnx.relu,
+...                        nnx.Linear(16, 1, rngs=nnx.Rngs(1)))
+>>> graphdef, params = nnx.split(model, nnx.Param)    # params: an nnx.State
+>>> apply_fn = lambda p, x: nnx.merge(graphdef, p)(x)
+>>> loss_fn = lambda p, x, y: jnp.mean((apply_fn(p, x) - y) ** 2)
+>>> outer = optax.adam(1e-3)
+>>> step = metacf.maml.make_meta_train_step(loss_fn, outer, inner_lr=0.01,
+...                                         adapt_mask='^layers/2/')  # ANIL
+>>> xs = jnp.linspace(-1.0, 1.0, 4 * 10).reshape(4, 10, 1)  # 4 tasks
+>>> tasks = metacf.maml.Task(xs[:, :5], jnp.sin(xs[:, :5]),
+...                          xs[:, 5:], jnp.sin(xs[:, 5:]))
+>>> params, opt_state, metrics = step(params, outer.init(params), tasks)
+>>> model = nnx.merge(graphdef, params)               # back to a Module
+>>> for path in metacf.masks.leaf_paths(params):
+...   print(path)
+layers/0/bias/value
+layers/0/kernel/value
+layers/2/bias/value
+layers/2/kernel/value
 
-Leaf paths for ``adapt_mask`` are ``'/'``-joined (:mod:`metacf.masks`): for
-the nnx state above, e.g. ``'head/kernel/value'``; ``adapt_mask='^head/'``
-adapts the head only (ANIL).
+nnx with BatchNorm: ``graphdef, params, rest = nnx.split(model, nnx.Param,
+...)`` and ``apply_fn = lambda p, x: nnx.merge(graphdef, p,
+nnx.clone(rest))(x)``. linen: ``apply_fn = lambda p, x: model.apply({'params':
+p}, x)``. equinox: ``params, static = eqx.partition(model, eqx.is_array)``
+and ``apply_fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)``.
 
 Model state. ``loss_fn`` is a pure function of ``(params, x, y)``: layers that
 keep state must be used in a stateless mode inside it. BatchNorm, in

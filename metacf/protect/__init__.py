@@ -12,14 +12,27 @@ module keeps training out of those directions or pulls it back:
 * :func:`fisher_diagonal` (true or empirical), :func:`ewc_penalty`,
   :func:`online_ewc_update` and :func:`ewc`, elastic weight consolidation.
 
-Projections chain with any optax optimizer, first in the chain::
+Projections chain with any optax optimizer, first in the chain:
 
-  from metacf import jacobian, protect
-
-  svd_a = jacobian.jacobian_svd(apply_fn, params, x_a, 20)
-  tx = optax.chain(protect.orthogonal_projection(svd_a.vt), optax.sgd(0.01))
-  # metacf.jacobian.predicted_forgetting(..., protect_basis=svd_a.vt)
-  # predicts the forgetting of this projected training before it runs.
+>>> import jax
+>>> import jax.numpy as jnp
+>>> import optax
+>>> from metacf import jacobian, protect
+>>> apply_fn = lambda p, x: jnp.tanh(x @ p['w1']) @ p['w2']
+>>> k1, k2, kx = jax.random.split(jax.random.key(0), 3)
+>>> params = {'w1': jax.random.normal(k1, (4, 8)) / 2,
+...           'w2': jax.random.normal(k2, (8, 3)) / 3}
+>>> x_a = jax.random.normal(kx, (10, 4))
+>>> svd_a = jacobian.jacobian_svd(apply_fn, params, x_a, 5)
+>>> tx = optax.chain(protect.orthogonal_projection(svd_a.vt), optax.sgd(0.01))
+>>> opt_state = tx.init(params)
+>>> grads = jax.tree.map(jnp.ones_like, params)
+>>> updates, opt_state = tx.update(grads, opt_state, params)
+>>> flat = jax.flatten_util.ravel_pytree(updates)[0]
+>>> bool(jnp.allclose(svd_a.vt @ flat, 0.0, atol=1e-5))  # off A's directions
+True
+>>> # metacf.jacobian.predicted_forgetting(..., protect_basis=svd_a.vt)
+>>> # predicts the forgetting of this projected training before it runs.
 
 The arrays a transformation needs live in its optax state, never in its
 closure, as optax keeps a learning rate in ``inject_hyperparams``:

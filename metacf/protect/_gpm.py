@@ -139,10 +139,20 @@ def gpm_projection(bases: Any) -> optax.GradientTransformation:
   ``jax.tree_util.tree_map_with_path`` over the params, as in
   ``tests/test_interop.py``); equinox's ``Linear.weight`` is ``[d_out,
   d_in]`` and is not handled. Put it first in the chain, as
-  with :func:`orthogonal_projection`::
+  with :func:`orthogonal_projection`:
 
-    bases = {'dense1': {'kernel': m1, 'bias': None}, ...}   # params' tree
-    tx = optax.chain(metacf.protect.gpm_projection(bases), optax.sgd(0.01))
+  >>> import jax
+  >>> import jax.numpy as jnp
+  >>> import optax
+  >>> import metacf
+  >>> params = {'dense1': {'kernel': jnp.zeros((4, 3)), 'bias': jnp.zeros(3)}}
+  >>> inputs = jax.random.normal(jax.random.key(0), (4, 50))  # [d_in, n]
+  >>> m1 = metacf.protect.gpm_basis(inputs, 0.97)            # [d_in, r]
+  >>> bases = {'dense1': {'kernel': m1, 'bias': None}}       # params' tree
+  >>> tx = optax.chain(metacf.protect.gpm_projection(bases), optax.sgd(0.01))
+  >>> opt_state = tx.init(params)
+  >>> m1.shape[0]
+  4
 
   **The bases live in the state** (:class:`GpmProjectionState`, field
   ``bases``): ``init`` puts them there and ``update`` reads them from

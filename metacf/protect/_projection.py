@@ -39,11 +39,21 @@ def orthogonal_projection(basis: jax.typing.ArrayLike
   gradients span the rows of :math:`V` unchanged: orthogonal gradient
   descent (OGD, Farajtabar et al. 2020) with :math:`V` the orthonormalised
   output gradients of earlier tasks, PCA-OGD (Doan et al. 2021) with their
-  top principal directions, e.g. :attr:`metacf.jacobian.JacobianSVD.vt`::
+  top principal directions, e.g. :attr:`metacf.jacobian.JacobianSVD.vt`:
 
-    svd_a = metacf.jacobian.jacobian_svd(apply_fn, params, x_a, 20)
-    tx = optax.chain(metacf.protect.orthogonal_projection(svd_a.vt),
-                     optax.sgd(0.01))
+  >>> import jax
+  >>> import jax.numpy as jnp
+  >>> import optax
+  >>> import metacf
+  >>> apply_fn = lambda p, x: jnp.tanh(x @ p['w1']) @ p['w2']
+  >>> params = {'w1': jnp.ones((4, 8)) / 4, 'w2': jnp.ones((8, 3)) / 8}
+  >>> x_a = jnp.arange(20.0).reshape(5, 4) / 20
+  >>> svd_a = metacf.jacobian.jacobian_svd(apply_fn, params, x_a, 3)
+  >>> tx = optax.chain(metacf.protect.orthogonal_projection(svd_a.vt),
+  ...                  optax.sgd(0.01))
+  >>> opt_state = tx.init(params)
+  >>> type(opt_state[0]).__name__
+  'OrthogonalProjectionState'
 
   Put it first in the chain: momentum or Adam after it act on projected
   gradients (their output then also stays in the complement for SGD with
@@ -285,11 +295,20 @@ def agem() -> optax.GradientTransformationExtraArgs:
 
   ``update(updates, state, params, reference_grads=r)`` returns
   ``agem_project(updates, r)``; in an ``optax.chain`` the keyword reaches
-  it through ``chain``'s extra arguments::
+  it through ``chain``'s extra arguments:
 
-    tx = optax.chain(metacf.protect.agem(), optax.sgd(0.01))
-    updates, opt_state = tx.update(grads, opt_state, params,
-                                   reference_grads=memory_grads)
+  >>> import jax.numpy as jnp
+  >>> import optax
+  >>> import metacf
+  >>> params = {'w': jnp.zeros(2)}
+  >>> tx = optax.chain(metacf.protect.agem(), optax.sgd(1.0))
+  >>> opt_state = tx.init(params)
+  >>> grads = {'w': jnp.array([1.0, -1.0])}
+  >>> memory_grads = {'w': jnp.array([0.0, 1.0])}
+  >>> updates, opt_state = tx.update(grads, opt_state, params,
+  ...                                reference_grads=memory_grads)
+  >>> updates['w'].tolist() == [-1.0, 0.0]   # the conflicting part removed
+  True
 
   It closes over no array, like :func:`orthogonal_projection`, whose basis
   lives in its state: the memory gradient changes every step, so it is an

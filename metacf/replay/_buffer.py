@@ -273,39 +273,51 @@ def replay_buffer(capacity: int) -> ReplayBuffer:
       leading sizes; ``sample`` when ``batch_size`` is not a positive int.
       All checks are on static information, so they run at trace time.
 
-  Example (Dark Experience Replay, DER++: items are any pytree, so storing the
-  logits the network produced when an example was seen, next to the input
-  and label, needs no extra API)::
+  Examples:
+    Dark Experience Replay, DER++: items are any pytree, so storing the
+    logits the network produced when an example was seen, next to the input
+    and label, needs no extra API.
 
-    buffer = metacf.replay.replay_buffer(capacity=500)
-    state = buffer.init({'x': jnp.zeros([28, 28, 1], jnp.float32),
-                         'y': jnp.zeros([], jnp.int32),
-                         'logits': jnp.zeros([10], jnp.float32)})
-
-    @functools.partial(jax.jit, donate_argnums=1)
-    def train_step(key, state, replay, params, x, y):
-      # replay: two ReplaySamples of the buffer drawn at the end of the last
-      # step (each unpacks as items, valid).
-      (der, der_ok), (old, old_ok) = replay
-      key_add, key_der, key_ce = jax.random.split(key, 3)
-      def loss_fn(params):
-        logits = apply_fn(params, x)
-        loss = jnp.mean(optax.losses
-                        .softmax_cross_entropy_with_integer_labels(logits, y))
-        mse = jnp.sum((apply_fn(params, der['x']) - der['logits'])**2, -1)
-        loss += alpha * jnp.mean(jnp.where(der_ok, mse, 0.0))   # DER term
-        ce = optax.losses.softmax_cross_entropy_with_integer_labels(
-            apply_fn(params, old['x']), old['y'])
-        loss += beta * jnp.mean(jnp.where(old_ok, ce, 0.0))     # ++ term
-        return loss, logits
-      grads, logits = jax.grad(loss_fn, has_aux=True)(params)
-      state = buffer.add(key_add, state, {
-          'x': x, 'y': y, 'logits': jax.lax.stop_gradient(logits)})
-      # Sample after the add: sampling a donated buffer before adding to it
-      # makes XLA copy the whole buffer (O(capacity) per step).
-      replay = (buffer.sample(key_der, state, x.shape[0]),
-                buffer.sample(key_ce, state, x.shape[0]))
-      return state, replay, grads
+    >>> import functools
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import metacf
+    >>> apply_fn = lambda params, x: x @ params               # a linear model
+    >>> alpha, beta = 0.5, 0.5
+    >>> buffer = metacf.replay.replay_buffer(capacity=100)
+    >>> state = buffer.init({'x': jnp.zeros([5]), 'y': jnp.zeros([], jnp.int32),
+    ...                      'logits': jnp.zeros([3])})
+    >>> @functools.partial(jax.jit, donate_argnums=1)
+    ... def train_step(key, state, replay, params, x, y):
+    ...   # replay: two ReplaySamples of the buffer drawn at the end of the last
+    ...   # step (each unpacks as items, valid).
+    ...   (der, der_ok), (old, old_ok) = replay
+    ...   key_add, key_der, key_ce = jax.random.split(key, 3)
+    ...   def loss_fn(params):
+    ...     logits = apply_fn(params, x)
+    ...     xent = optax.losses.softmax_cross_entropy_with_integer_labels
+    ...     loss = jnp.mean(xent(logits, y))
+    ...     mse = jnp.sum((apply_fn(params, der['x']) - der['logits'])**2, -1)
+    ...     loss += alpha * jnp.mean(jnp.where(der_ok, mse, 0.0))   # DER term
+    ...     ce = xent(apply_fn(params, old['x']), old['y'])
+    ...     loss += beta * jnp.mean(jnp.where(old_ok, ce, 0.0))     # ++ term
+    ...     return loss, logits
+    ...   grads, logits = jax.grad(loss_fn, has_aux=True)(params)
+    ...   state = buffer.add(key_add, state, {
+    ...       'x': x, 'y': y, 'logits': jax.lax.stop_gradient(logits)})
+    ...   # Sample after the add: sampling a donated buffer before adding to it
+    ...   # makes XLA copy the whole buffer (O(capacity) per step).
+    ...   replay = (buffer.sample(key_der, state, x.shape[0]),
+    ...             buffer.sample(key_ce, state, x.shape[0]))
+    ...   return state, replay, grads
+    >>> params = jnp.zeros((5, 3))
+    >>> x, y = jnp.ones((4, 5)), jnp.array([0, 1, 2, 0])
+    >>> replay = (buffer.sample(jax.random.key(0), state, 4),) * 2  # empty
+    >>> state, replay, grads = train_step(jax.random.key(1), state, replay,
+    ...                                   params, x, y)
+    >>> int(state.num_seen), replay[0].items['logits'].shape
+    (4, (4, 3))
 
   References:
     Vitter, `Random Sampling with a Reservoir
