@@ -270,15 +270,24 @@ def lora_init(key: jax.Array, params: Params, rank: int, *,
   equinox. ``eqx.nn.Linear.weight`` is ``[out, in]`` (``x -> W x``) and
   ``Conv2d.weight`` ``[c_out, c_in, kh, kw]``: the input axes come last,
   which no ``fan_in_axes`` describes. Reverse the axes (``[in, out]``, ``[kw,
-  kh, c_in, c_out]``), adapt, merge, and reverse back::
+  kh, c_in, c_out]``), adapt, merge, and reverse back:
 
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    flip = lambda tree: jax.tree.map(jnp.transpose, tree)
-    lora_params = lora_init(key, flip(params), 4)  # default targets
-
-    def apply_lora(params, lora_params, x):
-      merged = flip(lora_merge(flip(params), lora_params, alpha=8.0))
-      return eqx.combine(merged, static)(x)
+  >>> import equinox as eqx
+  >>> import jax
+  >>> import jax.numpy as jnp
+  >>> from metacf.adapters import lora_init, lora_merge
+  >>> model = eqx.nn.Linear(4, 3, key=jax.random.key(0))
+  >>> params, static = eqx.partition(model, eqx.is_inexact_array)
+  >>> flip = lambda tree: jax.tree.map(jnp.transpose, tree)
+  >>> lora_params = lora_init(jax.random.key(1), flip(params), 2)
+  >>> lora_params.weight['a'].shape, lora_params.weight['b'].shape
+  ((4, 2), (2, 3))
+  >>> def apply_lora(params, lora_params, x):
+  ...   merged = flip(lora_merge(flip(params), lora_params, alpha=8.0))
+  ...   return eqx.combine(merged, static)(x)
+  >>> x = jnp.ones(4)
+  >>> bool(jnp.allclose(apply_lora(params, lora_params, x), model(x)))  # b = 0
+  True
 
   so that ``W x`` becomes ``W x + (alpha / r) b.T (a.T x)``: the paper's
   ``W + B A`` with ``A = a.T`` random and ``B = b.T`` zero at init.

@@ -79,12 +79,11 @@ def get_builder(
 ) -> tfds.core.GeneratorBasedBuilder:
   """Returns the (not yet prepared) ``array_record`` tfds builder of ``name``.
 
-  Use it for random access without loading a whole split::
-
-    builder = metacf.data.get_builder('omniglot', raw_dir='/data/raw')
-    builder.download_and_prepare()
-    source = builder.as_data_source('background')
-    example = source[0]  # {'image': uint8 [105, 105, 1], 'label': ..., ...}
+  Use it for random access without loading a whole split: after
+  ``builder.download_and_prepare()``, ``builder.as_data_source('background')
+  [0]`` is Omniglot's first example, ``{'image': uint8 [105, 105, 1],
+  'label': ..., ...}`` (an example that runs without data is in
+  :mod:`metacf.data`).
 
   Args:
     name: One of ``'mnist'``, ``'fashion_mnist'``, ``'omniglot'``.

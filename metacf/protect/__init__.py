@@ -41,12 +41,15 @@ closure, as optax keeps a learning rate in ``inject_hyperparams``:
 fisher, strength)``. The constructor's arguments are the initial state; a
 jitted step that takes the optimizer state as an argument compiles once, its
 program holds no ``[k, P]`` constant, and the arrays are swapped between
-tasks by field name::
+tasks by field name:
 
-  opt_state = tx.init(params)
-  ...                                          # train on task A
-  opt_state = optax.tree.set(opt_state, basis=basis_after_a)
-  ...                                          # train on task B, same compile
+>>> opt_state = tx.init(params)
+>>> # ... train on task A
+>>> basis_after_a = jnp.zeros_like(svd_a.vt).at[0, 0].set(1.0)
+>>> opt_state = optax.tree.set(opt_state, basis=basis_after_a)
+>>> # ... train on task B: same compile, same shapes
+>>> optax.tree.get(opt_state, 'basis').shape
+(5, 56)
 
 ``optax.tree.set`` also matches dict keys of the same name inside the
 params-like trees (``bases``, ``anchor``, ``fisher``): where the params have

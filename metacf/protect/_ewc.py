@@ -287,15 +287,28 @@ def ewc(anchor: Params, fisher: Params, strength: Any
   the optimizer state as an argument compiles once for every anchor,
   Fisher and strength of the same shapes and dtypes, and holds none of them
   as constants (its program does not grow with ``P``). After a task, swap
-  them by name (online EWC, Schwarz et al. 2018)::
+  them by name (online EWC, Schwarz et al. 2018):
 
-    tx = optax.chain(metacf.protect.ewc(params, zero_fisher, 30.0), sgd)
-    opt_state = tx.init(params)
-    for task in tasks:
-      params, opt_state = train(params, opt_state, task)   # one compile
-      fisher = metacf.protect.online_ewc_update(
-          optax.tree.get(opt_state, 'fisher'), fisher_diagonal(...), 0.9)
-      opt_state = optax.tree.set(opt_state, anchor=params, fisher=fisher)
+  >>> import jax
+  >>> import jax.numpy as jnp
+  >>> import optax
+  >>> import metacf
+  >>> apply_fn = lambda p, x: x @ p['w']
+  >>> params = {'w': jnp.ones((3, 2))}
+  >>> x = jnp.arange(12.0).reshape(4, 3) / 12
+  >>> zero_fisher = jax.tree.map(jnp.zeros_like, params)
+  >>> tx = optax.chain(metacf.protect.ewc(params, zero_fisher, 30.0),
+  ...                  optax.sgd(0.1))
+  >>> opt_state = tx.init(params)
+  >>> fisher = zero_fisher
+  >>> for task in range(2):
+  ...   # params, opt_state = train(params, opt_state, task)  # one compile
+  ...   fisher = metacf.protect.online_ewc_update(
+  ...       optax.tree.get(opt_state, 'fisher'),
+  ...       metacf.protect.fisher_diagonal(apply_fn, params, x), 0.9)
+  ...   opt_state = optax.tree.set(opt_state, anchor=params, fisher=fisher)
+  >>> optax.tree.get(opt_state, 'fisher')['w'].shape
+  (3, 2)
 
   ``strength`` is state too, so it can be swapped the same way
   (``optax.tree.set(opt_state, strength=10.0)``; a Python number stays the

@@ -163,18 +163,29 @@ def gpm_projection(bases: Any) -> optax.GradientTransformation:
   leaves where they were). GPM's bases grow from task to task: keep one
   shape by zero padding, e.g. ``[d_in, d_in]`` (or ``[d_in, r_max]``) with
   :func:`gpm_basis`' columns first and zero columns after (zero columns
-  project nothing)::
+  project nothing):
 
-    padded = {'dense1': {'kernel': np.zeros((d_in, d_in), np.float32),
-                         'bias': None}, ...}
-    tx = optax.chain(metacf.protect.gpm_projection(padded), sgd)
-    opt_state = tx.init(params)
-    for task in tasks:
-      params, opt_state = train(params, opt_state, task)  # one compile
-      m = metacf.protect.gpm_basis(representation, 0.97, m)
-      padded['dense1']['kernel'][:, :m.shape[1]] = m
-      opt_state = optax.tree.set(
-          opt_state, bases=jax.tree.map(jnp.asarray, padded))
+  >>> import functools
+  >>> import numpy as np
+  >>> padded = {'dense1': {'kernel': np.zeros((4, 4), np.float32),
+  ...                      'bias': None}}                 # [d_in, d_in]
+  >>> tx = optax.chain(metacf.protect.gpm_projection(padded), optax.sgd(0.1))
+  >>> opt_state = tx.init(params)
+  >>> @functools.partial(jax.jit, donate_argnums=(0, 1))
+  ... def step(params, opt_state, grads):
+  ...   updates, opt_state = tx.update(grads, opt_state, params)
+  ...   return optax.apply_updates(params, updates), opt_state
+  >>> m = None
+  >>> for task in range(2):
+  ...   grads = jax.tree.map(jnp.ones_like, params)
+  ...   params, opt_state = step(params, opt_state, grads)  # train on the task
+  ...   representation = jax.random.normal(jax.random.key(task), (4, 2))
+  ...   m = metacf.protect.gpm_basis(representation, 0.97, m)
+  ...   padded['dense1']['kernel'][:, :m.shape[1]] = m
+  ...   opt_state = optax.tree.set(
+  ...       opt_state, bases=jax.tree.map(jnp.asarray, padded))
+  >>> m.shape, step._cache_size()                           # one compile
+  ((4, 2), 1)
 
   Swapped bases are checked for their shapes when ``update`` is traced,
   and for orthonormal columns and finiteness only with runtime checks on

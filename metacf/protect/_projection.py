@@ -66,29 +66,35 @@ def orthogonal_projection(basis: jax.typing.ArrayLike
   jitted step that takes the optimizer state as an argument therefore
   compiles once for every basis of the same shape and dtype, and its
   program does not hold :math:`V` (no :math:`kP` constant). Between tasks,
-  swap the basis by its field name::
-
-    tx = optax.chain(metacf.protect.orthogonal_projection(v_task0),
-                     optax.sgd(0.01))
-    opt_state = tx.init(params)
-    step = jax.jit(my_step, donate_argnums=(0, 1))  # (params, opt_state, batch)
-    ...                                   # train on task 1
-    opt_state = optax.tree.set(opt_state, basis=v_tasks01)
-    ...                                   # train on task 2, no recompile
+  swap the basis by its field name,
+  ``opt_state = optax.tree.set(opt_state, basis=new_basis)``.
 
   A basis that grows from task to task keeps one shape by zero padding:
   allocate ``k_max`` rows of zeros (zero rows project nothing), fill the
   first rows as tasks come (:func:`extend_basis` returns orthonormal rows)
-  and swap the padded array in with ``optax.tree.set``::
+  and swap the padded array in with ``optax.tree.set``; the jitted step
+  compiles once:
 
-    padded = np.zeros((k_max, num_params), np.float32)
-    tx = optax.chain(metacf.protect.orthogonal_projection(padded), sgd)
-    opt_state = tx.init(params)
-    for task in tasks:
-      params, opt_state = train(params, opt_state, task)  # one compile
-      grown = metacf.protect.extend_basis(grown, task_gradients)
-      padded[:grown.shape[0]] = grown
-      opt_state = optax.tree.set(opt_state, basis=jnp.asarray(padded))
+  >>> import functools
+  >>> import numpy as np
+  >>> params = jnp.zeros(6)
+  >>> padded = np.zeros((4, 6), np.float32)                # k_max = 4 rows
+  >>> tx = optax.chain(metacf.protect.orthogonal_projection(padded),
+  ...                  optax.sgd(0.1))
+  >>> opt_state = tx.init(params)
+  >>> @functools.partial(jax.jit, donate_argnums=(0, 1))
+  ... def step(params, opt_state, grads):
+  ...   updates, opt_state = tx.update(grads, opt_state, params)
+  ...   return optax.apply_updates(params, updates), opt_state
+  >>> grown = None
+  >>> for task in range(3):
+  ...   grads = jax.random.normal(jax.random.key(task), (6,))
+  ...   params, opt_state = step(params, opt_state, grads)  # train on the task
+  ...   grown = metacf.protect.extend_basis(grown, grads[None])
+  ...   padded[:grown.shape[0]] = grown
+  ...   opt_state = optax.tree.set(opt_state, basis=jnp.asarray(padded))
+  >>> grown.shape, step._cache_size()                     # one compile
+  ((3, 6), 1)
 
   Donate the optimizer state to the step (``jax.jit(step,
   donate_argnums=(0, 1))`` for ``step(params, opt_state, ...)``): ``update``
