@@ -48,7 +48,7 @@ Examples:
 from metacf.adapters._freeze import count_params
 from metacf.adapters._freeze import freeze
 from metacf.adapters._freeze import trainable_labels
-from metacf.adapters._lora import flax_fan_in_axes
+from metacf.adapters._layouts import flax_fan_in_axes
 from metacf.adapters._lora import lora_dense
 from metacf.adapters._lora import lora_init
 from metacf.adapters._lora import lora_merge

@@ -78,151 +78,12 @@ import numpy as np
 
 from metacf._src import checks
 from metacf._src import masks
+from metacf.adapters import _layouts
 from metacf._src.types import ApplyFn, Params
-
-_DEFAULT_TARGETS = (
-    "floating leaves with ndim >= 2 not named 'bias', 'scale' or 'embedding'")
-_NOT_TARGETS = ('bias', 'scale', 'embedding')
-_FAN_IN_HINT = (
-    'the default covers 2-D [d_in, d_out] and 4-D conv [kh, kw, c_in, c_out] '
-    'kernels only; pass the number of leading input axes, or a callable '
-    '(path, leaf) -> int such as metacf.adapters.flax_fan_in_axes')
-
-# A static int, or a callable (path, leaf) -> int; None: the default layouts.
-FanInAxes = int | Callable[[str, Any], int] | None
-
-
-def _dtype(leaf: Any) -> np.dtype:
-  if hasattr(leaf, 'dtype'):
-    return np.dtype(leaf.dtype)
-  return np.asarray(leaf).dtype
-
-
-def _is_floating(leaf: Any) -> bool:
-  return bool(jnp.issubdtype(_dtype(leaf), jnp.floating))
-
-
-def _leaf_name(key_path: tuple[Any, ...]) -> str:
-  """The parameter's name: the last key, skipping nnx's trailing ``.value``.
-
-  The leaves of an ``nnx.State`` sit at ``.../kernel`` + ``GetAttrKey('value')``
-  (the ``nnx.Variable``'s raw value), so their path ends in ``/value``.
-  """
-  keys = list(key_path)
-  last = keys[-1] if keys else None
-  if (len(keys) >= 2 and isinstance(last, jax.tree_util.GetAttrKey)
-      and last.name == 'value'):
-    keys = keys[:-1]
-  return masks.path_str(tuple(keys[-1:])) if keys else ''
-
-
-def _default_target(key_path: tuple[Any, ...], leaf: Any) -> bool:
-  return bool(np.ndim(leaf) >= 2 and _is_floating(leaf)
-              and _leaf_name(key_path) not in _NOT_TARGETS)
-
-
-def _check_fan_in_spec(fan_in_axes: Any, fn: str) -> None:
-  if fan_in_axes is None or callable(fan_in_axes):
-    return
-  if isinstance(fan_in_axes, bool) or not isinstance(
-      fan_in_axes, (int, np.integer)):
-    raise TypeError(
-        f'{fn}: fan_in_axes must be None, a Python int or a callable (path, '
-        f'leaf) -> int, got {type(fan_in_axes).__name__}.')
-
-
-def _fan_in(fan_in_axes: FanInAxes, path: str, leaf: Any, fn: str) -> int:
-  """``f``, the number of leading input axes of the target ``leaf``."""
-  shape = tuple(np.shape(leaf))
-  ndim = len(shape)
-  if fan_in_axes is None:
-    if ndim == 2:
-      return 1
-    if ndim == 4:
-      return 3
-    raise ValueError(
-        f'{fn}: fan_in_axes must be given for the target {path!r} of shape '
-        f'{shape} ({_FAN_IN_HINT}), got None.')
-  source = ''
-  f = fan_in_axes
-  if callable(fan_in_axes):
-    f = fan_in_axes(path, leaf)
-    source = ' (returned by the fan_in_axes callable)'
-    if isinstance(f, bool) or not isinstance(f, (int, np.integer)):
-      raise TypeError(
-          f'{fn}: fan_in_axes must return a Python int for each target, got '
-          f'{type(f).__name__} ({f!r}) for {path!r}.')
-  if not 1 <= f <= ndim - 1:
-    raise ValueError(
-        f'{fn}: fan_in_axes must be in 1..ndim-1 = 1..{ndim - 1} for the '
-        f'target {path!r} of shape {shape}, got {f}{source}.')
-  return int(f)
-
-
-def _matrix_shape(shape: tuple[int, ...], f: int) -> tuple[int, int]:
-  """``(d_in, d_out)``: the products of the first ``f`` axes and the rest."""
-  return math.prod(shape[:f]), math.prod(shape[f:])
-
-
-def flax_fan_in_axes(path: str, leaf: Any) -> int:
-  """``fan_in_axes`` for flax (linen and nnx) models, attention included.
-
-  Pass it as ``lora_init(..., fan_in_axes=flax_fan_in_axes)``. It returns:
-
-  * 1 for 2-D kernels ``[d_in, d_out]`` (``Dense``, ``nnx.Linear``);
-  * 3 for 4-D convolution kernels ``[kh, kw, c_in, c_out]`` (``Conv``);
-  * for the 3-D ``DenseGeneral`` / ``nnx.LinearGeneral`` kernels of
-    ``linen.MultiHeadDotProductAttention`` and ``nnx.MultiHeadAttention``,
-    told apart by the module's name (the path component before ``kernel``):
-    1 for ``query``, ``key`` and ``value``, whose kernels are ``[d_model,
-    heads, head_dim]`` and contract ``d_model``, and 2 for ``out``, whose
-    kernel is ``[heads, head_dim, d_model]`` and contracts ``heads,
-    head_dim``. (Source: ``flax/linen/attention.py``, ``DenseGeneral(axis=-1,
-    features=(num_heads, head_dim))`` for ``query``/``key``/``value`` and
-    ``DenseGeneral(axis=(-2, -1))`` for ``out``; ``flax/nnx/nn/attention.py``,
-    ``LinearGeneral`` with ``out_features=(num_heads, head_dim)`` and
-    ``in_features=(num_heads, head_dim)`` respectively.)
-
-  Paths are the ``/``-joined paths of :mod:`metacf.masks`: linen
-  ``'params/attn/query/kernel'``, nnx ``'attn/query/kernel/value'`` (a
-  trailing ``/value`` after ``kernel`` is skipped). Anything else (a 1-D
-  convolution's 3-D kernel, a ``DenseGeneral`` of another name, 5-D kernels)
-  raises: write a callable that knows the model, e.g. ``lambda path, leaf: 2
-  if path.endswith('proj/kernel') else flax_fan_in_axes(path, leaf)``.
-
-  Args:
-    path: The leaf's ``/``-joined path.
-    leaf: The leaf (only its ``ndim`` is read).
-
-  Returns:
-    The number of leading input axes of the kernel.
-
-  Raises:
-    ValueError: for a leaf this function cannot place (see above).
-  """
-  ndim = np.ndim(leaf)
-  if ndim == 2:
-    return 1
-  if ndim == 4:
-    return 3
-  parts = path.split('/')
-  if len(parts) >= 3 and parts[-1] == 'value' and parts[-2] == 'kernel':
-    parts = parts[:-1]                                   # nnx: .../kernel/value
-  module = parts[-2] if len(parts) >= 2 and parts[-1] == 'kernel' else None
-  if ndim == 3 and module in ('query', 'key', 'value'):
-    return 1
-  if ndim == 3 and module == 'out':
-    return 2
-  raise ValueError(
-      'flax_fan_in_axes: leaf must be a 2-D or 4-D kernel or the 3-D kernel '
-      'of an attention query, key, value or out projection (write a '
-      f'fan_in_axes callable for other layouts), got {path!r} of shape '
-      f'{tuple(np.shape(leaf))}.')
-
 
 def lora_init(key: jax.Array, params: Params, rank: int, *,
               targets: masks.MaskSpec = None,
-              fan_in_axes: FanInAxes = None) -> Params:
+              fan_in_axes: _layouts.FanInAxes = None) -> Params:
   r"""Initialises low-rank adapters ``(a, b)`` for the target leaves of ``params``.
 
   Every target leaf ``W`` with ``f`` leading input axes (``fan_in_axes``)
@@ -339,17 +200,17 @@ def lora_init(key: jax.Array, params: Params, rank: int, *,
   """
   fn = 'lora_init'
   rank = checks.check_int(rank, 'rank', fn, min_value=1)
-  _check_fan_in_spec(fan_in_axes, fn)
+  _layouts.check_fan_in_spec(fan_in_axes, fn)
   flat, treedef = jax.tree.flatten_with_path(params)
   if targets is None:
-    chosen = [_default_target(kp, leaf) for kp, leaf in flat]
+    chosen = [_layouts.default_target(kp, leaf) for kp, leaf in flat]
   else:
     chosen = masks.mask_leaves(targets, params, name='targets', fn=fn)
   paths = [masks.path_str(kp) for kp, _ in flat]
   leaves = [leaf for _, leaf in flat]
   if not any(chosen):
     what = 'targets' if targets is not None else (
-        f'targets (default: {_DEFAULT_TARGETS})')
+        f'targets (default: {_layouts.DEFAULT_TARGETS})')
     shown = ', '.join(repr(p) for p in paths[:4]) + (
         ', ...' if len(paths) > 4 else '')
     raise ValueError(
@@ -365,11 +226,12 @@ def lora_init(key: jax.Array, params: Params, rank: int, *,
       raise ValueError(
           f'{fn}: targets must select leaves with ndim >= 2, got shape '
           f'{shape} at {path!r}.')
-    if not _is_floating(leaf):
+    if not _layouts.is_floating(leaf):
       raise TypeError(
           f'{fn}: targets must select floating leaves, got dtype '
-          f'{_dtype(leaf)} at {path!r}.')
-    d_in, d_out = _matrix_shape(shape, _fan_in(fan_in_axes, path, leaf, fn))
+          f'{_layouts.dtype_of(leaf)} at {path!r}.')
+    f = _layouts.fan_in(fan_in_axes, path, leaf, fn)
+    d_in, d_out = _layouts.matrix_shape(shape, f)
     if rank > min(d_in, d_out):
       raise ValueError(
           f'{fn}: rank must be <= min(d_in, d_out) = {min(d_in, d_out)} for '
@@ -384,7 +246,7 @@ def lora_init(key: jax.Array, params: Params, rank: int, *,
       out.append(None)
       continue
     d_in, d_out = layout
-    dtype = _dtype(leaf)
+    dtype = _layouts.dtype_of(leaf)
     bound = 1.0 / math.sqrt(d_in)
     a = jax.random.uniform(next(keys), (d_in, rank), dtype, -bound, bound)
     b = jnp.zeros((rank, d_out), dtype)
@@ -599,7 +461,7 @@ def lora_dense(x: jax.typing.ArrayLike, w: jax.typing.ArrayLike,
         f'{fn}: fan_in_axes must be in 1..ndim-1 = 1..{len(shape) - 1} for w '
         f'of shape {shape}, got {f}.')
   in_shape = shape[:f]
-  d_in, d_out = _matrix_shape(shape, f)
+  d_in, d_out = _layouts.matrix_shape(shape, f)
   if np.ndim(x) < f or tuple(np.shape(x)[np.ndim(x) - f:]) != in_shape:
     expected = (f'[..., d_in] with d_in = {d_in}' if f == 1 else
                 f'[..., {", ".join(map(str, in_shape))}] (the first '
