@@ -1,7 +1,10 @@
-"""MAML (Finn et al. 2017): inner/outer loops vmapped over tasks in one jit.
+"""MAML (Finn et al. 2017) and its family, vmapped over tasks in one jit.
 
 Second-order by default; FOMAML (``first_order=True``), Meta-SGD (pytree
-``inner_lr``), ANIL (``adapt_mask``), rematerialised inner loops
+``inner_lr``), ANIL (``adapt_mask``), MAML++ (``per_step_inner_lr``,
+``step_weights``, ``pass_step``), Reptile (:func:`reptile_grad`), iMAML
+(:func:`imaml_grad`), prototypical networks (:func:`prototype_logits`),
+rematerialised inner loops
 (``remat=True``), optax inner optimizers, and a jitted, optionally sharded
 meta-training step. Loss functions may return aux outputs (``has_aux=True``,
 e.g. query accuracy) and take per-task keys (``key=``, dropout/augmentation).
@@ -82,20 +85,26 @@ functional batch norm on ``x.mean(0)``/``x.var(0)``. Its scale and offset are
 ordinary parameters and are adapted like any other.
 
 Modules: ``_inner`` (:func:`inner_adapt` and the checks it shares), ``_loss``
-(:class:`Task`, :func:`maml_loss`) and ``_train``
-(:func:`make_meta_train_step`, :class:`MetaTrainMetrics`).
+(:class:`Task`, :func:`maml_loss`), ``_train`` (:func:`make_meta_train_step`,
+:class:`MetaTrainMetrics`), ``_reptile``, ``_imaml`` and ``_protonet``.
 """
 
+from metacf.maml._imaml import imaml_grad
 from metacf.maml._inner import inner_adapt
 from metacf.maml._loss import maml_loss
 from metacf.maml._loss import Task
+from metacf.maml._protonet import prototype_logits
+from metacf.maml._reptile import reptile_grad
 from metacf.maml._train import make_meta_train_step
 from metacf.maml._train import MetaTrainMetrics
 
 __all__ = [
     'MetaTrainMetrics',
     'Task',
+    'imaml_grad',
     'inner_adapt',
     'make_meta_train_step',
     'maml_loss',
+    'prototype_logits',
+    'reptile_grad',
 ]

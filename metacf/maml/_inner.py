@@ -32,8 +32,26 @@ def mask_leaves(adapt_mask: Any, params: Params, fn: str) -> list[bool]:
   return masks.mask_leaves(adapt_mask, params, name='adapt_mask', fn=fn)
 
 
-def check_inner_lr(inner_lr: Any, params: Params, fn: str) -> None:
+def check_inner_lr(inner_lr: Any, params: Params, fn: str, *,
+                   per_step: bool = False, num_steps: int | None = None
+                   ) -> None:
+  """Checks ``inner_lr``'s structure and shapes against ``params``.
+
+  With ``per_step`` (MAML++'s per-step rates), every leaf (or the single
+  array) has a leading axis of length ``num_steps``.
+  """
   if inner_lr is None:
+    return
+  if per_step:
+    for leaf in jax.tree.leaves(inner_lr):
+      shape = np.shape(leaf)
+      if not shape or shape[0] != num_steps:
+        raise ValueError(
+            f'{fn}: with per_step_inner_lr=True, inner_lr (every leaf) must '
+            f'have a leading axis of length num_inner_steps={num_steps}, got '
+            f'shape {shape}.')
+    strip = lambda t: jax.tree.map(lambda a: np.empty(np.shape(a)[1:]), t)
+    check_inner_lr(strip(inner_lr), params, fn)
     return
   if jax.tree_util.treedef_is_leaf(jax.tree.structure(inner_lr)):
     if np.ndim(inner_lr) != 0:
@@ -70,15 +88,18 @@ def check_key(key: Any, fn: str) -> None:
          else '') + '.')
 
 
-def loss_value(loss_fn: LossFn, has_aux: bool, fn: str) -> Callable[..., Any]:
-  """``loss_fn`` as ``f(params, x, y, key) -> (loss, aux)``.
+def loss_value(loss_fn: LossFn, has_aux: bool, fn: str, *,
+               pass_step: bool = False) -> Callable[..., Any]:
+  """``loss_fn`` as ``f(params, x, y, key, step=None) -> (loss, aux)``.
 
   ``key=None`` calls ``loss_fn(params, x, y)``; otherwise
-  ``loss_fn(params, x, y, key)``. Without ``has_aux`` the aux is None.
+  ``loss_fn(params, x, y, key)``; with ``pass_step``, ``step=step`` is added
+  as a keyword. Without ``has_aux`` the aux is None.
   """
 
-  def value(params, x, y, key):
-    out = loss_fn(params, x, y) if key is None else loss_fn(params, x, y, key)
+  def value(params, x, y, key, step=None):
+    args = (params, x, y) if key is None else (params, x, y, key)
+    out = loss_fn(*args, step=step) if pass_step else loss_fn(*args)
     if has_aux:
       if not isinstance(out, (tuple, list)) or len(out) != 2:
         got = (f'an array of shape {np.shape(out)}' if hasattr(out, 'shape')
@@ -113,6 +134,8 @@ def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
                 inner_optimizer: optax.GradientTransformation | None = None,
                 has_aux: bool = False,
                 key: jax.Array | None = None,
+                per_step_inner_lr: bool = False,
+                pass_step: bool = False,
                 num_steps: int | None = None) -> Params:
   r"""Adapts ``params`` to one task by ``num_inner_steps`` of gradient descent.
 
@@ -158,6 +181,18 @@ def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
     key: Optional PRNG key for a stochastic ``loss_fn`` (dropout,
       augmentation). Step ``s`` (0-based) calls ``loss_fn(params, x, y,
       jax.random.fold_in(key, s))``. Same key, same result.
+    per_step_inner_lr: If True (MAML++'s per-step learning rates, Antoniou et
+      al. 2019), every ``inner_lr`` leaf, or the single ``inner_lr`` array,
+      has a leading axis of length ``num_inner_steps`` and step ``s`` uses
+      index ``s``: a ``[num_inner_steps]`` array is one rate per step,
+      ``[num_inner_steps]`` leaves in a pytree like ``params`` one per layer
+      and step (LSLR), ``[num_inner_steps, *leaf.shape]`` leaves one per
+      parameter and step. Differentiable like any ``inner_lr``.
+    pass_step: If True, ``loss_fn`` is also given the inner step index as a
+      keyword, ``loss_fn(params, x, y[, key], step=s)`` (``s`` a Python int,
+      or an int32 scalar inside the ``lax.scan`` of long or ``remat`` loops),
+      e.g. to select per-step BatchNorm scales and offsets (MAML++'s BNWB):
+      ``params['bn_scale'][step]``.
     num_steps: Deprecated alias of ``num_inner_steps`` (emits a
       ``DeprecationWarning``; removed in the next release).
 
@@ -166,8 +201,10 @@ def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
 
   Raises:
     ValueError: if ``num_inner_steps < 0``, ``inner_lr``/``adapt_mask`` do
-      not match the structure of ``params``, ``adapt_mask`` matches no leaf,
-      or not exactly one of ``inner_lr`` and ``inner_optimizer`` is given.
+      not match the structure of ``params`` (with ``per_step_inner_lr``: a
+      leading axis other than ``num_inner_steps``), ``adapt_mask`` matches no
+      leaf, or not exactly one of ``inner_lr`` and ``inner_optimizer`` is
+      given.
     TypeError: if ``key`` is not a PRNG key, ``loss_fn``'s output does not
       match ``has_aux``, or both ``num_steps`` and a ``num_inner_steps``
       other than 1 are given.
@@ -177,7 +214,9 @@ def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
     Networks <https://arxiv.org/abs/1703.03400>`_, 2017;
     Li et al., `Meta-SGD <https://arxiv.org/abs/1707.09835>`_, 2017;
     Raghu et al., `Rapid Learning or Feature Reuse? (ANIL)
-    <https://arxiv.org/abs/1909.09157>`_, 2020
+    <https://arxiv.org/abs/1909.09157>`_, 2020;
+    Antoniou, Edwards & Storkey, `How to train your MAML (MAML++)
+    <https://arxiv.org/abs/1810.09502>`_, 2019
   """
   fn = 'inner_adapt'
   name = 'num_inner_steps'
@@ -194,13 +233,16 @@ def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
     num_inner_steps, name = num_steps, 'num_steps'
   num_inner_steps = checks.check_int(num_inner_steps, name, fn, min_value=0)
   check_optimizer_choice(inner_lr, inner_optimizer, fn)
-  check_inner_lr(inner_lr, params, fn)
+  check_per_step(per_step_inner_lr, inner_optimizer, fn)
+  check_inner_lr(inner_lr, params, fn, per_step=per_step_inner_lr,
+                 num_steps=num_inner_steps)
   check_key(key, fn)
   mask = mask_leaves(adapt_mask, params, fn)
   return adapt(
-      loss_value(loss_fn, has_aux, fn), params, x, y, mask, inner_lr=inner_lr,
-      num_steps=num_inner_steps, first_order=first_order, remat=remat,
-      inner_optimizer=inner_optimizer, key=key)
+      loss_value(loss_fn, has_aux, fn, pass_step=pass_step), params, x, y,
+      mask, inner_lr=inner_lr, num_steps=num_inner_steps,
+      first_order=first_order, remat=remat, inner_optimizer=inner_optimizer,
+      key=key, per_step_lr=per_step_inner_lr)
 
 
 def check_optimizer_choice(inner_lr: Any, inner_optimizer: Any,
@@ -211,15 +253,27 @@ def check_optimizer_choice(inner_lr: Any, inner_optimizer: Any,
         f'inner_lr={inner_lr!r} and inner_optimizer={inner_optimizer!r}.')
 
 
+def check_per_step(per_step_inner_lr: bool, inner_optimizer: Any,
+                   fn: str) -> None:
+  if per_step_inner_lr and inner_optimizer is not None:
+    raise ValueError(
+        f'{fn}: per_step_inner_lr=True needs inner_lr (per-step SGD rates), '
+        'not inner_optimizer.')
+
+
 def adapt(value: Callable[..., Any], params: Params, x: Any, y: Any,
           mask: list[bool], *, inner_lr: Any, num_steps: int,
           first_order: bool, remat: bool,
           inner_optimizer: optax.GradientTransformation | None,
-          key: jax.Array | None) -> Params:
-  """:func:`inner_adapt` on checked arguments; ``value`` from loss_value."""
-  if num_steps == 0 or not any(mask):
-    return params
+          key: jax.Array | None, per_step_lr: bool = False,
+          after_step: Callable[[Params, Any], Any] | None = None) -> Any:
+  """:func:`inner_adapt` on checked arguments; ``value`` from loss_value.
 
+  ``per_step_lr``: ``inner_lr`` leaves have a leading step axis, step ``s``
+  uses index ``s``. ``after_step(params, k)``, if given, is evaluated on the
+  parameters after each step ``k = 1..num_steps`` and the result is
+  ``(adapted, outputs stacked over steps)``.
+  """
   leaves, treedef = jax.tree.flatten(params)
   adapted_idx = [i for i, m in enumerate(mask) if m]
 
@@ -229,12 +283,19 @@ def adapt(value: Callable[..., Any], params: Params, x: Any, y: Any,
       full[i] = leaf
     return jax.tree.unflatten(treedef, full)
 
+  if num_steps == 0 or not adapted_idx:
+    if after_step is None:
+      return params
+    outs = [after_step(params, k) for k in range(1, num_steps + 1)]
+    return params, (jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs
+                    else None)
+
   def inner_grads(adapted_leaves, step_index):
     # Gradients with respect to the adapted leaves only: none are computed
     # for frozen ones (ANIL's saving).
     grads = jax.grad(lambda a: value(merge(a), x, y,
-                                     step_key(key, step_index))[0])(
-                                         adapted_leaves)
+                                     step_key(key, step_index),
+                                     step=step_index)[0])(adapted_leaves)
     return jax.lax.stop_gradient(grads) if first_order else grads
 
   start = [leaves[i] for i in adapted_idx]
@@ -248,11 +309,12 @@ def adapt(value: Callable[..., Any], params: Params, x: Any, y: Any,
 
     def sgd_step(carry, step_index):
       grads = inner_grads(carry, step_index)
-      new = [p - jnp.asarray(lr, p.dtype) * g
-             for p, g, lr in zip(carry, grads, lrs)]
-      return new, None
+      step_lrs = [lr[step_index] for lr in lrs] if per_step_lr else lrs
+      return [p - jnp.asarray(lr, p.dtype) * g
+              for p, g, lr in zip(carry, grads, step_lrs)]
 
     step, init = sgd_step, start
+    current = lambda carry: carry
   else:
     zeros = [jnp.zeros_like(leaf) for leaf in leaves]
 
@@ -265,22 +327,31 @@ def adapt(value: Callable[..., Any], params: Params, x: Any, y: Any,
       # Frozen leaves' updates (e.g. weight decay) are discarded.
       new = optax.apply_updates(current,
                                 [update_leaves[i] for i in adapted_idx])
-      return (new, opt_state), None
+      return new, opt_state
 
     step, init = opt_step, (start, inner_optimizer.init(params))
+    current = lambda carry: carry[0]
+
+  def scan_step(carry, step_index):
+    carry = step(carry, step_index)
+    out = (None if after_step is None
+           else after_step(merge(current(carry)), step_index + 1))
+    return carry, out
 
   if remat:
     # Rematerialised steps inside a scan: memory flat in num_steps.
-    final, _ = jax.lax.scan(jax.checkpoint(step), init,
-                            jnp.arange(num_steps))
+    final, outs = jax.lax.scan(jax.checkpoint(scan_step), init,
+                               jnp.arange(num_steps))
   elif num_steps <= _MAX_UNROLLED_STEPS:
     # A Python loop, not lax.scan: scan stacks each step's residuals and
     # measured 1.06-1.14x slower than the unrolled loop a user would write.
-    final = init
+    final, outs = init, []
     for s in range(num_steps):
-      final, _ = step(final, s)
+      final, out = scan_step(final, s)
+      outs.append(out)
+    outs = (None if after_step is None
+            else jax.tree.map(lambda *a: jnp.stack(a), *outs))
   else:
-    final, _ = jax.lax.scan(step, init, jnp.arange(num_steps))
-  if inner_optimizer is not None:
-    final = final[0]
-  return merge(final)
+    final, outs = jax.lax.scan(scan_step, init, jnp.arange(num_steps))
+  adapted = merge(current(final))
+  return adapted if after_step is None else (adapted, outs)

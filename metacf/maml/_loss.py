@@ -6,6 +6,7 @@ per-task key derivation. Conventions in :mod:`metacf.maml`.
 """
 
 from collections.abc import Callable
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -79,7 +80,10 @@ def maml_loss(loss_fn: LossFn, params: Params, tasks: Task, *,
               remat: bool = False,
               inner_optimizer: optax.GradientTransformation | None = None,
               has_aux: bool = False,
-              key: jax.Array | None = None) -> Any:
+              key: jax.Array | None = None,
+              per_step_inner_lr: bool = False,
+              step_weights: Any = None,
+              pass_step: bool = False) -> Any:
   r"""The MAML meta-loss: mean over tasks of the query loss after adaptation.
 
   .. math::
@@ -115,31 +119,69 @@ def maml_loss(loss_fn: LossFn, params: Params, tasks: Task, *,
       ignores aux; gradients are those of the aux-free loss
       (``jax.grad(..., has_aux=True)``).
     key: Optional PRNG key for a stochastic ``loss_fn`` (see above).
+    per_step_inner_lr: MAML++'s per-step (and, with per-layer leaves,
+      per-layer: LSLR) inner learning rates: every ``inner_lr`` leaf has a
+      leading axis of length ``num_inner_steps`` and step ``s`` uses index
+      ``s`` (see :func:`inner_adapt`). Learnable through ``jax.grad``.
+    step_weights: MAML++'s multi-step loss: a ``[num_inner_steps]`` array
+      ``w``; the meta-loss becomes :math:`\sum_s w_s \frac{1}{B}\sum_b
+      L(\phi_{b,s}; Q_b)`, where :math:`\phi_{b,s}` are task ``b``'s
+      parameters after ``s + 1`` inner steps (``w[-1]`` weighs the final
+      ones). May be a traced array (an annealing schedule computed in the
+      step). ``None`` (default): the final step only, weight 1. With a key,
+      the query evaluation after ``k < num_inner_steps`` steps uses
+      ``fold_in(task_key, num_inner_steps + k)`` (the final one keeps
+      ``fold_in(task_key, num_inner_steps)``); ``aux`` is the final one's.
+    pass_step: If True, ``loss_fn`` gets ``step=`` as a keyword: the inner
+      step index ``s`` in the inner loop (see :func:`inner_adapt`), and the
+      number of steps taken ``k`` in the query evaluation after ``k`` steps
+      (``num_inner_steps`` for the final one). So per-step BatchNorm
+      parameters (MAML++'s BNWB) are ``num_inner_steps + 1`` rows indexed by
+      ``step``.
 
   Returns:
     The scalar meta-loss, or ``(meta_loss, aux)`` with ``has_aux=True``.
 
   Raises:
     ValueError: if the fields of ``tasks`` have different leading sizes,
-      ``num_inner_steps < 0``, or ``inner_lr``/``adapt_mask`` do not match
-      ``params``.
+      ``num_inner_steps < 0``, ``inner_lr``/``adapt_mask`` do not match
+      ``params`` (with ``per_step_inner_lr``, every ``inner_lr`` leaf's
+      leading axis must be ``num_inner_steps``), or ``step_weights`` is not
+      ``[num_inner_steps]``.
     TypeError: if ``key`` is not a PRNG key, or ``loss_fn``'s output does not
       match ``has_aux``.
 
   References:
     Finn et al., `Model-Agnostic Meta-Learning for Fast Adaptation of Deep
-    Networks <https://arxiv.org/abs/1703.03400>`_, 2017
+    Networks <https://arxiv.org/abs/1703.03400>`_, 2017;
+    Antoniou, Edwards & Storkey, `How to train your MAML (MAML++)
+    <https://arxiv.org/abs/1810.09502>`_, 2019
   """
   fn = 'maml_loss'
   num_tasks = check_tasks(tasks, fn)
   meta_loss = meta_loss_fn(
       loss_fn, params, fn, inner_lr=inner_lr, num_inner_steps=num_inner_steps,
       first_order=first_order, adapt_mask=adapt_mask, remat=remat,
-      inner_optimizer=inner_optimizer, has_aux=has_aux)
+      inner_optimizer=inner_optimizer, has_aux=has_aux,
+      per_step_inner_lr=per_step_inner_lr, pass_step=pass_step)
   _inner.check_key(key, fn)
   keys = None if key is None else task_keys(key, num_tasks)
-  loss, aux = meta_loss(params, tasks, keys)
+  loss, aux = meta_loss(params, tasks, keys, step_weights)
   return (loss, aux) if has_aux else loss
+
+
+def check_step_weights(step_weights: Any, num_inner_steps: int,
+                       fn: str) -> None:
+  if step_weights is None:
+    return
+  if num_inner_steps < 1 or np.shape(step_weights) != (num_inner_steps,):
+    raise ValueError(
+        f'{fn}: step_weights must have shape [num_inner_steps] = '
+        f'({num_inner_steps},), got shape {np.shape(step_weights)}.')
+  dtype = jnp.result_type(step_weights)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f'{fn}: step_weights must be floating point, got dtype {dtype}.')
 
 
 def meta_loss_fn(loss_fn: LossFn, params: Params, fn: str, *,
@@ -147,10 +189,12 @@ def meta_loss_fn(loss_fn: LossFn, params: Params, fn: str, *,
                  first_order: bool = False, adapt_mask: Any = None,
                  remat: bool = False,
                  inner_optimizer: optax.GradientTransformation | None = None,
-                 has_aux: bool = False
-                 ) -> Callable[[Params, Task, jax.Array | None],
-                               tuple[jax.Array, Any]]:
-  """Checks the MAML options once; returns ``f(params, tasks, task_keys)``.
+                 has_aux: bool = False,
+                 per_step_inner_lr: bool = False,
+                 pass_step: bool = False,
+                 ) -> Callable[..., tuple[jax.Array, Any]]:
+  """Checks the MAML options once; returns ``f(params, tasks, task_keys,
+  step_weights=None)``.
 
   ``f`` returns ``(meta_loss, aux stacked over tasks)`` (aux None without
   ``has_aux``); ``task_keys`` is None or ``[num_tasks]`` keys.
@@ -158,20 +202,35 @@ def meta_loss_fn(loss_fn: LossFn, params: Params, fn: str, *,
   num_inner_steps = checks.check_int(num_inner_steps, 'num_inner_steps', fn,
                                      min_value=0)
   _inner.check_optimizer_choice(inner_lr, inner_optimizer, fn)
-  _inner.check_inner_lr(inner_lr, params, fn)
+  _inner.check_per_step(per_step_inner_lr, inner_optimizer, fn)
+  _inner.check_inner_lr(inner_lr, params, fn, per_step=per_step_inner_lr,
+                        num_steps=num_inner_steps)
   mask = _inner.mask_leaves(adapt_mask, params, fn)
-  value = _inner.loss_value(loss_fn, has_aux, fn)
+  value = _inner.loss_value(loss_fn, has_aux, fn, pass_step=pass_step)
 
-  def meta_loss(params, tasks, keys):
+  def meta_loss(params, tasks, keys, step_weights=None):
+    check_step_weights(step_weights, num_inner_steps, fn)
 
     def per_task(task: Task, task_key: jax.Array | None):
-      adapted = _inner.adapt(
-          value, params, task.support_x, task.support_y, mask,
+      adapt = functools.partial(
+          _inner.adapt, value, params, task.support_x, task.support_y, mask,
           inner_lr=inner_lr, num_steps=num_inner_steps,
           first_order=first_order, remat=remat,
-          inner_optimizer=inner_optimizer, key=task_key)
-      return value(adapted, task.query_x, task.query_y,
-                   _inner.step_key(task_key, num_inner_steps))
+          inner_optimizer=inner_optimizer, key=task_key,
+          per_step_lr=per_step_inner_lr)
+      if step_weights is None:
+        return value(adapt(), task.query_x, task.query_y,
+                     _inner.step_key(task_key, num_inner_steps),
+                     step=num_inner_steps)
+
+      def query(adapted, k):  # after k = 1..num_inner_steps steps
+        query_key = _inner.step_key(
+            task_key, jnp.where(k == num_inner_steps, k, num_inner_steps + k))
+        return value(adapted, task.query_x, task.query_y, query_key, step=k)
+
+      _, (losses, aux) = adapt(after_step=query)
+      weights = jnp.asarray(step_weights, losses.dtype)
+      return jnp.sum(weights * losses), jax.tree.map(lambda a: a[-1], aux)
 
     losses, aux = jax.vmap(per_task)(tasks, keys)
     return jnp.mean(losses), aux

@@ -28,7 +28,8 @@ class MetaTrainMetrics(NamedTuple):
 
 
 _MAML_OPTIONS = frozenset({'inner_lr', 'num_inner_steps', 'first_order',
-                           'adapt_mask', 'remat', 'inner_optimizer'})
+                           'adapt_mask', 'remat', 'inner_optimizer',
+                           'per_step_inner_lr', 'step_weights', 'pass_step'})
 
 
 def _aux_metrics(aux: Any) -> Any:
@@ -86,12 +87,19 @@ def make_meta_train_step(
       or without ``task_chunk_size`` and ``mesh``.
     **maml_options: Forwarded to :func:`maml_loss` (``inner_lr``,
       ``num_inner_steps``, ``first_order``, ``adapt_mask``, ``remat``,
-      ``inner_optimizer``). For Meta-SGD, make the learning rates part of the
-      meta-parameters in your ``loss_fn`` wrapper instead.
+      ``inner_optimizer``, and MAML++'s ``per_step_inner_lr``,
+      ``step_weights``, ``pass_step``). For Meta-SGD or MAML++'s learned
+      per-step rates, make the learning rates part of the meta-parameters in
+      your ``loss_fn`` wrapper instead (as the Omniglot baselines experiment
+      does). ``step_weights`` given here is the default of every call; a
+      schedule passes them per call instead, ``step(..., step_weights=w)``,
+      an array of the same shape (no retrace). MAML++'s derivative-order
+      annealing: build a ``first_order=True`` and a ``first_order=False``
+      step and switch at the epoch of your schedule (two compilations).
 
   Returns:
-    ``step(params, opt_state, tasks, key=None) -> (params, opt_state,
-    MetaTrainMetrics)``.
+    ``step(params, opt_state, tasks, key=None, step_weights=None) ->
+    (params, opt_state, MetaTrainMetrics)``.
 
   Raises:
     ValueError: on a ``task_chunk_size`` that does not divide the number of
@@ -113,12 +121,15 @@ def make_meta_train_step(
         f'{sorted(_MAML_OPTIONS)}.')
   _inner.check_key(key, fn)
   default_key = key
+  maml_options = dict(maml_options)
+  default_weights = maml_options.pop('step_weights', None)
 
-  def loss_and_grad(params, tasks, keys):
+  def loss_and_grad(params, tasks, keys, step_weights):
     num_tasks = _loss.check_tasks(tasks, fn)
     meta_loss = _loss.meta_loss_fn(loss_fn, params, fn, has_aux=has_aux,
                                    **maml_options)
-    value_and_grad = jax.value_and_grad(meta_loss, has_aux=True)
+    value_and_grad = jax.value_and_grad(
+        functools.partial(meta_loss, step_weights=step_weights), has_aux=True)
     if keys is not None:
       keys = _loss.task_keys(keys, num_tasks)
     if task_chunk_size is None or task_chunk_size >= num_tasks:
@@ -144,12 +155,14 @@ def make_meta_train_step(
     scale = 1.0 / num_chunks
     return (loss * scale, aux), optax.tree.scale(scale, grads)
 
-  def step(params, opt_state, tasks, key=None):
+  def step(params, opt_state, tasks, key=None, step_weights=None):
     if key is None:
       key = default_key
     else:
       _inner.check_key(key, fn)
-    (loss, aux), grads = loss_and_grad(params, tasks, key)
+    if step_weights is None:
+      step_weights = default_weights
+    (loss, aux), grads = loss_and_grad(params, tasks, key, step_weights)
     updates, opt_state = optim.update(outer_optimizer, grads, opt_state,
                                       params)
     params = optax.apply_updates(params, updates)
@@ -164,15 +177,17 @@ def make_meta_train_step(
   by_task = jax.sharding.NamedSharding(mesh,
                                        jax.sharding.PartitionSpec(task_axis))
   jitted = jax.jit(step, donate_argnums=donate_argnums,
-                   in_shardings=(replicated, replicated, by_task, replicated),
+                   in_shardings=(replicated, replicated, by_task, replicated,
+                                 replicated),
                    out_shardings=(replicated, replicated, replicated))
 
-  # in_shardings covers positional arguments only, so the key is always passed.
+  # in_shardings covers positional arguments only, so all are passed.
   @functools.wraps(step)
-  def sharded_step(params, opt_state, tasks, key=None):
-    return jitted(params, opt_state, tasks, key)
+  def sharded_step(params, opt_state, tasks, key=None, step_weights=None):
+    return jitted(params, opt_state, tasks, key, step_weights)
 
-  sharded_step.lower = lambda params, opt_state, tasks, key=None: (
-      jitted.lower(params, opt_state, tasks, key))
+  sharded_step.lower = (
+      lambda params, opt_state, tasks, key=None, step_weights=None:
+      jitted.lower(params, opt_state, tasks, key, step_weights))
   sharded_step._cache_size = jitted._cache_size  # pylint: disable=protected-access
   return sharded_step
