@@ -309,7 +309,8 @@ def adapt(value: Callable[..., Any], params: Params, x: Any, y: Any,
 
     def sgd_step(carry, step_index):
       grads = inner_grads(carry, step_index)
-      step_lrs = [lr[step_index] for lr in lrs] if per_step_lr else lrs
+      step_lrs = ([jnp.asarray(lr)[step_index] for lr in lrs] if per_step_lr
+                  else lrs)
       return [p - jnp.asarray(lr, p.dtype) * g
               for p, g, lr in zip(carry, grads, step_lrs)]
 

@@ -28,8 +28,11 @@ def prototype_logits(support_embeddings: jax.Array, support_labels: jax.Array,
   A class with no support example has no prototype: its logits are the most
   negative finite value of the dtype (``jnp.finfo(dtype).min``), so it gets
   probability 0 (exactly, after ``softmax``) and is never predicted, and no
-  NaN appears in the logits, the loss or the gradients. If no class has a
-  support example, all logits are that value (a uniform softmax).
+  NaN appears in the logits, the loss or the gradients. A query labelled
+  with such a class therefore has an infinite cross-entropy (probability 0;
+  the gradients stay finite); in padded episodes (fewer ways than
+  ``num_classes``), label queries with present classes only. If no class has
+  a support example, all logits are that value (a uniform softmax).
 
   Examples:
     >>> emb = jnp.array([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0]])

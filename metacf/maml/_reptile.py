@@ -6,6 +6,7 @@ Conventions in :mod:`metacf.maml`.
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from metacf._src import checks
@@ -99,5 +100,7 @@ def reptile_grad(loss_fn: LossFn, params: Params, tasks: _loss.Task, *,
         inner_optimizer=inner_optimizer, key=task_key)
 
   adapted = jax.vmap(per_task)(tasks, keys)
-  return jax.tree.map(lambda p, a: p - a.mean(0).astype(p.dtype), theta,
-                      adapted)
+  # The mean of the differences, not theta minus the mean: exact zeros for
+  # leaves that adapt_mask freezes (and no cancellation).
+  return jax.tree.map(lambda p, a: jnp.mean(p[None] - a, 0).astype(p.dtype),
+                      theta, adapted)
