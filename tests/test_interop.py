@@ -610,6 +610,123 @@ class MamlInteropTest(chex.TestCase):
                   case.apply_fn(new_params, x), rtol=1e-6)
 
 
+class MamlFamilyInteropTest(chex.TestCase):
+  """Reptile, iMAML, prototypical networks and MAML++ on the three models."""
+
+  @parameterized.named_parameters(*_CASES)
+  def test_reptile_grad_matches_hand_loop(self, make_case):
+    case = make_case()
+    loss_fn = _ce_loss_fn(case.apply_fn)
+    tasks = _tasks()
+    got = jax.jit(lambda p, t: metacf.maml.reptile_grad(
+        loss_fn, p, t, inner_lr=_INNER_LR, num_inner_steps=2))(
+            case.params, tasks)
+    adapted = []
+    for b in range(tasks.support_x.shape[0]):
+      p = case.params
+      for _ in range(2):
+        g = jax.grad(loss_fn)(p, tasks.support_x[b], tasks.support_y[b])
+        p = jax.tree.map(lambda w, gw: w - _INNER_LR * gw, p, g)
+      adapted.append(_f64(p))
+    want = _f64(case.params) - np.mean(adapted, axis=0)
+    _assert_same_structure(got, case.params)
+    self.assertGreater(float(np.abs(want).max()), 1e-4)
+    _assert_close(_flat(got), want, rtol=1e-4, atol=1e-6)
+
+  @parameterized.named_parameters(*_CASES)
+  def test_imaml_grad_matches_numpy_cg_on_dense_hessian(self, make_case):
+    # float64: the proximal inner loop by hand, then a textbook CG on the
+    # dense (I + H / reg) of the model's support loss at phi.
+    reg, steps, cg_steps = 2.0, 2, 3
+    case = make_case()       # built (and cached) outside float64 mode.
+    # Standard promotion: flax's BatchNorm statistics (see the LoRA test).
+    with jax.enable_x64(True), jax.numpy_dtype_promotion('standard'):
+      params = _to_f64(case.params)
+      loss_fn = _ce_loss_fn(case.apply_fn)
+      tasks = _tasks(num_tasks=1)
+      tasks = tasks._replace(support_x=_to_f64(tasks.support_x),
+                             query_x=_to_f64(tasks.query_x))
+      loss, grads = metacf.maml.imaml_grad(
+          loss_fn, params, tasks, reg=reg, inner_lr=_INNER_LR,
+          num_inner_steps=steps, cg_steps=cg_steps)
+      flat, unravel = ravel_pytree(params)
+      task = jax.tree.map(lambda a: a[0], tasks)
+      f = lambda v, x, y: loss_fn(unravel(v), x, y)
+      phi = np.asarray(flat)
+      for _ in range(steps):
+        phi = phi - _INNER_LR * (
+            np.asarray(jax.grad(f)(phi, task.support_x, task.support_y))
+            + reg * (phi - np.asarray(flat)))
+      hess = np.asarray(jax.hessian(f)(phi, task.support_x, task.support_y))
+      g_q = np.asarray(jax.grad(f)(phi, task.query_x, task.query_y))
+      matrix = np.eye(len(phi)) + hess / reg
+      x, r = np.zeros_like(g_q), g_q.copy()
+      d = r.copy()
+      for _ in range(cg_steps):
+        rr = r @ r
+        alpha = rr / (d @ matrix @ d)
+        x, r = x + alpha * d, r - alpha * (matrix @ d)
+        d = r + (r @ r) / rr * d
+      _assert_same_structure(grads, params)
+      _assert_close(loss, f(phi, task.query_x, task.query_y), rtol=1e-10)
+      self.assertGreater(float(np.abs(x).max()), 1e-4)
+      # atol: the conv bias before BatchNorm has an exactly-zero gradient,
+      # which both sides compute as rounding noise (~1e-8).
+      _assert_close(_f64(grads), x, rtol=1e-7,
+                    atol=1e-6 * float(np.abs(x).max()))
+
+  @parameterized.named_parameters(*_CASES)
+  def test_prototype_logits_on_model_embeddings(self, make_case):
+    # The model's [N, 3] outputs as embeddings; a 3-way episode.
+    case = make_case()
+    support_x, query_x = _x(21, 6), _x(22, 4)
+    labels = jnp.array([0, 1, 2, 0, 1, 2])
+
+    def loss(p):
+      logits = metacf.maml.prototype_logits(
+          case.apply_fn(p, support_x), labels, case.apply_fn(p, query_x), 3)
+      return jnp.mean(optax.losses.softmax_cross_entropy_with_integer_labels(
+          logits, jnp.array([0, 1, 2, 1]))), logits
+
+    (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        case.params)
+    emb_s = np.asarray(case.apply_fn(case.params, support_x), np.float64)
+    emb_q = np.asarray(case.apply_fn(case.params, query_x), np.float64)
+    protos = np.stack([emb_s[np.asarray(labels) == k].mean(0)
+                       for k in range(3)])
+    want = -((emb_q[:, None] - protos[None]) ** 2).sum(-1)
+    _assert_close(logits, want, rtol=1e-4, atol=1e-5)
+    self.assertTrue(bool(np.isfinite(value)))
+    _assert_finite(self, grads)
+    _assert_same_structure(grads, case.params)
+
+  def test_maml_plus_plus_per_step_layer_rates_nnx(self):
+    # LSLR: one learnable rate per leaf and step; multi-step loss.
+    case = _nnx_case()
+    loss_fn = _ce_loss_fn(case.apply_fn)
+    tasks = _tasks()
+    rates = jax.tree.map(lambda _: jnp.array([0.1, 0.05]), case.params)
+    weights = jnp.array([0.3, 0.7])
+
+    def meta_loss(p, lr):
+      return metacf.maml.maml_loss(
+          loss_fn, p, tasks, inner_lr=lr, num_inner_steps=2,
+          per_step_inner_lr=True, step_weights=weights)
+
+    got = jax.jit(meta_loss)(case.params, rates)
+    total = 0.0
+    for b in range(2):
+      p = case.params
+      for s in range(2):
+        g = jax.grad(loss_fn)(p, tasks.support_x[b], tasks.support_y[b])
+        p = jax.tree.map(lambda w, gw, a: w - a[s] * gw, p, g, rates)
+        total += weights[s] * loss_fn(p, tasks.query_x[b], tasks.query_y[b])
+    _assert_close(got, total / 2, rtol=1e-5)
+    rate_grads = jax.jit(jax.grad(meta_loss, argnums=1))(case.params, rates)
+    _assert_same_structure(rate_grads, rates)
+    _assert_finite(self, rate_grads)
+
+
 # ---------------------------------------------------------------------------
 # 3. Top-k Jacobian SVD and NTK-predicted forgetting.
 

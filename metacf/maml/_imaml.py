@@ -16,6 +16,43 @@ from metacf.maml import _inner
 from metacf.maml import _loss
 
 
+def _vdot(a: Any, b: Any) -> jax.Array:
+  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a),
+                                             jax.tree.leaves(b)))
+
+
+def conjugate_gradients(matvec: Any, b: Any, steps: int) -> Any:
+  """``steps`` iterations of textbook CG for ``matvec(x) = b`` from ``x = 0``.
+
+  Pytrees in and out. A fixed number of iterations (a ``fori_loop``, no
+  convergence test, so no ``while_loop`` under ``vmap``); an iteration whose
+  residual or curvature is exactly zero leaves ``x`` unchanged instead of
+  dividing by zero.
+
+  ``jax.scipy.sparse.linalg.cg`` would do, but in jax 0.10.2 it fails under
+  ``vmap`` with an ``AssertionError`` in its ``device_put`` of ``(b, x0)``
+  for the gradient pytrees of flax linen and nnx models
+  (``tests/test_interop.py``).
+  """
+  zero = jax.tree.map(jnp.zeros_like, b)
+
+  def body(_, carry):
+    x, r, p, rr = carry
+    ap = matvec(p)
+    curvature = _vdot(p, ap)
+    ok = (rr > 0) & (curvature != 0)
+    alpha = jnp.where(ok, rr / jnp.where(ok, curvature, 1), 0)
+    x = jax.tree.map(lambda xi, pi: xi + alpha.astype(xi.dtype) * pi, x, p)
+    r = jax.tree.map(lambda ri, ai: ri - alpha.astype(ri.dtype) * ai, r, ap)
+    rr_new = _vdot(r, r)
+    beta = jnp.where(rr > 0, rr_new / jnp.where(rr > 0, rr, 1), 0)
+    p = jax.tree.map(lambda ri, pi: ri + beta.astype(ri.dtype) * pi, r, p)
+    return x, r, p, rr_new
+
+  x, *_ = jax.lax.fori_loop(0, steps, body, (zero, b, b, _vdot(b, b)))
+  return x
+
+
 def imaml_grad(loss_fn: LossFn, params: Params, tasks: _loss.Task, *,
                reg: float, inner_lr: Any = None, num_inner_steps: int,
                inner_optimizer: optax.GradientTransformation | None = None,
@@ -39,9 +76,10 @@ def imaml_grad(loss_fn: LossFn, params: Params, tasks: _loss.Task, *,
       \nabla L(\phi_t; Q_t),
 
   with :math:`H_t = \nabla^2 L(\phi_t; S_t)` and the linear system solved by
-  ``cg_steps`` iterations of conjugate gradients
-  (``jax.scipy.sparse.linalg.cg``, started from 0, no early stop except on an
-  exactly zero residual) with Hessian-vector products (forward-over-reverse,
+  ``cg_steps`` iterations of textbook conjugate gradients (started from 0, no
+  early stop; not ``jax.scipy.sparse.linalg.cg``, which fails under ``vmap``
+  on flax models' gradient pytrees in jax 0.10.2, see
+  ``_imaml.conjugate_gradients``) with Hessian-vector products (forward-over-reverse,
   ``jax.linearize`` of the support gradient, linearised once per task). When
   :math:`\phi_t` is the exact minimiser of :math:`\hat L_t`, ``grads`` is
   the exact meta-gradient :math:`\frac{d}{d\theta} L(\phi_t(\theta); Q_t)`
@@ -143,9 +181,7 @@ def imaml_grad(loss_fn: LossFn, params: Params, tasks: _loss.Task, *,
       return jax.tree.map(
           lambda a, b: a + b / jnp.asarray(reg, a.dtype), v, hvp(v))
 
-    solution, _ = jax.scipy.sparse.linalg.cg(
-        matvec, query_grad, tol=0.0, atol=0.0, maxiter=cg_steps)
-    return loss, aux, solution
+    return loss, aux, conjugate_gradients(matvec, query_grad, cg_steps)
 
   losses, aux, grads = jax.vmap(per_task)(tasks, keys)
   meta_loss = jnp.mean(losses)
