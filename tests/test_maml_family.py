@@ -330,6 +330,25 @@ class ImamlGradTest(chex.TestCase):
       np.testing.assert_allclose(got, np.mean(want_grads, 0), rtol=1e-8,
                                  atol=1e-12)
 
+  def test_conjugate_gradients_zero_residual_and_exact_solve(self):
+    from metacf.maml import _imaml  # pylint: disable=g-import-not-at-top
+    with jax.enable_x64(True):
+      rng = np.random.default_rng(4)
+      m = rng.normal(size=(4, 4))
+      spd = m @ m.T + np.eye(4)
+      b = {'u': jnp.asarray(rng.normal(size=3)), 'v': jnp.asarray(
+          rng.normal(size=1))}
+      matvec = lambda t: dict(zip('uv', jnp.split(
+          spd @ jnp.concatenate([t['u'], t['v']]), [3])))
+      got = _imaml.conjugate_gradients(matvec, b, 4)   # n steps: exact.
+      want = np.linalg.solve(spd, np.concatenate([b['u'], b['v']]))
+      np.testing.assert_allclose(np.concatenate([got['u'], got['v']]), want,
+                                 rtol=1e-10)
+      zero = _imaml.conjugate_gradients(
+          matvec, jax.tree.map(jnp.zeros_like, b), 3)   # b = 0: x = 0.
+      for leaf in jax.tree.leaves(zero):
+        np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+
   @chex.variants(with_jit=True, without_jit=True)
   def test_vmap_over_tasks_equals_loop_and_has_aux(self):
     params = _mlp_init(jax.random.key(0))

@@ -31,8 +31,8 @@ def conjugate_gradients(matvec: Any, b: Any, steps: int) -> Any:
 
   ``jax.scipy.sparse.linalg.cg`` would do, but in jax 0.10.2 it fails under
   ``vmap`` with an ``AssertionError`` in its ``device_put`` of ``(b, x0)``
-  for the gradient pytrees of flax linen and nnx models
-  (``tests/test_interop.py``).
+  on the gradient pytree of the flax linen model of
+  ``tests/test_interop.py`` (measured 2026-12-07).
   """
   zero = jax.tree.map(jnp.zeros_like, b)
 
@@ -78,7 +78,7 @@ def imaml_grad(loss_fn: LossFn, params: Params, tasks: _loss.Task, *,
   with :math:`H_t = \nabla^2 L(\phi_t; S_t)` and the linear system solved by
   ``cg_steps`` iterations of textbook conjugate gradients (started from 0, no
   early stop; not ``jax.scipy.sparse.linalg.cg``, which fails under ``vmap``
-  on flax models' gradient pytrees in jax 0.10.2, see
+  on a flax linen model's gradient pytree in jax 0.10.2, see
   ``_imaml.conjugate_gradients``) with Hessian-vector products (forward-over-reverse,
   ``jax.linearize`` of the support gradient, linearised once per task). When
   :math:`\phi_t` is the exact minimiser of :math:`\hat L_t`, ``grads`` is
