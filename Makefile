@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 RAW_DIR ?= $(firstword $(wildcard ../shared/data))
 export METACF_RAW_DIR ?= $(if $(RAW_DIR),$(abspath $(RAW_DIR)),)
 
-.PHONY: demo distill forgetting-predict omniglot paradigms lwf prevent test docs doctest bench clean
+.PHONY: demo distill forgetting-predict omniglot baselines paradigms lwf prevent test docs doctest bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ forgetting-predict: $(STAMP)  ## NTK-predicted vs measured forgetting on MNIST t
 
 omniglot: $(STAMP)  ## Finn et al. 2017 MAML on Omniglot (GPU; CPU: OMNIGLOT_FLAGS="--settings=5way1shot --time_budget_s=1500")
 	$(PY) -m experiments.maml_omniglot.main --config=default --workdir=runs/maml_omniglot $(OMNIGLOT_FLAGS)
+
+baselines: $(STAMP)  ## MAML, FOMAML, Reptile, iMAML, ProtoNets, ANIL, MAML++ on 5-way Omniglot, equal wall-clock budget (CPU: ~45 min; GPU: the papers' protocols)
+	$(PY) -m experiments.meta_baselines.main --config=default --workdir=runs/meta_baselines
 
 paradigms: $(STAMP)  ## fine-tuning paradigms (probe, full, LoRA, prompts, ...) vs forgetting, MNIST -> Fashion-MNIST
 	$(PY) -m experiments.finetune_paradigms.main --config=default --workdir=runs/finetune_paradigms

@@ -1,0 +1,1 @@
+"""The meta-learning family on Omniglot at equal compute."""
