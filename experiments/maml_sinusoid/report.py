@@ -10,6 +10,11 @@ import numpy as np
 
 from experiments.maml_sinusoid import steps as steps_lib
 
+# Display names and colours of the runs.
+NAMES = {'maml': 'MAML', 'reptile': 'Reptile', 'imaml': 'iMAML',
+         'pretrained': 'pretrained'}
+COLORS = {'maml': 'C0', 'reptile': 'C3', 'imaml': 'C4', 'pretrained': 'C1'}
+
 
 def format_mse(run: Mapping[str, Any], step: int) -> str:
   """``'mean ± ci95'`` after ``step`` steps, or the median if SGD diverged."""
@@ -21,20 +26,28 @@ def format_mse(run: Mapping[str, Any], step: int) -> str:
 
 
 def format_table(results: Mapping[str, Any]) -> str:
-  """Markdown table: test MSE after 1 and 10 steps, paper vs ours."""
+  """Markdown table: test MSE after 1 and 10 steps, paper vs ours.
+
+  One pair of columns per method (``-`` where it was not run), then the
+  pretrained baseline.
+  """
   steps = results['config']['max_eval_steps']
-  lines = [f'| K | MAML, paper (1 step) | MAML, ours (1 step) | MAML, ours '
-           f'({steps} steps) | pretrained, ours (1 step) | pretrained, ours '
-           f'({steps} steps) | pretrained lr |',
-           '|---:|---:|---:|---:|---:|---:|---:|']
+  header = ['K', 'MAML, paper (1 step)']
+  for kind in (*steps_lib.METHODS, 'pretrained'):
+    name = NAMES[kind] if kind in steps_lib.METHODS else 'pretrained'
+    header += [f'{name}, ours (1 step)', f'{name}, ours ({steps} steps)']
+  header.append('pretrained lr')
+  lines = ['| ' + ' | '.join(header) + ' |',
+           '|' + '---:|' * len(header)]
   for shots, record in results['shots'].items():
     paper = record['paper_maml_mse_1_step']
-    cells = ['-' if paper is None else f'{paper:.2f}',
-             format_mse(record['maml'], 1),
-             format_mse(record['maml'], steps)]
+    cells = ['-' if paper is None else f'{paper:.2f}']
+    for kind in (*steps_lib.METHODS, 'pretrained'):
+      run = record.get(kind)
+      cells += ([format_mse(run, 1), format_mse(run, steps)] if run
+                else ['-'] * 2)
     pre = record.get('pretrained')
-    cells += ([format_mse(pre, 1), format_mse(pre, steps), f'{pre["lr"]:g}']
-              if pre else ['-'] * 3)
+    cells.append(f'{pre["lr"]:g}' if pre else '-')
     lines.append(f'| {shots} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
@@ -52,7 +65,8 @@ def plot_results(results: Mapping[str, Any], path: str) -> None:
   inner_lr = results['config']['inner_lr']
   for ax, k in zip(axes, shots):
     record = results['shots'][k]
-    curves = [('MAML', record['maml'], 'C0', '-')]
+    curves = [(NAMES[m], record[m], COLORS[m], '-')
+              for m in steps_lib.METHODS if m in record]
     if 'pretrained' in record:
       pre = record['pretrained']
       curves.append((f'pretrained, step={pre["lr"]:g}', pre, 'C1', '-'))
@@ -82,13 +96,15 @@ def plot_results(results: Mapping[str, Any], path: str) -> None:
     ax.set_title(f'K = {k}')
     ax.legend(fontsize='small')
   ax = axes[-1]
-  for i, k in enumerate(shots):
-    for kind, style in (('maml', '-'), ('pretrained', ':')):
+  # Colour: the method; line style: K. Reptile's loss is its query MSE
+  # before adaptation, the others' after their inner steps.
+  for k, style in zip(shots, ('-', '--', ':', '-.') * len(shots)):
+    for kind in steps_lib.KINDS:
       if kind in results['shots'][k]:
         history = results['shots'][k][kind]['history']
         ax.plot([h['iteration'] for h in history],
-                [h['loss'] for h in history], style, color=f'C{i + 2}',
-                label=f'{kind}, K={k}')
+                [h['loss'] for h in history], style, color=COLORS[kind],
+                label=f'{NAMES[kind]}, K={k}')
   ax.set_xlabel('training iteration')
   ax.xaxis.set_major_formatter(
       ticker.FuncFormatter(lambda v, _: f'{v / 1000:g}k'))
@@ -125,8 +141,7 @@ def plot_fits(results: Mapping[str, Any], path: str) -> None:
               label=f'{steps} grad steps')
       ax.plot(fit['support_x'], fit['support_y'], 'k^',
               label=f'{k} support points')
-      ax.set_title(f'{"MAML" if kind == "maml" else "pretrained"}, K={k}, '
-                   f'step={fit[kind]["lr"]:g}')
+      ax.set_title(f'{NAMES[kind]}, K={k}, step={fit[kind]["lr"]:g}')
       ax.grid(True, alpha=0.3)
       if row == 0 and col == 0:
         ax.legend(fontsize='small')

@@ -1,4 +1,5 @@
-"""The MLP, its jitted training chunks (MAML and pretrained) and evaluation.
+"""The MLP, its jitted training chunks (MAML, Reptile, iMAML, pretrained)
+and evaluation.
 
 ``make_train_chunk`` runs ``chunk_size`` iterations in a ``lax.scan``, the
 tasks of iteration ``i`` drawn inside it from ``fold_in(run_key, i)``, so no
@@ -22,7 +23,9 @@ from experiments.maml_sinusoid import data
 from experiments.maml_sinusoid.configs import Config
 from metacf import maml
 
-KINDS = ('maml', 'pretrained')
+# The meta-learning methods (``config.methods``), then the baseline.
+METHODS = ('maml', 'reptile', 'imaml')
+KINDS = (*METHODS, 'pretrained')
 
 Params = Any
 
@@ -75,12 +78,15 @@ def make_train_chunk(kind: str, config: Config, shots: int):
 
   Runs ``config.chunk_size`` iterations in a ``lax.scan``; iteration ``i``
   trains on ``meta_batch_size`` tasks drawn from ``fold_in(key, i)``.
-  ``losses`` (float32 ``[chunk_size]``) is MAML's meta-loss (the query MSE
-  after adaptation, before the update) or the pretrained network's MSE.
-  Not jitted: see ``compile_train_chunk``.
+  ``losses`` (float32 ``[chunk_size]``), before each update: MAML's and
+  iMAML's meta-loss (the query MSE after their inner steps; iMAML's over
+  the tasks where it is finite), Reptile's query MSE before adaptation
+  (Reptile reads no query set; this costs one forward pass), the
+  pretrained network's MSE. Every method updates with Adam
+  ``outer_lr``. Not jitted: see ``compile_train_chunk``.
 
   Args:
-    kind: ``'maml'`` or ``'pretrained'``.
+    kind: One of ``KINDS``.
     config: Experiment config.
     shots: K, the support (and query) points per training task.
   """
@@ -94,6 +100,50 @@ def make_train_chunk(kind: str, config: Config, shots: int):
       params, opt_state, metrics = meta_step(state.params, state.opt_state,
                                              tasks)
       return TrainState(params, opt_state), metrics.loss
+  elif kind in ('reptile', 'imaml'):
+
+    def per_task(params, task):
+      """``(loss, grads)`` of one task (a batch of one)."""
+      task = jax.tree.map(lambda a: a[None], task)
+      if kind == 'reptile':
+        # theta minus the adapted parameters; the loss is the query MSE
+        # before adaptation (Reptile reads no query set).
+        return (mse_loss(params, task.query_x[0], task.query_y[0]),
+                maml.reptile_grad(
+                    mse_loss, params, task, inner_lr=config.inner_lr,
+                    num_inner_steps=config.reptile_num_inner_steps))
+      return maml.imaml_grad(
+          mse_loss, params, task, reg=config.imaml_reg,
+          inner_lr=config.inner_lr,
+          num_inner_steps=config.imaml_num_inner_steps,
+          cg_steps=config.imaml_cg_steps)
+
+    def step(state, tasks):
+      # One task at a time (vmap), so that a task on which the inner SGD
+      # diverged (a non-finite loss or gradient) is left out of the mean;
+      # for iMAML the mean is then clipped (see the README). Adam, as MAML,
+      # not Reptile's SGD with an annealed epsilon.
+      task_losses, task_grads = jax.vmap(per_task, (None, 0))(state.params,
+                                                              tasks)
+      finite = jnp.isfinite(task_losses) & functools.reduce(
+          jnp.logical_and, [jnp.isfinite(g).reshape(len(g), -1).all(1)
+                            for g in jax.tree.leaves(task_grads)])
+      count = jnp.maximum(jnp.sum(finite), 1).astype(jnp.float32)
+      loss = jnp.sum(jnp.where(finite, task_losses, 0.0)) / count
+      grads = jax.tree.map(
+          lambda g: jnp.sum(jnp.where(
+              finite.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0), 0)
+          / count, task_grads)
+      if kind == 'imaml':
+        norm = optax.tree.norm(grads)
+        grads = jax.tree.map(
+            lambda g: g * jnp.minimum(
+                1.0, config.imaml_clip_norm / jnp.maximum(norm, 1e-30)
+            ).astype(jnp.float32), grads)
+      updates, opt_state = utils.optimizer_update(
+          optimizer, grads, state.opt_state, state.params)
+      return TrainState(optax.apply_updates(state.params, updates),
+                        opt_state), loss
   elif kind == 'pretrained':
 
     def step(state, tasks):

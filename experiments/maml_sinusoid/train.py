@@ -1,4 +1,4 @@
-"""Few-shot sinusoid regression: MAML against a pretrained network.
+"""Few-shot sinusoid regression: MAML, Reptile, iMAML, a pretrained network.
 
 Reproduces section 5.1 of Finn, Abbeel & Levine 2017
 (https://arxiv.org/abs/1703.03400). A task is a sinusoid
@@ -10,14 +10,22 @@ Reproduces section 5.1 of Finn, Abbeel & Levine 2017
    ``metacf.maml.make_meta_train_step``: K support and K query points per
    task, one inner SGD step of size ``inner_lr``, meta-batches of 25 tasks,
    Adam.
-2. ``pretrained_K{K}`` (the paper's baseline): the same MLP trained with Adam
+2. ``reptile_K{K}`` and ``imaml_K{K}`` (``config.methods`` chooses among
+   the three methods): the same MLP meta-trained on the same tasks with
+   ``metacf.maml.reptile_grad`` (Nichol, Achiam & Schulman 2018;
+   ``reptile_num_inner_steps`` SGD steps of size ``inner_lr`` on the K
+   support points) or ``metacf.maml.imaml_grad`` (Rajeswaran, Finn, Kakade
+   & Levine 2019; ``imaml_num_inner_steps`` steps on the proximally
+   regularised support loss, implicit gradient by ``imaml_cg_steps`` of CG),
+   Adam ``outer_lr`` as MAML.
+3. ``pretrained_K{K}`` (the paper's baseline): the same MLP trained with Adam
    to regress on all tasks jointly (the same 25 tasks x 2K points an
    iteration), then fine-tuned at test time like MAML's network. The paper
    fine-tunes it "using an automatically tuned step size": we pick the step
    size with the lowest MSE after ``max_eval_steps`` steps on validation
    tasks, and also report it at MAML's ``inner_lr``.
 
-Both are evaluated on the same fresh test tasks: K support points to adapt
+All are evaluated on the same fresh test tasks: K support points to adapt
 on (0 to ``max_eval_steps`` SGD steps), ``num_eval_points`` query points to
 score on. The published reference is the MAML row of Li et al. 2017
 (Meta-SGD), Table 1: MSE after one adaptation step (see ``PAPER``).
@@ -52,6 +60,7 @@ from experiments.maml_sinusoid import steps as steps_lib
 from experiments.maml_sinusoid.report import format_mse
 from experiments.maml_sinusoid.report import format_table  # For main.py.
 from experiments.maml_sinusoid.steps import KINDS
+from experiments.maml_sinusoid.steps import METHODS
 
 # MSE of MAML after one gradient step at test time, as published.
 PAPER = {
@@ -76,9 +85,23 @@ def check_config(config: Config) -> None:
       'check_config')
   if not config.shots:
     raise ValueError('check_config: shots must not be empty.')
+  if (not config.methods or len(set(config.methods)) != len(config.methods)
+      or not set(config.methods) <= set(METHODS)):
+    raise ValueError(f'check_config: methods must be distinct names among '
+                     f'{METHODS}, got {config.methods!r}.')
   if config.max_eval_steps < 1:
     raise ValueError('check_config: max_eval_steps must be >= 1, got '
                      f'{config.max_eval_steps}.')
+
+
+def _method_recipe(kind: str, config: Config) -> dict[str, Any]:
+  """The config fields that only ``kind``'s training reads."""
+  fields = {'maml': ('inner_lr', 'num_inner_steps'),
+            'reptile': ('inner_lr', 'reptile_num_inner_steps'),
+            'imaml': ('inner_lr', 'imaml_num_inner_steps', 'imaml_reg',
+                      'imaml_cg_steps', 'imaml_clip_norm'),
+            'pretrained': ()}[kind]
+  return {f: getattr(config, f) for f in fields}
 
 
 def train_run(kind: str, shots: int, config: Config, key: jax.Array,
@@ -86,7 +109,7 @@ def train_run(kind: str, shots: int, config: Config, key: jax.Array,
   """Trains one network, resuming from its checkpoints.
 
   Args:
-    kind: ``'maml'`` or ``'pretrained'``.
+    kind: One of ``KINDS``.
     shots: K.
     config: Experiment config.
     key: This run's PRNG key (initialisation and training tasks).
@@ -109,9 +132,7 @@ def train_run(kind: str, shots: int, config: Config, key: jax.Array,
       **{f: getattr(config, f) for f in (
           'num_iterations', 'meta_batch_size', 'outer_lr', 'hidden_widths',
           'init_stddev', 'amplitude_range', 'phase_range', 'input_range')},
-      **({'inner_lr': config.inner_lr,
-          'num_inner_steps': config.num_inner_steps} if kind == 'maml'
-         else {}),
+      **_method_recipe(kind, config),
   })
   meta = {'iteration': 0, 'history': [], 'train_time_s': 0.0,
           'compile_s': 0.0}
@@ -161,9 +182,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
 
   Returns:
     The results written to ``results.json``: run info, config, the paper's
-    numbers, and per K (``results['shots'][str(K)]``) for ``'maml'`` and
-    ``'pretrained'``: the mean test MSE after 0..max_eval_steps steps with
-    its 95% interval, the step size used, and the training history.
+    numbers, and per K (``results['shots'][str(K)]``) for each of
+    ``config.methods`` and ``'pretrained'``: the mean test MSE after
+    0..max_eval_steps steps with its 95% interval, the step size used, and
+    the training history.
   """
   check_config(config)
   wall_start = time.perf_counter()
@@ -189,12 +211,13 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         'support_y': np.asarray(test.tasks.support_y[i, :, 0]).tolist(),
         'amplitude': float(test.amplitude[i]),
         'phase': float(test.phase[i])}
-    for kind in KINDS if config.pretrain else KINDS[:1]:
+    kinds = [*config.methods, *(['pretrained'] if config.pretrain else [])]
+    for kind in kinds:
       params, run = train_run(
           kind, shots, config,
           utils.name_key(root_key, f'{kind}_K{shots}', full_crc32=True),
           workdir)
-      if kind == 'maml':
+      if kind in METHODS:
         lr = config.inner_lr
       else:
         val = data.sample_tasks(key_val, config.num_val_tasks, shots,

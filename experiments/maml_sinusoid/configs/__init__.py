@@ -25,6 +25,10 @@ class Config:
 
   Attributes:
     seed: Seed of the experiment's PRNG key tree (init, tasks, test tasks).
+    methods: The meta-learning methods trained for each K, any of
+      ``'maml'`` (Finn et al. 2017), ``'reptile'`` (Nichol et al. 2018) and
+      ``'imaml'`` (Rajeswaran et al. 2019); all use the same tasks, network,
+      outer optimizer (Adam ``outer_lr``), iterations and test protocol.
     shots: The K of each K-shot run: one meta-training run (and one
       pretrained baseline) per K. Each training task has K support and K
       query points.
@@ -32,7 +36,19 @@ class Config:
     meta_batch_size: Tasks per meta-update (paper: 25).
     inner_lr: Inner SGD step size alpha, in meta-training and at test time
       (paper: 0.01).
-    num_inner_steps: Inner SGD steps in meta-training (paper: 1).
+    num_inner_steps: Inner SGD steps in MAML's meta-training (paper: 1).
+    reptile_num_inner_steps: Reptile's inner SGD steps (of size
+      ``inner_lr``) on each task's K support points per meta-update. Its
+      meta-gradient is ``params`` minus the mean adapted parameters
+      (``metacf.maml.reptile_grad``), applied with Adam ``outer_lr``.
+    imaml_num_inner_steps: iMAML's inner SGD steps (of size ``inner_lr``)
+      on the proximally regularised support loss.
+    imaml_reg: iMAML's proximal strength lambda.
+    imaml_cg_steps: Conjugate-gradient iterations of iMAML's implicit
+      meta-gradient (Rajeswaran et al.: 5).
+    imaml_clip_norm: iMAML's meta-gradient is scaled down to this global
+      norm when larger, before Adam: without it, a task on which the inner
+      SGD diverges overflows Adam's second moment (our addition).
     outer_lr: Adam learning rate of the meta-update and of the pretrained
       baseline (paper: 1e-3, the code's ``meta_lr``).
     hidden_widths: Hidden ReLU layer widths (paper: 40, 40).
@@ -63,11 +79,17 @@ class Config:
     progress_bar: Show tqdm bars (they are off anyway when not on a TTY).
   """
   seed: int = 0
+  methods: tuple[str, ...] = ('maml', 'reptile', 'imaml')
   shots: tuple[int, ...] = (5, 10, 20)
   num_iterations: int = 70_000
   meta_batch_size: int = 25
   inner_lr: float = 0.01
   num_inner_steps: int = 1
+  reptile_num_inner_steps: int = 10
+  imaml_num_inner_steps: int = 10
+  imaml_reg: float = 10.0
+  imaml_cg_steps: int = 5
+  imaml_clip_norm: float = 10.0
   outer_lr: float = 1e-3
   hidden_widths: tuple[int, ...] = (40, 40)
   init_stddev: float = 0.01
