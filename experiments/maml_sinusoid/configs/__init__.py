@@ -47,8 +47,8 @@ class Config:
     imaml_cg_steps: Conjugate-gradient iterations of iMAML's implicit
       meta-gradient (Rajeswaran et al.: 5).
     imaml_clip_norm: iMAML's meta-gradient is scaled down to this global
-      norm when larger, before Adam: without it, a task on which the inner
-      SGD diverges overflows Adam's second moment (our addition).
+      norm when larger, before Adam: a precaution against tasks whose inner
+      SGD is diverging but still finite (our addition; see the README).
     outer_lr: Adam learning rate of the meta-update and of the pretrained
       baseline (paper: 1e-3, the code's ``meta_lr``).
     hidden_widths: Hidden ReLU layer widths (paper: 40, 40).
