@@ -62,6 +62,7 @@ bench: $(STAMP)  ## microbenchmarks; JSON lines go to benchmarks/results/
 	$(PY) -m benchmarks.bench_noise
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m benchmarks.bench_maml
+	$(PY) -m benchmarks.bench_meta_family
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache docs/_build docs/api/_autosummary

@@ -11,6 +11,9 @@ with one inner SGD step and ``torch.optim.Adam`` as the outer optimizer:
 * ``torch_func``: ``torch.func``: ``functional_call`` + ``grad`` inner step +
   ``vmap`` over tasks + ``grad_and_value`` of the mean query loss.
 
+``bench_meta_family``'s iMAML peer, ``make_torchopt_imaml_step``, is
+TorchOpt's implicit-gradient recipe (``ImplicitMetaGradientModule``).
+
 BatchNorm is transductive (batch statistics, no running averages), as in the
 MAML paper and in ``bench_maml``'s JAX model. Tensors are NCHW (PyTorch's
 default layout). Imported only when torch is installed.
@@ -158,3 +161,92 @@ def torchopt_meta_gradient(model: nn.Sequential, inner_lr: float, sx, sy, qx,
     torchopt.recover_state_dict(model, net_state)
     torchopt.recover_state_dict(inner_opt, opt_state)
   return {k: v.grad.numpy().copy() for k, v in model.named_parameters()}
+
+
+def _imaml_inner_class(inner_lr: float, num_inner_steps: int, reg: float,
+                       cg_steps: int):
+  """TorchOpt's iMAML inner module (its ``examples/iMAML`` recipe).
+
+  ``solve`` runs ``num_inner_steps`` of SGD on the proximally regularised
+  support loss from the meta-parameters; the implicit meta-gradient solves
+  the optimality system by ``cg_steps`` of plain CG (``solve_cg``, started
+  from 0, no early stop), as ``metacf.maml.imaml_grad``. (TorchOpt's example
+  uses ``solve_normal_cg``, CG on the normal equations: other iterates.)
+  """
+  import copy  # pylint: disable=g-import-not-at-top
+  import torchopt  # pylint: disable=g-import-not-at-top
+
+  solver = torchopt.linear_solve.solve_cg(maxiter=cg_steps, rtol=0.0,
+                                          atol=0.0)
+
+  class InnerNet(torchopt.nn.ImplicitMetaGradientModule,
+                 linear_solve=solver):
+
+    def __init__(self, meta_net: nn.Module):
+      super().__init__()
+      self.meta_net = meta_net
+      self.net = copy.deepcopy(meta_net)
+      with torch.no_grad():
+        for p, meta_p in zip(self.parameters(), self.meta_parameters()):
+          p.data.copy_(meta_p.data)
+          p.detach_().requires_grad_()
+
+    def forward(self, x):
+      return self.net(x)
+
+    def objective(self, x, y):
+      loss = F.cross_entropy(self(x), y)
+      sq = sum(torch.sum(torch.square(p - meta_p)) for p, meta_p in
+               zip(self.parameters(), self.meta_parameters()))
+      return loss + 0.5 * reg * sq
+
+    def solve(self, x, y):
+      params = tuple(self.parameters())
+      inner_opt = torch.optim.SGD(params, lr=inner_lr)
+      with torch.enable_grad():
+        for _ in range(num_inner_steps):
+          inner_opt.zero_grad()
+          self.objective(x, y).backward(inputs=params)
+          inner_opt.step()
+      return self
+
+  return InnerNet
+
+
+def _imaml_meta_loss(inner_cls, model, sx, sy, qx, qy) -> torch.Tensor:
+  losses = []
+  for i in range(sx.shape[0]):
+    inner = inner_cls(model)
+    inner.solve(sx[i], sy[i])
+    losses.append(F.cross_entropy(inner(qx[i]), qy[i]))
+  return torch.stack(losses).mean()
+
+
+def make_torchopt_imaml_step(model: nn.Sequential, *, inner_lr: float,
+                             num_inner_steps: int, reg: float, cg_steps: int,
+                             outer_lr: float) -> Callable[..., float]:
+  """TorchOpt iMAML: ``step(sx, sy, qx, qy) -> mean query loss``."""
+  meta_opt = torch.optim.Adam(model.parameters(), lr=outer_lr)
+  inner_cls = _imaml_inner_class(inner_lr, num_inner_steps, reg, cg_steps)
+
+  def step(sx, sy, qx, qy):
+    meta_opt.zero_grad()
+    loss = _imaml_meta_loss(inner_cls, model, sx, sy, qx, qy)
+    loss.backward()
+    meta_opt.step()
+    return float(loss.detach())
+
+  return step
+
+
+def torchopt_imaml_meta_gradient(model: nn.Sequential, sx, sy, qx, qy, *,
+                                 inner_lr: float, num_inner_steps: int,
+                                 reg: float, cg_steps: int
+                                 ) -> tuple[dict[str, np.ndarray], float]:
+  """TorchOpt's iMAML meta-gradient (no outer update) and query loss."""
+  model.zero_grad()
+  inner_cls = _imaml_inner_class(inner_lr, num_inner_steps, reg, cg_steps)
+  loss = _imaml_meta_loss(inner_cls, model, sx, sy, qx, qy)
+  loss.backward()
+  return ({k: v.grad.numpy().copy() for k, v in model.named_parameters()},
+          float(loss.detach()))
