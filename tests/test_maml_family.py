@@ -16,42 +16,12 @@ import numpy as np
 import optax
 
 from metacf import maml
+# The tanh MLP and sinusoid tasks of the MAML tests.
+from test_maml import _mlp_init  # pylint: disable=g-bad-import-order
+from test_maml import _mse
+from test_maml import _tasks
 
 _optax_promotion = lambda: jax.numpy_dtype_promotion('standard')
-
-
-def _mlp_init(key, sizes=(1, 8, 8, 1), dtype=jnp.float32):
-  params = []
-  for k, (m, n) in zip(jax.random.split(key, len(sizes) - 1),
-                       zip(sizes[:-1], sizes[1:])):
-    kw, kb = jax.random.split(k)
-    params.append({'w': jax.random.normal(kw, (m, n), dtype) / np.sqrt(m),
-                   'b': 0.1 * jax.random.normal(kb, (n,), dtype)})
-  return params
-
-
-def _mlp_apply(params, x):
-  for layer in params[:-1]:
-    x = jnp.tanh(x @ layer['w'] + layer['b'][None, :])
-  return x @ params[-1]['w'] + params[-1]['b'][None, :]
-
-
-def _mse(params, x, y):
-  return jnp.mean((_mlp_apply(params, x) - y) ** 2)
-
-
-def _tasks(key, num_tasks=3, shots=5, dtype=jnp.float32):
-  k_amp, k_phase, k_s, k_q = jax.random.split(key, 4)
-  amp = jax.random.uniform(k_amp, (num_tasks, 1, 1), dtype, 0.1, 5.0)
-  phase = jax.random.uniform(k_phase, (num_tasks, 1, 1), dtype, 0.0, np.pi)
-  xs = jax.random.uniform(k_s, (num_tasks, shots, 1), dtype, -5.0, 5.0)
-  xq = jax.random.uniform(k_q, (num_tasks, shots, 1), dtype, -5.0, 5.0)
-  return maml.Task(xs, amp * jnp.sin(xs - phase), xq,
-                   amp * jnp.sin(xq - phase))
-
-
-def _task(tasks, b):
-  return jax.tree.map(lambda a: a[b], tasks)
 
 
 def _close(a, b, **kw):
@@ -168,7 +138,6 @@ class ReptileGradTest(chex.TestCase):
   def test_key_determinism_and_per_task_keys(self):
     params = _mlp_init(jax.random.key(0))
     tasks = _tasks(jax.random.key(1))
-    seen = []
 
     def noisy(p, x, y, key):
       return _mse(p, x + 0.1 * jax.random.normal(key, x.shape), y)
@@ -191,7 +160,6 @@ class ReptileGradTest(chex.TestCase):
         g = jax.grad(noisy)(p, tasks.support_x[t], tasks.support_y[t], k)
         p = jax.tree.map(lambda w, gw: w - 0.02 * gw, p, g)
       want.append(p)
-    del seen
     _close(a, jax.tree.map(lambda q, *w: q - np.mean(w, 0), params, *want),
            rtol=1e-5, atol=1e-6)
 

@@ -6,7 +6,8 @@ Usage, from the repository root:
       --workdir=runs/meta_baselines
 
 On a CPU the default config gives every method x setting the same training
-budget (``--config.time_budget_s=120``); when JAX sees a GPU the same
+budget (45 s; ``--config.time_budget_s=120`` changes it for all); when JAX
+sees a GPU the same
 command runs the papers' full protocols (``--config.protocol=cpu`` to keep
 the budget there, ``--config.protocol=paper`` to force the papers'). Other
 config fields are overridden with ``--config.<field>=<value>``. This file is

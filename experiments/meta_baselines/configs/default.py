@@ -3,7 +3,7 @@
 5-way 1- and 5-shot Omniglot (28x28, 1200 training characters, rotations),
 Conv-4 with 64 channels; each of the 7 methods x 2 settings trains for
 ``time_budget_s`` seconds (compilation and curve evaluations not counted),
-then is tested on 600 tasks of the test characters (15 queries per class).
+then is tested on 600 tasks of the test characters (5 queries per class).
 Hyperparameters are the papers' (see :func:`configs.paper_methods`) except
 the meta-batch sizes, chosen so that every method gets a meaningful number of
 updates in the budget, Reptile's test-time steps (5 instead of 50) and
