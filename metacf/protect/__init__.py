@@ -10,7 +10,11 @@ module keeps training out of those directions or pulls it back:
   layer-wise input spaces;
 * :func:`agem_project` / :func:`agem`, A-GEM's half-space projection;
 * :func:`fisher_diagonal` (true or empirical), :func:`ewc_penalty`,
-  :func:`online_ewc_update` and :func:`ewc`, elastic weight consolidation.
+  :func:`online_ewc_update` and :func:`ewc`, elastic weight consolidation;
+* :func:`mas_importance` (MAS) and :func:`path_integral` /
+  :func:`si_importance` (Synaptic Intelligence): other importances for the
+  same quadratic penalty, passed to :func:`ewc_penalty` / :func:`ewc` as
+  ``fisher``.
 
 Projections chain with any optax optimizer, first in the chain:
 
@@ -80,6 +84,10 @@ from metacf.protect._ewc import online_ewc_update
 from metacf.protect._gpm import gpm_basis
 from metacf.protect._gpm import gpm_projection
 from metacf.protect._gpm import GpmProjectionState
+from metacf.protect._importance import mas_importance
+from metacf.protect._importance import path_integral
+from metacf.protect._importance import PathIntegralState
+from metacf.protect._importance import si_importance
 from metacf.protect._projection import agem
 from metacf.protect._projection import agem_project
 from metacf.protect._projection import AgemState
@@ -99,7 +107,11 @@ __all__ = [
     'gpm_basis',
     'GpmProjectionState',
     'gpm_projection',
+    'mas_importance',
     'online_ewc_update',
     'OrthogonalProjectionState',
     'orthogonal_projection',
+    'path_integral',
+    'PathIntegralState',
+    'si_importance',
 ]

@@ -52,6 +52,8 @@ from metacf.replay._balanced import class_balanced_buffer
 from metacf.replay._balanced import ClassBalancedBuffer
 from metacf.replay._balanced import ClassBalancedState
 from metacf.replay._buffer import replay_buffer
+from metacf.replay._class_incremental import ace_cross_entropy
+from metacf.replay._class_incremental import herding_selection
 from metacf.replay._buffer import ReplayBuffer
 from metacf.replay._buffer import ReplaySample
 from metacf.replay._buffer import ReplayState
@@ -65,7 +67,9 @@ __all__ = [
     'ReplayBuffer',
     'ReplaySample',
     'ReplayState',
+    'ace_cross_entropy',
     'class_balanced_buffer',
+    'herding_selection',
     'mix_replay',
     'replay_buffer',
 ]
