@@ -8,7 +8,9 @@ module keeps training out of those directions or pulls it back:
   :func:`extend_basis` or taken from :attr:`metacf.jacobian.JacobianSVD.vt`;
 * :func:`gpm_basis` / :func:`gpm_projection`, Gradient Projection Memory's
   layer-wise input spaces;
-* :func:`agem_project` / :func:`agem`, A-GEM's half-space projection;
+* :func:`agem_project` / :func:`agem`, A-GEM's half-space projection, and
+  :func:`gem_project` / :func:`gem`, GEM's projection onto all earlier
+  tasks' half-spaces;
 * :func:`fisher_diagonal` (true or empirical), :func:`ewc_penalty`,
   :func:`online_ewc_update` and :func:`ewc`, elastic weight consolidation;
 * :func:`mas_importance` (MAS) and :func:`path_integral` /
@@ -81,6 +83,9 @@ from metacf.protect._ewc import EwcState
 from metacf.protect._ewc import ewc_penalty
 from metacf.protect._ewc import fisher_diagonal
 from metacf.protect._ewc import online_ewc_update
+from metacf.protect._gem import gem
+from metacf.protect._gem import gem_project
+from metacf.protect._gem import GemState
 from metacf.protect._gpm import gpm_basis
 from metacf.protect._gpm import gpm_projection
 from metacf.protect._gpm import GpmProjectionState
@@ -104,6 +109,9 @@ __all__ = [
     'ewc_penalty',
     'extend_basis',
     'fisher_diagonal',
+    'gem',
+    'gem_project',
+    'GemState',
     'gpm_basis',
     'GpmProjectionState',
     'gpm_projection',
