@@ -36,8 +36,8 @@ def gem_project(grads: Params, memory_grads: Params, *, margin: float = 0.0,
   jit-compatible; the ``t x t`` Gram matrix and ``G g`` are the only
   products with the parameters. Accuracy: against the exact solution of the
   same dual (SciPy's Lawson-Hanson NNLS, float64), the default 200 sweeps
-  agree to rtol 1e-4 in float32 and 1e-10 in float64 on random memories of
-  1 to 8 tasks (``tests/test_protect_gem.py``). Coordinate descent slows
+  agree to rtol 1e-4 in float32 (random memories of 1 to 8 tasks) and 1e-10
+  in float64 (4 tasks) (``tests/test_protect_gem.py``). Coordinate descent slows
   down when memory gradients are nearly parallel: raise ``num_sweeps``
   there.
 
