@@ -88,10 +88,10 @@ def make_meta_train_step(
     **maml_options: Forwarded to :func:`maml_loss` (``inner_lr``,
       ``num_inner_steps``, ``first_order``, ``adapt_mask``, ``remat``,
       ``inner_optimizer``, and MAML++'s ``per_step_inner_lr``,
-      ``step_weights``, ``pass_step``). For Meta-SGD or MAML++'s learned
-      per-step rates, make the learning rates part of the meta-parameters in
-      your ``loss_fn`` wrapper instead (as the Omniglot baselines experiment
-      does). ``step_weights`` given here is the default of every call; a
+      ``step_weights``, ``pass_step``). Here ``inner_lr`` is fixed: for
+      Meta-SGD or MAML++'s learned per-step rates, write the step around
+      :func:`maml_loss` with the rates among the differentiated arguments
+      (as ``experiments/meta_baselines`` does). ``step_weights`` given here is the default of every call; a
       schedule passes them per call instead, ``step(..., step_weights=w)``,
       an array of the same shape (no retrace). MAML++'s derivative-order
       annealing: build a ``first_order=True`` and a ``first_order=False``
