@@ -86,13 +86,19 @@ class ConvEmbedding(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    for i in range(self.num_layers):
-      x = nn.Conv(self.features, (3, 3), padding='SAME',
-                  conv_general_dilated=layers.conv_general_dilated,
-                  name=f'conv{i}')(x)
-      x = models.TransductiveBatchNorm(name=f'bn{i}')(x)
-      x = layers.max_pool(nn.relu(x), (2, 2), (2, 2))
-    return jnp.reshape(x, (x.shape[0], -1))
+    return _conv_blocks(x, self.features, self.num_layers)
+
+
+def _conv_blocks(x: jax.Array, features: int, num_layers: int) -> jax.Array:
+  """The conv blocks of Conv-4, flattened; called inside a compact method,
+  so the layers (``conv{i}``, ``bn{i}``) belong to the calling module."""
+  for i in range(num_layers):
+    x = nn.Conv(features, (3, 3), padding='SAME',
+                conv_general_dilated=layers.conv_general_dilated,
+                name=f'conv{i}')(x)
+    x = models.TransductiveBatchNorm(name=f'bn{i}')(x)
+    x = layers.max_pool(nn.relu(x), (2, 2), (2, 2))
+  return jnp.reshape(x, (x.shape[0], -1))
 
 
 class ConvStepBN(nn.Module):
@@ -142,13 +148,7 @@ class ConvNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    for i in range(self.num_layers):
-      x = nn.Conv(self.features, (3, 3), padding='SAME',
-                  conv_general_dilated=layers.conv_general_dilated,
-                  name=f'conv{i}')(x)
-      x = models.TransductiveBatchNorm(name=f'bn{i}')(x)
-      x = layers.max_pool(nn.relu(x), (2, 2), (2, 2))
-    x = jnp.reshape(x, (x.shape[0], -1))
+    x = _conv_blocks(x, self.features, self.num_layers)
     return nn.Dense(self.num_classes, name='head')(x)
 
 
