@@ -656,6 +656,77 @@ class GpmProjectionTest(chex.TestCase):
       tx.update(grads, tx.init(grads))
 
 
+class GpmProjectorTest(chex.TestCase):
+  """``gpm_projector`` and ``gpm_projection(..., projectors=True)``."""
+
+  def _projectors(self):
+    return jax.tree.map(
+        lambda m: None if m is None else protect.gpm_projector(m),
+        _gpm_bases(), is_leaf=lambda x: x is None)
+
+  def test_projector_is_m_m_transpose(self):
+    m = np.float64(_gpm_bases()['conv']['kernel'])
+    padded = np.concatenate([m, np.zeros((m.shape[0], 3))], axis=1)
+    with jax.enable_x64():
+      np.testing.assert_allclose(protect.gpm_projector(jnp.asarray(padded)),
+                                 m @ m.T, rtol=1e-12, atol=1e-14)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_float64_reference(self):
+    grads = _tree(1, _gpm_params())
+    tx = protect.gpm_projection(self._projectors(), projectors=True)
+
+    @self.variant
+    def project(g, s):
+      return tx.update(g, s)[0]
+
+    got = project(grads, tx.init(grads))
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, grads)
+    chex.assert_trees_all_close(got, _np_gpm_project(grads, _gpm_bases()),
+                                rtol=_RTOL, atol=_ATOL)
+    np.testing.assert_array_equal(got['conv']['bias'], grads['conv']['bias'])
+
+  def test_swapped_projectors_compile_once(self):
+    params = _tree(6, _gpm_params())
+    tx = optax.chain(protect.gpm_projection(self._projectors(),
+                                            projectors=True), optax.sgd(0.1))
+    step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+    state = tx.init(params)
+    for seed in range(3):
+      bases = jax.tree.map(
+          lambda m: None if m is None else np.linalg.qr(
+              np.random.default_rng(seed).standard_normal(m.shape))[0
+                                                                    ].astype(
+                  np.float32), _gpm_bases(), is_leaf=lambda x: x is None)
+      state = optax.tree.set(state, bases=jax.tree.map(
+          lambda m: None if m is None else protect.gpm_projector(m), bases,
+          is_leaf=lambda x: x is None))
+      grads = _tree(30 + seed, _gpm_params())
+      updates, state = step(params, state, grads)
+      want = jax.tree.map(lambda g: -0.1 * g, _np_gpm_project(grads, bases))
+      chex.assert_trees_all_close(updates, want, rtol=_RTOL, atol=_ATOL)
+    self.assertEqual(step._cache_size(), 1)
+
+  def test_bad_projectors(self):
+    m = _gpm_bases()['dense1']['kernel']
+    bases = {**self._projectors(), 'dense1': {'kernel': m, 'bias': None}}
+    with self.assertRaisesRegex(
+        ValueError, r"gpm_projection: bases\['dense1'\]\['kernel'\] must be "
+        r'a square \[d_in, d_in\] projection matrix \(projectors=True\), '
+        r'got shape \(\d+, \d+\)\.'):
+      protect.gpm_projection(bases, projectors=True)
+    not_projector = 2.0 * protect.gpm_projector(m)
+    bases = {**self._projectors(), 'dense1': {'kernel': not_projector,
+                                              'bias': None}}
+    with self.assertRaisesRegex(
+        ValueError, r"gpm_projection: bases\['dense1'\]\['kernel'\] must be "
+        r'a symmetric idempotent matrix M M\^T \(gpm_projector\)'):
+      protect.gpm_projection(bases, projectors=True)
+    with self.assertRaisesRegex(ValueError, r'gpm_projector: basis must have '
+                                r'orthonormal columns'):
+      protect.gpm_projector(2.0 * m)
+
+
 # ---------------------------------------------------------------------------
 # agem_project and agem.
 # ---------------------------------------------------------------------------

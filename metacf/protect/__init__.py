@@ -7,7 +7,8 @@ module keeps training out of those directions or pulls it back:
 * :func:`orthogonal_projection` (OGD, PCA-OGD) with a basis grown by
   :func:`extend_basis` or taken from :attr:`metacf.jacobian.JacobianSVD.vt`;
 * :func:`gpm_basis` / :func:`gpm_projection`, Gradient Projection Memory's
-  layer-wise input spaces;
+  layer-wise input spaces (or their projection matrices,
+  :func:`gpm_projector`);
 * :func:`agem_project` / :func:`agem`, A-GEM's half-space projection, and
   :func:`gem_project` / :func:`gem`, GEM's projection onto all earlier
   tasks' half-spaces;
@@ -88,6 +89,7 @@ from metacf.protect._gem import gem_project
 from metacf.protect._gem import GemState
 from metacf.protect._gpm import gpm_basis
 from metacf.protect._gpm import gpm_projection
+from metacf.protect._gpm import gpm_projector
 from metacf.protect._gpm import GpmProjectionState
 from metacf.protect._importance import mas_importance
 from metacf.protect._importance import path_integral
@@ -115,6 +117,7 @@ __all__ = [
     'gpm_basis',
     'GpmProjectionState',
     'gpm_projection',
+    'gpm_projector',
     'mas_importance',
     'online_ewc_update',
     'OrthogonalProjectionState',

@@ -122,10 +122,77 @@ def gpm_basis(representation: jax.Array, threshold: float,
 
 class GpmProjectionState(NamedTuple):
   """State of :func:`gpm_projection`: the per-leaf bases it projects out."""
-  bases: Any  # the params' tree; leaves None or [d_in, r] (orthonormal cols).
+  bases: Any  # the params' tree; leaves None, [d_in, r] or [d_in, d_in].
 
 
-def gpm_projection(bases: Any) -> optax.GradientTransformation:
+def gpm_projector(basis: jax.Array) -> jax.Array:
+  r"""The projection matrix :math:`M M^\top` ``[d, d]`` of a GPM basis.
+
+  Saha et al.'s released code keeps this matrix (``feature_mat``), not
+  :math:`M`, and projects with one product per step: pass it to
+  :func:`gpm_projection` with ``projectors=True``. Zero (padding) columns
+  of ``basis`` add nothing, so a padded basis gives the same matrix.
+
+  >>> import jax.numpy as jnp
+  >>> import metacf
+  >>> m = jnp.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])  # one column + pad
+  >>> metacf.protect.gpm_projector(m)
+  Array([[1., 0., 0.],
+         [0., 0., 0.],
+         [0., 0., 0.]], dtype=float32)
+
+  Args:
+    basis: ``[d, r]`` with orthonormal (or zero) columns, from
+      :func:`gpm_basis`.
+
+  Returns:
+    ``[d, d]``, symmetric and idempotent.
+
+  Raises:
+    ValueError: if ``basis`` is not 2-D with orthonormal or zero columns.
+    TypeError: if it is not floating.
+  """
+  basis_lib.check_basis(basis, None, 'basis', 'gpm_projector', columns=True)
+  m = jnp.asarray(basis)
+  return jnp.matmul(m, m.T, precision=_HIGHEST)
+
+
+def _projector_error(q: Any) -> Any:
+  """``max(|Q Q p - Q p|, |Q^T p - Q p|) / max |p|`` for a fixed random p."""
+  q = jnp.asarray(q)
+  p = np.random.default_rng(0).standard_normal(q.shape[0]).astype(q.dtype)
+  once = jnp.matmul(q, p, precision=_HIGHEST)
+  err = jnp.maximum(
+      jnp.max(jnp.abs(jnp.matmul(q, once, precision=_HIGHEST) - once)),
+      jnp.max(jnp.abs(jnp.matmul(p, q, precision=_HIGHEST) - once))
+  ) / np.max(np.abs(p))
+  return err if checks.is_traced(err) else float(err)
+
+
+def _check_projector(q: Any, name: str, fn: str) -> None:
+  shape = np.shape(q)
+  if len(shape) != 2 or shape[0] != shape[1]:
+    raise ValueError(f'{fn}: {name} must be a square [d_in, d_in] projection '
+                     f'matrix (projectors=True), got shape {shape}.')
+  dtype = jnp.result_type(q)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f'{fn}: {name} must be floating, got dtype {dtype}.')
+  message = (f'{fn}: {name} must be a symmetric idempotent matrix M M^T '
+             '(gpm_projector), got max(|Q Q p - Q p|, |Q^T p - Q p|) / '
+             'max |p| = {err:.3g} for a random p (tolerance '
+             f'{basis_lib.ORTHONORMAL_TOL:g}).')
+  ok = lambda xp, err: err <= basis_lib.ORTHONORMAL_TOL  # False for NaN too.
+  if checks.is_traced(q):
+    checks.value_check([q], lambda xp, v: {'err': _projector_error(v)}, ok,
+                       message)
+    return
+  err = _projector_error(q)
+  if not ok(np, err):
+    raise ValueError(message.format(err=err))
+
+
+def gpm_projection(bases: Any, *, projectors: bool = False
+                   ) -> optax.GradientTransformation:
   r"""Removes each kernel's protected input span from its updates.
 
   For a leaf with basis :math:`M \in \mathbb{R}^{d_\mathrm{in} \times r}`
@@ -198,6 +265,14 @@ def gpm_projection(bases: Any) -> optax.GradientTransformation:
       ``[d_in, r]`` arrays with orthonormal columns (from :func:`gpm_basis`;
       zero columns allowed): the initial state. Concrete bases are checked
       for orthonormal columns (a probe of :math:`4 d_\mathrm{in} r` flops).
+    projectors: If True, the leaves are the projection matrices
+      :math:`Q = M M^\top` ``[d_in, d_in]`` (:func:`gpm_projector`) and the
+      update is :math:`G - Q G`: one product of :math:`2 d_\mathrm{in}^2
+      d_\mathrm{out}` flops instead of two of :math:`2 d_\mathrm{in} r
+      d_\mathrm{out}`, cheaper once :math:`r > d_\mathrm{in} / 2` and
+      for bases zero-padded to :math:`d_\mathrm{in}` columns (what Saha
+      et al.'s code keeps). The result is the same up to rounding. Concrete
+      matrices are checked to be symmetric and idempotent (a probe).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -215,10 +290,17 @@ def gpm_projection(bases: Any) -> optax.GradientTransformation:
     <https://arxiv.org/abs/2103.09762>`_, ICLR 2021
   """
   fn = 'gpm_projection'
+
+  def check_leaf(m, path):
+    name = f'bases{jax.tree_util.keystr(path)}'
+    if projectors:
+      _check_projector(m, name, fn)
+    else:
+      basis_lib.check_basis(m, None, name, fn, columns=True)
+
   for path, m in jax.tree_util.tree_leaves_with_path(bases, is_leaf=_is_none):
     if m is not None:
-      basis_lib.check_basis(m, None, f'bases{jax.tree_util.keystr(path)}',
-                            fn, columns=True)
+      check_leaf(m, path)
   initial = jax.tree.map(lambda m: None if m is None else jnp.asarray(m),
                          bases, is_leaf=_is_none)
 
@@ -235,6 +317,12 @@ def gpm_projection(bases: Any) -> optax.GradientTransformation:
         continue
       shape = np.shape(leaf)
       d_in = int(np.prod(shape[:-1])) if len(shape) >= 2 else None
+      if projectors and np.shape(m) != (d_in, d_in):
+        raise ValueError(
+            f'{fn}: bases{jax.tree_util.keystr(path)} must have shape '
+            f'[d_in, d_in] with d_in = prod(kernel.shape[:-1]) for the '
+            f'kernel of shape {shape} (projectors=True), got shape '
+            f'{np.shape(m)}.')
       if np.ndim(m) != 2 or d_in != np.shape(m)[0]:
         raise ValueError(
             f'{fn}: bases{jax.tree_util.keystr(path)} must have shape '
@@ -252,6 +340,8 @@ def gpm_projection(bases: Any) -> optax.GradientTransformation:
       return g
     g2 = g.reshape(m.shape[0], g.shape[-1])
     m = m.astype(g.dtype)
+    if projectors:
+      return (g2 - jnp.matmul(m, g2, precision=_HIGHEST)).reshape(g.shape)
     g2 = g2 - jnp.matmul(m, jnp.matmul(m.T, g2, precision=_HIGHEST),
                          precision=_HIGHEST)
     return g2.reshape(g.shape)
@@ -266,8 +356,7 @@ def gpm_projection(bases: Any) -> optax.GradientTransformation:
       for path, m in jax.tree_util.tree_leaves_with_path(
           state.bases, is_leaf=_is_none):
         if m is not None:
-          basis_lib.check_basis(m, None, f'bases{jax.tree_util.keystr(path)}',
-                                fn, columns=True)
+          check_leaf(m, path)
     return jax.tree.map(project, state.bases, updates,
                         is_leaf=_is_none), state
 
