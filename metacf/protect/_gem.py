@@ -114,8 +114,13 @@ def gem_project(grads: Params, memory_grads: Params, *, margin: float = 0.0,
   def sweep(_, v):
     return jax.lax.fori_loop(0, t, coordinate, v)
 
-  v = jax.lax.fori_loop(0, num_sweeps, sweep, jnp.zeros(t, dtype))
+  def solve(_):
+    return jax.lax.fori_loop(0, num_sweeps, sweep, jnp.zeros(t, dtype))
+
   violated = jnp.any(active & (dots < 0))
+  # The dual is solved only when a constraint is violated (under vmap both
+  # branches run; the result is the same).
+  v = jax.lax.cond(violated, solve, lambda _: jnp.zeros(t, dtype), None)
   out = [g + (v @ r).reshape(np.shape(g)).astype(g.dtype)
          for g, r in zip(g_leaves, rows)]
   out = [jnp.where(violated, o, g) for o, g in zip(out, g_leaves)]
