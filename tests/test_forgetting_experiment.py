@@ -31,8 +31,10 @@ from experiments.forgetting import train
 
 # Each strategy compiles its own training chunk (seconds each on CPU), so the
 # smoke run takes one strategy per code path: 'class_balanced' shares ER's
-# loss (and 'derpp' its reservoir buffer); plain ER runs in the slow test.
-STRATEGIES = ('naive', 'joint', 'derpp_200', 'lwf', 'class_balanced_200')
+# loss (and 'derpp' and 'er_ace' its reservoir buffer); plain ER runs in the
+# slow test.
+STRATEGIES = ('naive', 'joint', 'derpp_200', 'lwf', 'class_balanced_200',
+              'er_ace_200', 'icarl_200')
 
 
 def _smoke_config() -> configs.Config:
@@ -146,6 +148,31 @@ class ForgettingExperimentTest(_smoke_run.SmokeRunTestCase):
     self.assertLess(split['naive']['class_il']['bwt'], -0.5)
     self.assertGreater(split['joint']['class_il']['acc'],
                        split['naive']['class_il']['acc'] + 0.2)
+
+  def test_icarl_keeps_k_over_classes_seen_exemplars_per_class(self):
+    # Rebuffi et al. 2017, Algorithm 5: m = K // classes seen, per class.
+    icarl = self.results['scenarios']['split_mnist']['strategies'][
+        'icarl_200']
+    capacity = self.config.strategy('icarl_200').buffer_size
+    counts = np.asarray(icarl['exemplars_per_class'])     # [T, S, 10]
+    self.assertEqual(counts.shape, (5, len(self.config.seeds), 10))
+    for t in range(5):
+      seen = 2 * (t + 1)
+      expected = [capacity // seen] * seen + [0] * (10 - seen)
+      for s in range(len(self.config.seeds)):
+        self.assertEqual(counts[t, s].tolist(), expected, (t, s))
+    for name, s in self.results['scenarios']['split_mnist'][
+        'strategies'].items():
+      if name != 'icarl_200':
+        self.assertIsNone(s['exemplars_per_class'], name)
+
+  def test_class_incremental_baselines_learn(self):
+    split = self.results['scenarios']['split_mnist']['strategies']
+    for name in ('er_ace_200', 'icarl_200'):
+      with self.subTest(name):
+        self.assertGreater(split[name]['class_il']['acc'],
+                           split['naive']['class_il']['acc'] + 0.1)
+        self.assertGreater(split[name]['task_il']['acc'], 0.8)
 
   def test_seeds_are_different_runs(self):
     split = self.results['scenarios']['split_mnist']['strategies']

@@ -71,6 +71,8 @@ def summarize(strategy: Strategy, record: Mapping[str, Any],
       'train_time_s': record['train_time_s'],
       'paper_class_il': None if paper is None else paper[0] / 100,
       'paper_task_il': None if paper is None else paper[1] / 100,
+      # iCaRL: exemplars of each class after each task, [T][S][10].
+      'exemplars_per_class': record.get('exemplars_per_class'),
   }
 
 

@@ -13,8 +13,11 @@ task-incrementally (argmax over the logits of the task's own classes). From
 Strategies (``configs.Strategy``): naive fine-tuning; joint training (the
 same examples as one i.i.d. stream); experience replay with a reservoir
 buffer (``metacf.replay.replay_buffer``); DER++ (the buffer also keeps the
-network's logits); LwF (``metacf.distill.lwf_loss``); and replay from a
-class-balanced buffer (``metacf.replay.class_balanced_buffer``). The seeds'
+network's logits); LwF (``metacf.distill.lwf_loss``); replay from a
+class-balanced buffer (``metacf.replay.class_balanced_buffer``); and the
+class-incremental baselines ER-ACE (``metacf.replay.ace_cross_entropy``) and
+iCaRL (``metacf.replay.herding_selection`` for the exemplars, the nearest
+mean of exemplars by ``metacf.maml.prototype_logits``). The seeds'
 instructive example, ten one-digit tasks, shows naive fine-tuning ending up
 with only the last digit, where the shuffled stream of the same data learns
 all ten.
@@ -112,7 +115,8 @@ def train_strategy(config: Config, scenario: Scenario, strategy: Strategy,
 
   Returns:
     The raw record: accuracy matrix rows ``[T][S][T]`` (class- and
-    task-incremental), the curve, mean losses per chunk and the train time.
+    task-incremental), the curve, mean losses per chunk and the train time;
+    for iCaRL also the exemplars per class after each task, ``[T][S][10]``.
 
   Raises:
     ValueError: if the checkpoints were written by a different recipe.
@@ -122,6 +126,7 @@ def train_strategy(config: Config, scenario: Scenario, strategy: Strategy,
   chunk_len = config.eval_every
   num_seeds = len(config.seeds)
   example_image = train['image'][0]
+  train_labels = np.asarray(train['label'])
 
   def init_state():
     # The same initial networks for every strategy and scenario.
@@ -142,14 +147,27 @@ def train_strategy(config: Config, scenario: Scenario, strategy: Strategy,
       'curve_test_size': int(evaluator.curve[1].shape[0]),
       'widths': config.widths, 'batch_size': config.batch_size,
       'epochs_per_task': config.epochs_per_task,
-      'eval_every': config.eval_every})
+      'eval_every': config.eval_every,
+      'curve_exemplars_per_class': config.curve_exemplars_per_class})
   meta = {'record': {'class_il_rows': [], 'task_il_rows': [], 'curve': [],
                      'losses': [], 'train_time_s': 0.0, 'tasks_done': 0}}
+  if strategy.kind == 'icarl':
+    meta['record']['exemplars_per_class'] = []
+
+  session: dict[str, Any] = {}  # Not checkpointed (unlike meta).
+
+  def curve_memory(state):
+    # iCaRL's curve points classify with a prefix of each class's exemplars.
+    if 'memory' not in state:
+      return None
+    return steps.memory_prefix(state['memory'],
+                               config.curve_exemplars_per_class)
 
   def start_session(state):
     record = meta['record']
+    session['curve_memory'] = curve_memory(state)
     if not record['curve']:  # A fresh run: the initial networks.
-      point = evaluator.curve_point(state['params'])
+      point = evaluator.curve_point(state['params'], session['curve_memory'])
       record['curve'].append({'step': 0, 'task': 0,
                               'class_il': _tolist(point)})
 
@@ -158,7 +176,7 @@ def train_strategy(config: Config, scenario: Scenario, strategy: Strategy,
     task_start = time.perf_counter()
     seen = jnp.asarray(classes[:t + 1].any(axis=0))
     old = jnp.asarray(classes[:t].any(axis=0))
-    if strategy.kind == 'lwf' and t > 0:
+    if strategy.kind in ('lwf', 'icarl') and t > 0:
       # The previous task's network, frozen: a copy, since params are
       # donated to (and updated in place by) the training chunks.
       state['old_params'] = jax.tree.map(jnp.copy, state['params'])
@@ -172,11 +190,25 @@ def train_strategy(config: Config, scenario: Scenario, strategy: Strategy,
       state, loss = train_chunk(state, train['image'], train['label'],
                                 jnp.asarray(idx), jnp.int32(lo),
                                 jnp.int32(hi - lo), task_keys, seen, old)
-      point = evaluator.curve_point(state['params'])
+      if strategy.kind == 'icarl' and c == num_chunks - 1:
+        # The task's exemplars are herded once it is learnt, so that its
+        # last curve point and matrix row classify with them.
+        state['memory'] = jax.device_put(
+            steps.update_memory(state['memory'], state['params'],
+                                train['image'], train_labels,
+                                classes[:t].any(axis=0), classes[t],
+                                config.widths),
+            jax.devices()[0])
+        record['exemplars_per_class'].append(
+            [np.bincount(y[y >= 0], minlength=data.NUM_CLASSES).tolist()
+             for y in np.asarray(state['memory']['y'])])
+        session['curve_memory'] = curve_memory(state)
+      point = evaluator.curve_point(state['params'], session['curve_memory'])
       record['curve'].append({'step': steps_done + hi, 'task': t,
                               'class_il': _tolist(point)})
       record['losses'].append(_tolist(loss))
-    class_il, task_il = evaluator.matrix_rows(state['params'])
+    class_il, task_il = evaluator.matrix_rows(state['params'],
+                                              state.get('memory'))
     record['class_il_rows'].append(_tolist(class_il))
     record['task_il_rows'].append(_tolist(task_il))
     record['tasks_done'] = t + 1

@@ -20,7 +20,10 @@ from experiments.common import utils
 NAMES = utils.CONFIG_NAMES
 
 # Strategy kinds understood by steps.py.
-KINDS = ('naive', 'joint', 'er', 'derpp', 'lwf', 'class_balanced')
+KINDS = ('naive', 'joint', 'er', 'derpp', 'lwf', 'class_balanced', 'er_ace',
+         'icarl')
+# Kinds that keep examples: they need buffer_size and minibatch_size.
+REPLAY_KINDS = ('er', 'derpp', 'class_balanced', 'er_ace', 'icarl')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +52,22 @@ class Strategy:
         classes of previous tasks.
       * ``'class_balanced'``: ER with ``metacf.replay.class_balanced_buffer``
         (an equal share of the slots per class seen).
+      * ``'er_ace'``: ER-ACE (Caccia et al. 2022): ER's reservoir buffer, but
+        the current batch's cross-entropy is restricted to the classes
+        present in the batch (``metacf.replay.ace_cross_entropy``); the
+        replayed minibatch takes the plain cross-entropy.
+      * ``'icarl'``: iCaRL (Rebuffi et al. 2017): ``buffer_size`` exemplars in
+        all, ``buffer_size // classes_seen`` per class, chosen by herding
+        (``metacf.replay.herding_selection``) on the normalised penultimate
+        features at the end of each task; sigmoid binary cross-entropy with
+        the previous task's network's outputs as targets of the old classes;
+        classification by the nearest mean of exemplars
+        (``metacf.maml.prototype_logits``).
     learning_rate: SGD learning rate.
-    buffer_size: Replay buffer capacity (replay kinds only).
-    minibatch_size: Replayed examples per step (replay kinds only).
+    buffer_size: Replay buffer capacity (replay kinds only); iCaRL's total
+      exemplar memory ``K``.
+    minibatch_size: Replayed examples per step (replay kinds only; iCaRL
+      draws them uniformly from its exemplars).
     alpha: DER++ weight of the logit MSE; LwF weight of the distillation
       term in mammoth's convention (cross-entropy between the softened
       distributions, no ``T^2`` factor: ``lwf_loss`` gets
@@ -74,7 +90,7 @@ class Strategy:
     if self.kind not in KINDS:
       raise ValueError(f'Strategy: kind must be one of {KINDS}, got '
                        f'{self.kind!r}.')
-    replay = self.kind in ('er', 'derpp', 'class_balanced')
+    replay = self.kind in REPLAY_KINDS
     if replay and (self.buffer_size < 1 or self.minibatch_size < 1):
       raise ValueError(
           f'Strategy: {self.name} needs buffer_size >= 1 and minibatch_size '
@@ -98,6 +114,25 @@ class Scenario:
   classes_per_task: int
   strategies: tuple[str, ...]
 
+
+# The class-incremental baselines of issue 27. Not in the DER paper's
+# Seq-MNIST table nor in mammoth's seq-mnist best_args: ER-ACE takes ER's
+# settings (it is ER with another loss on the incoming batch); iCaRL replays
+# minibatches of 10 exemplars as ER does, lr 0.1 (see README.md).
+CLASS_IL_STRATEGIES = (
+    Strategy('er_ace_200', 'er_ace', learning_rate=0.01, buffer_size=200,
+             minibatch_size=10),
+    Strategy('er_ace_500', 'er_ace', learning_rate=0.1, buffer_size=500,
+             minibatch_size=10),
+    Strategy('er_ace_5120', 'er_ace', learning_rate=0.1, buffer_size=5120,
+             minibatch_size=10),
+    Strategy('icarl_200', 'icarl', learning_rate=0.1, buffer_size=200,
+             minibatch_size=10),
+    Strategy('icarl_500', 'icarl', learning_rate=0.1, buffer_size=500,
+             minibatch_size=10),
+    Strategy('icarl_5120', 'icarl', learning_rate=0.1, buffer_size=5120,
+             minibatch_size=10),
+)
 
 # Seq-MNIST entries of mammoth's utils/best_args.py (batch_size 10 and
 # n_epochs 1 for all). 'joint' has no entry there: it uses SGD's rate. The
@@ -125,7 +160,7 @@ PAPER_STRATEGIES = (
              buffer_size=500, minibatch_size=10),
     Strategy('class_balanced_5120', 'class_balanced', learning_rate=0.1,
              buffer_size=5120, minibatch_size=10),
-)
+) + CLASS_IL_STRATEGIES
 
 PAPER_SCENARIOS = (
     # The seeds' instructive example first: one digit at a time.
@@ -156,6 +191,9 @@ class Config:
     curve_test_size: The curves are measured on the first
       ``curve_test_size`` test images (None: all); the accuracy matrices
       always use the whole test set.
+    curve_exemplars_per_class: iCaRL's curve points classify by the mean of
+      the first ``curve_exemplars_per_class`` exemplars of each class, in
+      herding order (None: all); its accuracy matrices use all exemplars.
     checkpoint_max_to_keep: Checkpoints kept per strategy.
     progress_bar: Show tqdm bars (they are off anyway when not on a TTY).
   """
@@ -170,6 +208,7 @@ class Config:
   scenarios: tuple[Scenario, ...] = PAPER_SCENARIOS
   eval_every: int = 100
   curve_test_size: int | None = 2000
+  curve_exemplars_per_class: int | None = 100
   checkpoint_max_to_keep: int = 2
   progress_bar: bool = True
 
