@@ -404,6 +404,34 @@ class LoopTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'another recipe'):
       records(2)
 
+  def test_parallel_records_match_sequential_in_item_order(self):
+    items = [f'i{k}' for k in range(7)]
+    f = jax.jit(lambda v: jnp.cumsum(jnp.arange(1000.0) * v)[-1])
+    out = {}
+    for workers in (1, 3):
+      directory = self._tempdir()
+      out[workers] = loop.resumable_records(
+          items, path=lambda n, d=directory: os.path.join(d, f'{n}.json'),
+          recipe=lambda n: {'item': n},
+          compute=lambda n: {'name': n, 'v': float(f(float(n[1:])))},
+          summary=lambda r: r['name'], desc='toy', progress_bar=False,
+          workers=workers)
+      self.assertLen(os.listdir(directory), len(items))
+    self.assertEqual([r['name'] for r in out[3]], items)
+    self.assertEqual(out[3], out[1])
+
+  def test_parallel_records_raise_the_first_error(self):
+    def compute(n):
+      if n == 'bad':
+        raise FloatingPointError('diverged')
+      return {'name': n}
+    with self.assertRaisesRegex(FloatingPointError, 'diverged'):
+      loop.resumable_records(
+          ['a', 'bad', 'c'],
+          path=lambda n: os.path.join(self._tempdir(), f'{n}.json'),
+          recipe=lambda n: {}, compute=compute, summary=lambda r: r['name'],
+          desc='toy', progress_bar=False, workers=2)
+
 
 class ModelsTest(parameterized.TestCase):
 

@@ -47,13 +47,15 @@ def _run(workdir, config=None):
 
 
 def _strip(record):
-  return {k: v for k, v in record.items() if k != 'time_s'}
+  return {k: v for k, v in record.items()
+          if k not in ('time_s', 'train_time_s')}
 
 
 def _numbers(results):
   """Everything a resumed run must reproduce exactly (not timings, dates)."""
   runs = {k: _strip(r) for k, r in results['runs'].items()}
-  summary = {b: {s: {k: v for k, v in row.items() if k != 'time_s'}
+  summary = {b: {s: {k: v for k, v in row.items()
+                     if k not in ('time_s', 'us_per_step')}
                  for s, row in rows.items()}
              for b, rows in results['summary'].items()}
   return runs, [_strip(p) for p in results['pairs']], summary
@@ -115,8 +117,9 @@ class PreventForgettingSmokeTest(_smoke_run.SmokeRunTestCase):
           widths, widths[1:] + [data.NUM_CLASSES])))
       self.assertEqual(runs['naive']['memory']['floats'], 0)
       self.assertEqual(runs['ewc']['memory']['floats'], 2 * p * (t - 1))
-      self.assertEqual(runs['online_ewc']['memory']['floats'], 2 * p)
-      for s in ('agem', 'er'):
+      for s in ('online_ewc', 'si', 'mas'):
+        self.assertEqual(runs[s]['memory']['floats'], 2 * p)
+      for s in ('agem', 'er', 'gem'):
         self.assertEqual(runs[s]['memory']['floats'],
                          config.memory_per_task * (t - 1) * 785)
       for s, per_task in (('ogd', config.ogd_examples),
@@ -131,7 +134,7 @@ class PreventForgettingSmokeTest(_smoke_run.SmokeRunTestCase):
       self.assertEqual(runs['gpm']['memory']['floats'],
                        sum(d * r for d, r in bases.values()))
       self.assertEqual(runs['joint']['memory']['floats'],
-                       t * config.num_train * 785)
+                       t * config.train_size(bench) * 785)
 
   def test_pairs_are_finite_for_every_k(self):
     ks = [str(k) for k in self.config.protect_ks]
@@ -275,31 +278,51 @@ class ProtectionTest(absltest.TestCase):
     self.assertGreater(moved['naive'], 0.1)
     self.assertLess(moved['ogd'], 0.3 * moved['naive'])
 
-  def test_zero_padded_basis_projects_like_the_unpadded_one(self):
+  def test_ogd_trainer_follows_the_basis_size(self):
+    # OGD's basis is not padded: one trainer per basis size, each compiled
+    # once, with the basis in its state.
     memory = memories.Memory('ogd', self.config, self.params0)
+    self.assertIsNone(optax.tree.get_all_with_path(memory.opt_state, 'basis')
+                      or None)  # Task 0: plain SGD.
+    sizes = []
+    for task, data_t in enumerate((self.task0, self.task1)):
+      memory.remember(self.params0, *data_t, task, jax.random.key(5 + task))
+      rows = memory.floats()['rows']
+      sizes.append(rows)
+      np.testing.assert_array_equal(
+          optax.tree.get(memory.opt_state, 'basis'), memory.basis)
+      trainer = steps.trainer(self.config, 'ogd', rows)
+      self._train(self.params0, 'ogd', memory, self.task1)
+      size = trainer.train._cache_size()
+      self._train(self.params0, 'ogd', memory, self.task0)
+      self.assertEqual(trainer.train._cache_size(), size)
+    self.assertBetween(sizes[0], 1, self.config.ogd_examples)
+    self.assertGreater(sizes[1], sizes[0])
+
+  def test_gem_memory_grads_are_the_tasks_gradients_zero_when_unseen(self):
+    memory = memories.Memory('gem', self.config, self.params0)
     memory.remember(self.params0, *self.task0, 0, jax.random.key(5))
-    rows = memory.floats()['rows']
-    padded = optax.tree.get(memory.opt_state, 'basis')  # Swapped in.
-    self.assertGreater(padded.shape[0], rows)  # Padded.
-    np.testing.assert_array_equal(padded[rows:], 0.0)
-    np.testing.assert_array_equal(padded[:rows], memory.basis)
-    grads = jax.grad(lambda p: steps.cross_entropy(
-        steps.apply_fn, p, jnp.asarray(self.task1[0]),
-        jnp.asarray(self.task1[1])))(self.params0)
-
-    def project(basis):
-      tx = metacf.protect.orthogonal_projection(basis)
-      return flatten_util.ravel_pytree(
-          tx.update(grads, tx.init(grads))[0])[0]
-
-    np.testing.assert_allclose(project(padded), project(memory.basis),
-                               atol=1e-6)
+    key, n = jax.random.key(6), self.config.gem_sample_size
+    got = steps.gem_memory_grads(self.params0, memory.buffer, key, n)
+    t, m = memory.buffer['y'].shape
+    idx = jax.random.randint(key, (t, n), 0, m)
+    for task in range(t):
+      want = jax.grad(lambda p, i=idx[task]: steps.cross_entropy(
+          steps.apply_fn, p, memory.buffer['x'][0][i],
+          memory.buffer['y'][0][i]))(self.params0)
+      for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        if task == 0:
+          np.testing.assert_allclose(g[0], w, rtol=1e-5, atol=1e-7)
+          self.assertGreater(float(jnp.max(jnp.abs(g[0]))), 0.0)
+        else:
+          np.testing.assert_array_equal(g[task], 0.0)
 
   def test_state_swaps_reuse_one_compiled_trainer(self):
     # Each strategy's chain is built once; remember() swaps the arrays in
     # its state (optax.tree.set) and the same compiled loop runs again.
-    for strategy, field in (('ogd', 'basis'), ('gpm', 'bases'),
-                            ('online_ewc', 'anchor'), ('ewc', 'anchor')):
+    for strategy, field in (('gpm', 'bases'), ('online_ewc', 'anchor'),
+                            ('ewc', 'anchor'), ('si', 'anchor'),
+                            ('mas', 'anchor')):
       with self.subTest(strategy):
         memory = memories.Memory(strategy, self.config, self.params0)
         trainer = steps.trainer(self.config, strategy)

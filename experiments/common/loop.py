@@ -31,6 +31,7 @@ Example (an epoch loop)::
 """
 
 from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
 import json
 import logging
 import os
@@ -193,6 +194,7 @@ def resumable_records(
     summary: Callable[[Mapping[str, Any]], str],
     desc: str,
     progress_bar: bool = True,
+    workers: int = 1,
 ) -> list[dict[str, Any]]:
   """One JSON record per item, computed once: read back when on disk.
 
@@ -210,6 +212,9 @@ def resumable_records(
       the log.
     desc: The progress bar's label.
     progress_bar: Show a tqdm bar (off anyway when not on a TTY).
+    workers: Items computed at the same time, by threads (``compute`` must
+      then be thread-safe; jitted JAX functions release the GIL while they
+      run). Records do not depend on it.
 
   Returns:
     The records, in the order of ``items``.
@@ -217,22 +222,35 @@ def resumable_records(
   Raises:
     ValueError: if a record on disk was written by another recipe.
   """
-  records = []
   bar = utils.progress_bar(total=len(items), desc=desc, enabled=progress_bar)
+
+  def one(item: Item) -> dict[str, Any]:
+    item_path, item_recipe = path(item), utils.jsonable(recipe(item))
+    record = load_record(item_path, item_recipe)
+    if record is None:
+      record = utils.jsonable(compute(item))
+      utils.write_json(item_path, {'recipe': item_recipe, 'record': record})
+      logger.info('%s', summary(record))
+    return record
+
+  def done(record: dict[str, Any]) -> None:
+    bar.update(1)
+    bar.set_postfix_str(summary(record))
+
   try:
-    for item in items:
-      item_path, item_recipe = path(item), utils.jsonable(recipe(item))
-      record = load_record(item_path, item_recipe)
-      if record is None:
-        record = utils.jsonable(compute(item))
-        utils.write_json(item_path, {'recipe': item_recipe, 'record': record})
-        logger.info('%s', summary(record))
-      records.append(record)
-      bar.update(1)
-      bar.set_postfix_str(summary(record))
+    if workers == 1:
+      records = []
+      for item in items:
+        records.append(one(item))
+        done(records[-1])
+      return records
+    with futures.ThreadPoolExecutor(workers) as pool:
+      pending = [pool.submit(one, item) for item in items]
+      for future in futures.as_completed(pending):
+        done(future.result())
+      return [future.result() for future in pending]
   finally:
     bar.close()
-  return records
 
 
 def load_record(path: str, recipe: Any) -> dict[str, Any] | None:

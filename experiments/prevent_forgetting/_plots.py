@@ -19,7 +19,8 @@ import numpy as np
 
 PROTECTION_FIGURE = 'protection_vs_k.png'
 LABELS = {'naive': 'Naive SGD', 'ewc': 'EWC', 'online_ewc': 'Online EWC',
-          'agem': 'A-GEM', 'er': 'ER', 'ogd': 'OGD', 'pca_ogd': 'PCA-OGD',
+          'si': 'SI', 'mas': 'MAS', 'agem': 'A-GEM', 'gem': 'GEM', 'er': 'ER',
+          'ogd': 'OGD', 'pca_ogd': 'PCA-OGD',
           'gpm': 'GPM', 'joint': 'Joint (upper bound)'}
 
 

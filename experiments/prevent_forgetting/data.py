@@ -52,7 +52,7 @@ def make_benchmark(benchmark: str, seed: int, config: Config,
                                  Mapping[str, np.ndarray]]) -> Benchmark:
   """The ``config.num_tasks`` tasks of ``benchmark`` for ``seed``.
 
-  Training examples: ``num_train`` drawn per task without replacement from
+  Training examples: ``config.train_size(benchmark)`` drawn per task without replacement from
   the 60k training images; test: the first ``num_test`` test images, each
   task's transformation applied.
   """
@@ -61,7 +61,8 @@ def make_benchmark(benchmark: str, seed: int, config: Config,
   xs, ys, xts, yts = [], [], [], []
   for t in range(config.num_tasks):
     rng = utils.numpy_rng(utils.name_key(key, 'train', t))
-    idx = rng.choice(len(train['label']), config.num_train, replace=False)
+    idx = rng.choice(len(train['label']), config.train_size(benchmark),
+                     replace=False)
     xs.append(_transform(benchmark, t, train['image'][idx], config, key))
     ys.append(train['label'][idx].astype(np.int32))
     xts.append(_transform(benchmark, t, test['image'][:config.num_test],

@@ -7,6 +7,7 @@ so that the strategy's jitted loop compiles once.
 """
 
 import functools
+import time
 from typing import Any
 
 import jax
@@ -49,6 +50,18 @@ def _gtl_gradients_fn():
 
 
 @functools.lru_cache(maxsize=None)
+def _mas_fn():
+  return jax.jit(lambda p, x: metacf.protect.mas_importance(
+      steps.apply_fn, p, x, chunk_size=100))
+
+
+@functools.lru_cache(maxsize=None)
+def _si_fn(damping: float):
+  return jax.jit(lambda omega, delta: metacf.protect.si_importance(
+      omega, delta, damping=damping))
+
+
+@functools.lru_cache(maxsize=None)
 def _fisher_fn():
   return jax.jit(lambda p, x: metacf.protect.fisher_diagonal(
       steps.apply_fn, p, x, chunk_size=20))
@@ -76,13 +89,6 @@ def _buffer_add_fn(capacity: int):
   return jax.jit(metacf.replay.replay_buffer(capacity).add)
 
 
-def _pad_columns(basis: jax.Array) -> np.ndarray:
-  """``[d, r]`` -> ``[d, d]`` with zero columns (they project nothing)."""
-  out = np.zeros((basis.shape[0], basis.shape[0]), np.float32)
-  out[:, :basis.shape[1]] = np.asarray(basis)
-  return out
-
-
 class Memory:
   """What a strategy keeps between tasks, in fixed shapes.
 
@@ -99,25 +105,39 @@ class Memory:
     self.strategy, self.config = strategy, config
     flat = flatten_util.ravel_pytree(params)[0]
     self.num_params = int(flat.shape[0])
-    self.opt_state = steps.trainer(config, strategy).tx.init(params)
+    self.basis = None        # OGD / PCA-OGD: [rows, P].
+    self.opt_state = self._trainer().tx.init(params)
     self.buffer: Any = {}
-    self.basis = None        # OGD / PCA-OGD: [rows, P], unpadded.
     self.gpm = None          # GPM: {layer: [d_in, r]}, unpadded.
+    self.importance = None   # SI / MAS: the importance summed over tasks.
+    self.start = None        # SI: the parameters when the task started.
     self.stored = 0          # Examples in the buffer.
     self.tasks_remembered = 0
+    self.train_times: list[float] = []  # Seconds of each train() call.
     if strategy in ('agem', 'er'):
       self.buffer = metacf.replay.replay_buffer(
           steps.buffer_capacity(config)).init(
               {'x': jnp.zeros((NUM_PIXELS,), jnp.float32),
                'y': jnp.zeros((), jnp.int32)})
-    elif strategy in ('ogd', 'pca_ogd'):
-      self.padded = np.array(optax.tree.get(self.opt_state, 'basis'))
+    elif strategy == 'gem':  # One slot of memory_per_task per earlier task.
+      t, m = max(config.num_tasks - 1, 1), config.memory_per_task
+      self.buffer = {'x': jnp.zeros((t, m, NUM_PIXELS), jnp.float32),
+                     'y': jnp.zeros((t, m), jnp.int32),
+                     'filled': jnp.zeros((t,), jnp.float32)}
+
+  def _trainer(self) -> steps.Trainer:
+    rows = 0 if self.basis is None else int(self.basis.shape[0])
+    return steps.trainer(self.config, self.strategy, rows)
 
   def train(self, params: Params, x: jax.Array, y: jax.Array,
             order: jax.Array, key: jax.Array) -> Params:
     """Trains on one task (:attr:`Trainer.train`); keeps the new state."""
-    params, self.opt_state = steps.trainer(self.config, self.strategy).train(
+    self.start = params
+    begin = time.perf_counter()
+    params, self.opt_state = self._trainer().train(
         params, self.opt_state, self.buffer, x, y, order, key)
+    jax.block_until_ready(params)
+    self.train_times.append(time.perf_counter() - begin)
     return params
 
   def remember(self, params: Params, x: np.ndarray, y: np.ndarray,
@@ -136,11 +156,30 @@ class Memory:
             fisher=metacf.protect.online_ewc_update(
                 optax.tree.get(self.opt_state, 'fisher'), fisher,
                 config.online_ewc_gamma))
-    elif s in ('agem', 'er'):
+    elif s in ('si', 'mas'):
+      if s == 'si':  # Zenke et al.: Omega += omega / (delta^2 + xi).
+        delta = jax.tree.map(jnp.subtract, params, self.start)
+        new = _si_fn(config.si_damping)(
+            optax.tree.get(self.opt_state, 'omega'), delta)
+      else:  # Aljundi et al.: the importances of the tasks add up.
+        new = _mas_fn()(params, jnp.asarray(x[:config.mas_examples]))
+      self.importance = new if self.importance is None else jax.tree.map(
+          jnp.add, self.importance, new)
+      self.opt_state = optax.tree.set(self.opt_state, anchor=params,
+                                      fisher=self.importance)
+      if s == 'si':  # The path integral restarts with each task.
+        self.opt_state = optax.tree.set(
+            self.opt_state, omega=jax.tree.map(jnp.zeros_like, params))
+    elif s in ('agem', 'er', 'gem'):
       idx = utils.numpy_rng(key).permutation(len(y))[:config.memory_per_task]
-      self.buffer = _buffer_add_fn(steps.buffer_capacity(config))(
-          key, self.buffer, {'x': jnp.asarray(x[idx]),
-                             'y': jnp.asarray(y[idx])})
+      if s == 'gem':
+        self.buffer = {'x': self.buffer['x'].at[task].set(x[idx]),
+                       'y': self.buffer['y'].at[task].set(y[idx]),
+                       'filled': self.buffer['filled'].at[task].set(1.0)}
+      else:
+        self.buffer = _buffer_add_fn(steps.buffer_capacity(config))(
+            key, self.buffer, {'x': jnp.asarray(x[idx]),
+                               'y': jnp.asarray(y[idx])})
       self.stored += len(idx)
     elif s in ('ogd', 'pca_ogd'):
       n = config.ogd_examples if s == 'ogd' else config.pca_examples
@@ -150,11 +189,9 @@ class Memory:
         grads = top_right_singular_vectors(grads, config.pca_k)
       self.basis = metacf.protect.extend_basis(
           self.basis, jnp.asarray(grads, jnp.float32))
-      rows = min(self.basis.shape[0], self.padded.shape[0])
-      self.padded[:] = 0.0
-      self.padded[:rows] = np.asarray(self.basis[:rows])
-      self.opt_state = optax.tree.set(self.opt_state,
-                                      basis=jnp.asarray(self.padded))
+      # The trainer of the new basis size; SGD itself keeps no state.
+      self.opt_state = optax.tree.set(self._trainer().tx.init(params),
+                                      basis=self.basis)
     elif s == 'gpm':
       names = steps.layer_names(config.hidden)
       reps = steps.layer_inputs(params, jnp.asarray(x[:config.gpm_examples]))
@@ -163,7 +200,7 @@ class Memory:
           rep.T, gpm_threshold(config, i, task), old.get(name))
                   for i, (name, rep) in enumerate(zip(names, reps))}
       self.opt_state = optax.tree.set(self.opt_state, bases={
-          name: {'kernel': jnp.asarray(_pad_columns(m))}
+          name: {'kernel': metacf.protect.gpm_projector(m)}
           for name, m in self.gpm.items()})
 
   def floats(self) -> dict[str, Any]:
@@ -171,9 +208,11 @@ class Memory:
     p, t, s = self.num_params, self.tasks_remembered, self.strategy
     if s == 'ewc':
       return {'floats': 2 * p * t, 'what': f'2P x {t} tasks'}
-    if s == 'online_ewc':
+    if s in ('online_ewc', 'mas'):
       return {'floats': 2 * p, 'what': '2P'}
-    if s in ('agem', 'er'):
+    if s == 'si':  # Anchor and Omega; omega and the start while training.
+      return {'floats': 2 * p, 'what': '2P (+2P while training)'}
+    if s in ('agem', 'er', 'gem'):
       return {'floats': self.stored * (NUM_PIXELS + 1),
               'what': f'{self.stored} examples x 785'}
     if s in ('ogd', 'pca_ogd'):

@@ -26,11 +26,24 @@ def summarize(config: Config, runs: Mapping[tuple[str, str, int], Any]
         row[key] = None if values[0] is None else stats.mean_std(values)
       row['memory'] = records[0]['memory']
       row['time_s'] = float(np.mean([r['time_s'] for r in records]))
+      row['us_per_step'] = step_time_us(records)
       if records[0]['accuracy_matrix'] is not None:
         row['mean_accuracy_matrix'] = np.mean(
             [r['accuracy_matrix'] for r in records], axis=0).tolist()
       out[bench][strategy] = row
   return out
+
+
+def step_time_us(records: Any) -> float | None:
+  """Microseconds per SGD step: the median over runs and calls.
+
+  A run's first call of a trainer includes its compilation; the median over
+  the calls of all seeds leaves those out (OGD's compile once per basis
+  size, in the first seed).
+  """
+  times = [t / r['steps_per_call'] for r in records
+           for t in r.get('train_time_s', [])]
+  return 1e6 * float(np.median(times)) if times else None
 
 
 # ------------------------------------------------------------------- table
@@ -48,13 +61,15 @@ def format_table(results: Mapping[str, Any]) -> str:
     lines += [f'**{bench} MNIST** ({cfg["num_tasks"]} tasks, mean ± std '
               f'over {len(cfg["seeds"])} seeds, %)', '',
               '| strategy | ACC | BWT | forgetting | memory (floats) | '
-              'memory layout | time/run (s) |',
-              '|---|---:|---:|---:|---:|---|---:|']
+              'memory layout | time/run (s) | µs/step |',
+              '|---|---:|---:|---:|---:|---|---:|---:|']
     for strategy, row in rows.items():
       lines.append('| ' + ' | '.join([
           LABELS[strategy], stats.pct(row['acc']), stats.pct(row['bwt']),
           stats.pct(row['forgetting']), _floats(row['memory']['floats']),
-          row['memory']['what'], f'{row["time_s"]:.1f}']) + ' |')
+          row['memory']['what'], f'{row["time_s"]:.1f}',
+          '-' if row.get('us_per_step') is None
+          else f'{row["us_per_step"]:.0f}']) + ' |')
     lines.append('')
   if results['pairs']:
     ks = [str(k) for k in cfg['protect_ks']]

@@ -109,19 +109,24 @@ class Trainer(NamedTuple):
   train: Any
 
 
-def trainer(config: Config, strategy: str) -> Trainer:
+def trainer(config: Config, strategy: str, basis_rows: int | None = None
+            ) -> Trainer:
   """The :class:`Trainer` of ``strategy``, cached on what it reads.
 
   Configs that differ elsewhere share it, so its loop compiles once per
-  strategy and serves every task, benchmark and seed.
+  strategy and serves every task, benchmark and seed. OGD's and PCA-OGD's
+  is built per ``basis_rows`` (the rows of the basis they project out,
+  10 more per task), as their projection reads the whole ``[rows, P]``
+  basis from memory every step, zero padding rows included: one compile
+  per basis size (shared by the seeds) instead of one in all, for half
+  the projection's traffic on average.
   """
-  per_task = {'ogd': config.ogd_examples, 'pca_ogd': config.pca_k}
-  rows = per_task.get(strategy, 0) * max(config.num_tasks - 1, 1)
   return _trainer_for(strategy, _Settings(
       config.lr, config.num_tasks, config.ewc_strength,
-      config.online_ewc_strength, config.agem_sample_size,
-      config.er_fraction, buffer_capacity(config), tuple(config.hidden),
-      rows))
+      config.online_ewc_strength, config.si_strength, config.mas_strength,
+      config.agem_sample_size, config.gem_sample_size, config.er_fraction,
+      buffer_capacity(config), tuple(config.hidden),
+      (basis_rows or 0) if strategy in ('ogd', 'pca_ogd') else 0))
 
 
 class _Settings(NamedTuple):
@@ -129,11 +134,14 @@ class _Settings(NamedTuple):
   num_tasks: int
   ewc_strength: float
   online_ewc_strength: float
+  si_strength: float
+  mas_strength: float
   agem_sample_size: int
+  gem_sample_size: int
   er_fraction: float
   buffer_capacity: int
   hidden: tuple[int, ...]
-  basis_rows: int  # OGD / PCA-OGD: rows of the zero-padded basis.
+  basis_rows: int  # OGD / PCA-OGD: rows of the basis (0: plain SGD).
 
 
 def _zero_params(hidden: Sequence[int]) -> Params:
@@ -148,17 +156,24 @@ def _protection(strategy: str, config: _Settings
   if strategy == 'ewc':  # One penalty per earlier task (offline EWC).
     return [metacf.protect.ewc(zeros, zeros, config.ewc_strength)
             for _ in range(config.num_tasks - 1)]
-  if strategy == 'online_ewc':
-    return [metacf.protect.ewc(zeros, zeros, config.online_ewc_strength)]
+  strengths = {'online_ewc': config.online_ewc_strength,
+               'si': config.si_strength, 'mas': config.mas_strength}
+  if strategy in strengths:  # One penalty, its importance accumulated.
+    return [metacf.protect.ewc(zeros, zeros, strengths[strategy])]
   if strategy == 'agem':
     return [metacf.protect.agem()]
+  if strategy == 'gem':
+    return [metacf.protect.gem()]
   if strategy in ('ogd', 'pca_ogd'):
+    if not config.basis_rows:
+      return []
     num_params = sum(leaf.size for leaf in jax.tree.leaves(zeros))
     return [metacf.protect.orthogonal_projection(
         np.zeros((config.basis_rows, num_params), np.float32))]
-  if strategy == 'gpm':
+  if strategy == 'gpm':  # Saha et al.'s form: the projectors M M^T.
     return [metacf.protect.gpm_projection(jax.tree.map(
-        lambda k: np.zeros((k.shape[0], k.shape[0]), np.float32), zeros))]
+        lambda k: np.zeros((k.shape[0], k.shape[0]), np.float32), zeros),
+                                          projectors=True)]
   if strategy in ('naive', 'joint', 'er'):
     return []
   raise ValueError(f'trainer: unknown strategy {strategy!r}.')
@@ -168,6 +183,8 @@ def _protection(strategy: str, config: _Settings
 def _trainer_for(strategy: str, config: _Settings) -> Trainer:
   """The :class:`Trainer` of :func:`trainer`."""
   tx = optax.chain(*_protection(strategy, config), optax.sgd(config.lr))
+  if strategy == 'si':  # omega accumulates -g * update over the task.
+    tx = metacf.protect.path_integral(tx)
   buffer = metacf.replay.replay_buffer(config.buffer_capacity)
   loss = functools.partial(cross_entropy, apply_fn)
 
@@ -184,6 +201,9 @@ def _trainer_for(strategy: str, config: _Settings) -> Trainer:
       sample = buffer.sample(key, memory, config.agem_sample_size)
       extra['reference_grads'] = jax.grad(loss)(
           params, sample.items['x'], sample.items['y'], sample.valid)
+    if strategy == 'gem':
+      extra['memory_grads'] = gem_memory_grads(
+          params, memory, key, config.gem_sample_size)
     return _apply_update(tx, grads, opt_state, params, **extra)
 
   def train(params, opt_state, memory, x, y, order, key):
@@ -197,6 +217,25 @@ def _trainer_for(strategy: str, config: _Settings) -> Trainer:
     return params, opt_state
 
   return Trainer(tx, jax.jit(train))
+
+
+def gem_memory_grads(params: Params, memory: Mapping[str, jax.Array],
+                     key: jax.Array, sample_size: int) -> Params:
+  """One gradient per earlier task, on ``sample_size`` of its examples.
+
+  ``memory`` holds ``x [T-1, m, 784]``, ``y [T-1, m]`` and ``filled
+  [T-1]`` (1.0 for the tasks seen so far); the gradients of tasks not yet
+  seen are zero, which ``gem_project`` reads as padding.
+  """
+  t, m = memory['y'].shape
+  idx = jax.random.randint(key, (t, sample_size), 0, m)
+  xs = jnp.take_along_axis(memory['x'], idx[..., None], axis=1)
+  ys = jnp.take_along_axis(memory['y'], idx, axis=1)
+  grads = jax.vmap(jax.grad(functools.partial(cross_entropy, apply_fn)),
+                   in_axes=(None, 0, 0))(params, xs, ys)
+  return jax.tree.map(
+      lambda g: g * memory['filled'].reshape((t,) + (1,) * (g.ndim - 1)),
+      grads)
 
 
 def all_finite(params: Params) -> bool:

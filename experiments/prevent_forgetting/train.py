@@ -52,6 +52,7 @@ runs the strategies and the pairs and writes the results.
 from collections.abc import Mapping
 import dataclasses
 import os
+import threading
 import time
 from typing import Any
 
@@ -105,12 +106,15 @@ def run_strategy(config: Config, benchmark: str, data: data_lib.Benchmark,
             'num_params': num_params,
             'memory': {'floats': int(y.shape[0]) * (data_lib.NUM_PIXELS + 1),
                        'what': f'all {int(y.shape[0])} examples x 785'},
+            'steps_per_call': int(order.shape[0]),
+            'train_time_s': memory.train_times,
             'time_s': time.perf_counter() - start}
   matrix = np.zeros((t_all, t_all))
   finite = True
   for t in range(t_all):
     order = batching.epoch_indices(
-        utils.name_key(root, 'order', benchmark, t), config.num_train,
+        utils.name_key(root, 'order', benchmark, t),
+        config.train_size(benchmark),
         config.num_epochs, config.batch_size)
     params = memory.train(params, jnp.asarray(data.x_train[t]),
                           jnp.asarray(data.y_train[t]), jnp.asarray(order),
@@ -131,6 +135,8 @@ def run_strategy(config: Config, benchmark: str, data: data_lib.Benchmark,
           'num_params': num_params,
           'params_finite': finite,
           'memory': memory.floats(),
+          'steps_per_call': int(order.shape[0]),
+          'train_time_s': memory.train_times,
           'time_s': time.perf_counter() - start}
 
 
@@ -141,7 +147,8 @@ def run_pair(config: Config, pair: Pair,
   root = jax.random.key(config.pair_seed)
   params = steps.init_params(utils.name_key(root, 'init'), config.hidden)
   order = batching.epoch_indices(utils.name_key(root, 'order', pair.name),
-                                 config.num_train, config.num_epochs,
+                                 config.train_size(pair.benchmark),
+                                 config.num_epochs,
                                  config.batch_size)
   a, b = pair.task_a, pair.task_b
   params = memories.Memory('naive', config, params).train(
@@ -173,6 +180,24 @@ def run_pair(config: Config, pair: Pair,
 
 
 # ------------------------------------------------------------------ driver
+
+# Relative time per step of each strategy (measured; orders parallel work).
+_COST = {'gem': 8, 'gpm': 7, 'ogd': 6, 'pca_ogd': 6, 'agem': 5, 'mas': 2,
+         'ewc': 2, 'joint': 1}
+
+
+class _Lazy:
+  """A value computed on first use, once, by any of several threads."""
+
+  def __init__(self, make: Any):
+    self._make, self._value, self._lock = make, None, threading.Lock()
+
+  def __call__(self) -> Any:
+    with self._lock:
+      if self._value is None:
+        self._value = self._make()
+      return self._value
+
 
 
 def _pair_summary(record: Mapping[str, Any]) -> str:
@@ -206,28 +231,35 @@ def train_and_evaluate(config: Config, workdir: str, *,
                               'heldout_examples', 'b_examples', 'b_lr',
                               'b_steps', 'progress_bar')]
   base = {f: getattr(config, f) for f in fields}
-  cache: dict[tuple[str, int], data_lib.Benchmark] = {}
+  runs = {}
+  for bench in config.benchmarks:
+    for seed in config.seeds:  # One benchmark's data in memory at a time.
+      data = _Lazy(lambda b=bench, s=seed: data_lib.make_benchmark(
+          b, s, config, splits))
+      # Longest runs first, so that parallel workers finish together.
+      order = sorted(config.strategies, key=lambda st: -_COST.get(st, 0))
+      records = loop.resumable_records(
+          order,
+          path=lambda st, b=bench, s=seed: os.path.join(
+              workdir, 'runs', b, st, f'seed{s}.json'),
+          recipe=lambda st, b=bench, s=seed: {**base, 'benchmark': b,
+                                              'seed': s, 'strategy': st},
+          compute=lambda st, b=bench, s=seed, d=data: run_strategy(
+              config, b, d(), st, s),
+          summary=lambda r: f'ACC {r["acc"]:.3f}',
+          desc=f'{bench} seed {seed}', progress_bar=config.progress_bar,
+          workers=config.workers)
+      runs.update({(bench, st, seed): r for st, r in zip(order, records)})
+      del data
 
-  def data_for(bench: str, seed: int) -> data_lib.Benchmark:
-    if (bench, seed) not in cache:
-      cache.clear()  # One benchmark in memory at a time.
-      cache[bench, seed] = data_lib.make_benchmark(bench, seed, config,
-                                                   splits)
-    return cache[bench, seed]
+  pair_data = {}
 
-  items = [(b, s, st) for b in config.benchmarks for s in config.seeds
-           for st in config.strategies]
-  records = loop.resumable_records(
-      items,
-      path=lambda it: os.path.join(workdir, 'runs', it[0], it[2],
-                                   f'seed{it[1]}.json'),
-      recipe=lambda it: {**base, 'benchmark': it[0], 'seed': it[1],
-                         'strategy': it[2]},
-      compute=lambda it: run_strategy(config, it[0], data_for(it[0], it[1]),
-                                      it[2], it[1]),
-      summary=lambda r: f'ACC {r["acc"]:.3f}',
-      desc='runs', progress_bar=config.progress_bar)
-  runs = {(b, st, s): r for (b, s, st), r in zip(items, records)}
+  def data_for(bench: str) -> data_lib.Benchmark:
+    if bench not in pair_data:
+      pair_data.clear()
+      pair_data[bench] = data_lib.make_benchmark(bench, config.pair_seed,
+                                                 config, splits)
+    return pair_data[bench]
 
   pairs = loop.resumable_records(
       config.pairs,
@@ -237,8 +269,7 @@ def train_and_evaluate(config: Config, workdir: str, *,
                             'pair_seed', 'protect_ks', 'jac_examples',
                             'heldout_examples', 'b_examples', 'b_lr',
                             'b_steps')}},
-      compute=lambda p: run_pair(config, p, data_for(p.benchmark,
-                                                     config.pair_seed)),
+      compute=lambda p: run_pair(config, p, data_for(p.benchmark)),
       summary=_pair_summary,
       desc='pairs', progress_bar=config.progress_bar)
 

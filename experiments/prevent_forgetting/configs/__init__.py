@@ -18,8 +18,8 @@ from experiments.common import utils
 NAMES = utils.CONFIG_NAMES
 
 BENCHMARKS = ('permuted', 'rotated')
-STRATEGIES = ('naive', 'ewc', 'online_ewc', 'agem', 'er', 'ogd', 'pca_ogd',
-              'gpm', 'joint')
+STRATEGIES = ('naive', 'ewc', 'online_ewc', 'si', 'mas', 'agem', 'gem', 'er',
+              'ogd', 'pca_ogd', 'gpm', 'joint')
 GPM_SCHEDULES = ('constant', 'linear')
 
 
@@ -52,8 +52,10 @@ class Config:
     num_tasks: Tasks per benchmark.
     rotation_step: Rotated MNIST's task ``t`` is rotated by ``t *
       rotation_step`` degrees (0, 10, ..., 90 by default).
-    num_train: Training examples per task (a random subset of MNIST's 60k
-      training images, drawn per task).
+    num_train: Training examples per task of permuted MNIST (drawn per
+      task from MNIST's 60k training images without replacement; 60,000 is
+      all of them, in a random order).
+    rotated_num_train: The same for rotated MNIST (None: ``num_train``).
     num_test: Test examples per task (the first ones of MNIST's test split,
       transformed by the task).
     hidden: Widths of the hidden layers.
@@ -68,10 +70,21 @@ class Config:
     online_ewc_strength: Online EWC's lambda, picked the same way from
       {1, 10, 30, 100, 300, 1000, 10000}.
     online_ewc_gamma: Online EWC's decay of the running Fisher.
+    si_strength: SI's lambda: ``ewc(anchor, Omega, lambda)`` with Omega the
+      sum over tasks of ``si_importance(omega, delta, damping=si_damping)``
+      (Zenke et al.'s ``c`` is lambda / 2); picked like ``ewc_strength``.
+    si_damping: SI's xi (Zenke et al.: 0.1 on permuted MNIST).
+    mas_strength: MAS's lambda: ``ewc(anchor, Omega, lambda)`` with Omega
+      the sum over tasks of ``mas_importance``; picked like
+      ``ewc_strength``.
+    mas_examples: Training examples of a task on which its MAS importance
+      is computed.
     fisher_examples: Training examples of a task on which its (true)
       Fisher diagonal is computed.
     memory_per_task: Examples stored per task by A-GEM and ER.
     agem_sample_size: Memory examples per A-GEM reference gradient.
+    gem_sample_size: Memory examples of each earlier task per GEM
+      constraint gradient, drawn every step (GEM's code: all of them).
     er_fraction: Share of each ER minibatch replaced by memory examples.
     ogd_examples: Examples per task whose ground-truth-logit gradients OGD
       stores.
@@ -91,6 +104,8 @@ class Config:
     b_examples: Training examples of B for the full-batch descent.
     b_lr: Learning rate of the full-batch descent on B.
     b_steps: Steps of the full-batch descent on B.
+    workers: Runs computed at the same time (threads): one run's step on
+      this small MLP keeps about one core busy.
     progress_bar: Show tqdm bars (off anyway when not on a TTY).
   """
   seeds: tuple[int, ...] = (0, 1, 2)
@@ -99,6 +114,7 @@ class Config:
   num_tasks: int = 10
   rotation_step: float = 10.0
   num_train: int = 1000
+  rotated_num_train: int | None = None
   num_test: int = 5000
   hidden: tuple[int, ...] = (100, 100)
   lr: float = 0.01
@@ -108,9 +124,14 @@ class Config:
   ewc_strength: float = 3.0
   online_ewc_strength: float = 30.0
   online_ewc_gamma: float = 0.9
+  si_strength: float = 1.0
+  si_damping: float = 0.1
+  mas_strength: float = 1.0
+  mas_examples: int = 1000
   fisher_examples: int = 200
   memory_per_task: int = 250
   agem_sample_size: int = 64
+  gem_sample_size: int = 10
   er_fraction: float = 0.5
   ogd_examples: int = 10
   pca_examples: int = 200
@@ -126,6 +147,7 @@ class Config:
   b_examples: int = 50
   b_lr: float = 0.1
   b_steps: int = 100
+  workers: int = 1
   progress_bar: bool = True
 
   def __post_init__(self):
@@ -142,14 +164,22 @@ class Config:
       raise ValueError('Config: gpm_thresholds needs one threshold per '
                        f'layer ({len(self.hidden) + 1}), got '
                        f'{self.gpm_thresholds}.')
-    if self.num_train % self.batch_size:
-      raise ValueError(f'Config: num_train ({self.num_train}) must be a '
-                       f'multiple of batch_size ({self.batch_size}).')
-    for name in ('memory_per_task', 'fisher_examples', 'ogd_examples',
-                 'pca_examples', 'gpm_examples', 'jac_examples',
-                 'b_examples'):
-      if getattr(self, name) > self.num_train:
-        raise ValueError(f'Config: {name} must not exceed num_train.')
+    for bench in self.benchmarks:
+      n = self.train_size(bench)
+      if n % self.batch_size:
+        raise ValueError(f'Config: {bench} MNIST\'s num_train ({n}) must be '
+                         f'a multiple of batch_size ({self.batch_size}).')
+      for name in ('memory_per_task', 'fisher_examples', 'mas_examples',
+                   'ogd_examples', 'pca_examples', 'gpm_examples',
+                   'jac_examples', 'b_examples'):
+        if getattr(self, name) > n:
+          raise ValueError(f'Config: {name} must not exceed {bench} MNIST\'s '
+                           f'num_train ({n}).')
+    if self.gem_sample_size > self.memory_per_task:
+      raise ValueError('Config: gem_sample_size must not exceed '
+                       'memory_per_task.')
+    if self.workers < 1:
+      raise ValueError(f'Config: workers must be >= 1, got {self.workers}.')
     if self.pca_k > self.pca_examples:
       raise ValueError('Config: pca_k must not exceed pca_examples.')
     if self.num_test % min(self.eval_batch_size, self.num_test):
@@ -165,6 +195,13 @@ class Config:
     if max(self.protect_ks, default=0) > 10 * self.jac_examples:
       raise ValueError('Config: protect_ks must not exceed 10 * '
                        'jac_examples (the Jacobian rows).')
+
+
+  def train_size(self, benchmark: str) -> int:
+    """Training examples per task of ``benchmark``."""
+    if benchmark == 'rotated' and self.rotated_num_train is not None:
+      return self.rotated_num_train
+    return self.num_train
 
 
 def make_pairs(specs: Sequence[tuple[str, int, int]]) -> tuple[Pair, ...]:
