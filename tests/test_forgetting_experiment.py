@@ -18,6 +18,7 @@ import tempfile
 
 from absl.testing import parameterized
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -26,7 +27,9 @@ from _smoke_run import RAW_DIR
 from experiments.forgetting import _plots
 from experiments.forgetting import configs
 from experiments.forgetting import main as forgetting_main
+from experiments.forgetting import steps
 from experiments.forgetting import train
+import metacf
 
 
 # Each strategy compiles its own training chunk (seconds each on CPU), so the
@@ -294,6 +297,64 @@ class ConfigsTest(parameterized.TestCase):
     config = configs.get_config('smoke')
     with self.assertRaises(dataclasses.FrozenInstanceError):
       config.seeds = (1,)
+
+
+class ICaRLMemoryTest(parameterized.TestCase):
+  """``steps.update_memory`` on synthetic images: herding, then Alg. 5."""
+
+  def test_herds_new_classes_and_keeps_prefixes_of_old_ones(self):
+    widths, capacity = (8,), 12
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (60, 28, 28, 1), dtype=np.uint8)
+    labels = np.repeat(np.arange(4), 15).astype(np.int32)
+    rng.shuffle(labels)
+    params = steps.make_init_params(widths)(
+        train.root_keys((0, 1)), jnp.asarray(images[0]))
+    memory = jax.tree.map(
+        lambda a: jnp.stack([a, a]),
+        steps.empty_memory(capacity, images.shape[1:]))
+    classes = np.arange(10)
+
+    def herded(c, m):
+      # Independent features: the hidden ReLU layer by hand, normalised.
+      members = np.flatnonzero(labels == c)
+      out = []
+      for s in range(2):
+        dense = params['Dense_0']
+        x = images[members].reshape(len(members), -1) / 255.0
+        h = np.maximum(x @ np.asarray(dense['kernel'][s])
+                       + np.asarray(dense['bias'][s]), 0.0)
+        h = h / np.linalg.norm(h, axis=-1, keepdims=True)
+        out.append(members[np.asarray(metacf.replay.herding_selection(
+            jnp.asarray(h, jnp.float32), m))])
+      return np.stack(out)
+
+    first = steps.update_memory(memory, params, jnp.asarray(images), labels,
+                                classes < 0, classes < 2, widths)
+    m = capacity // 2
+    np.testing.assert_array_equal(first['y'][:, :m], 0)
+    np.testing.assert_array_equal(first['y'][:, m:], 1)
+    idx = np.asarray(first['idx'])
+    np.testing.assert_array_equal(idx[:, :m], herded(0, m))
+    np.testing.assert_array_equal(idx[:, m:], herded(1, m))
+    np.testing.assert_array_equal(first['x'], images[idx])
+
+    second = steps.update_memory(first, params, jnp.asarray(images), labels,
+                                 classes < 2, (classes >= 2) & (classes < 4),
+                                 widths)
+    m = capacity // 4
+    idx2 = np.asarray(second['idx'])
+    np.testing.assert_array_equal(second['y'][0],
+                                  np.repeat(np.arange(4), m))
+    # Old classes keep the first m of their exemplars, in herding order.
+    np.testing.assert_array_equal(idx2[:, :m], idx[:, :m])
+    np.testing.assert_array_equal(idx2[:, m:2 * m], idx[:, 6:6 + m])
+    np.testing.assert_array_equal(idx2[:, 2 * m:3 * m], herded(2, m))
+    np.testing.assert_array_equal(second['x'], images[idx2])
+    # The curves' prefix: the first exemplar of each class, padded.
+    prefix = steps.memory_prefix(second, 1)
+    np.testing.assert_array_equal(prefix['idx'][:, :4], idx2[:, ::m])
+    np.testing.assert_array_equal(prefix['y'][0], [0, 1, 2, 3] + [-1] * 6)
 
 
 @pytest.mark.slow
