@@ -24,8 +24,11 @@ mean of exemplars). iCaRL's exemplar memory is rebuilt at the end of each
 task by ``update_memory`` (herding), outside the jitted chunks.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+import concurrent.futures
 import functools
+import threading
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -464,6 +467,58 @@ def _features_of_runs(widths: tuple[int, ...]):
                           in_axes=(0, None, None)))
 
 
+_compiled: dict[Any, concurrent.futures.Future] = {}
+_compiled_lock = threading.Lock()
+
+
+def _compile_once(key: Any, compile_fn: Callable[[], Any]) -> Any:
+  """``compile_fn()``, once per ``key`` even when threads ask together.
+
+  ``train.py`` compiles the next strategies' functions in a background
+  thread; a thread that asks for one being compiled waits for it.
+  """
+  with _compiled_lock:
+    future = _compiled.get(key)
+    owner = future is None
+    if owner:
+      future = _compiled[key] = concurrent.futures.Future()
+  if owner:
+    try:
+      future.set_result(compile_fn())
+    except BaseException as e:
+      with _compiled_lock:
+        del _compiled[key]
+      future.set_exception(e)
+      raise
+  return future.result()
+
+
+def herding_executable(num_runs: int, padded_size: int, dim: int,
+                       num_examples: int, num_exemplars: int):
+  """``_herding_fn``, compiled for features ``[num_runs, padded_size, dim]``
+  committed to the first device (``update_memory``'s); compiled once."""
+  spec = jax.ShapeDtypeStruct(
+      (num_runs, padded_size, dim), jnp.float32,
+      sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  return _compile_once(
+      ('herding', num_runs, padded_size, dim, num_examples, num_exemplars),
+      lambda: _herding_fn(num_examples, num_exemplars).lower(spec).compile())
+
+
+def precompile_update_memory(labels: np.ndarray, capacity: int,
+                             task_classes: np.ndarray, num_runs: int,
+                             widths: tuple[int, ...]) -> None:
+  """Compiles every herding that ``update_memory`` will run on a scenario
+  with tasks ``task_classes`` (bool ``[T, 10]``), in order."""
+  counts = np.bincount(labels, minlength=NUM_CLASSES)
+  for t in range(task_classes.shape[0]):
+    m = capacity // int(task_classes[:t + 1].any(axis=0).sum())
+    for c in np.flatnonzero(task_classes[t]):
+      if counts[c] >= m:  # Else update_memory raises.
+        herding_executable(num_runs, int(counts.max()), widths[-1],
+                           int(counts[c]), m)
+
+
 @functools.cache
 def _herding_fn(num_examples: int, num_exemplars: int):
   """Jitted herding of every run among the first ``num_examples`` rows.
@@ -539,8 +594,11 @@ def update_memory(memory: dict, params, images: jax.Array,
           f'{capacity}.')
     padded = np.zeros(padded_size, np.int32)
     padded[:len(members)] = members
-    feats = _features_of_runs(widths)(params, images, jnp.asarray(padded))
-    chosen = _herding_fn(len(members), m)(feats)
+    feats = jax.device_put(
+        _features_of_runs(widths)(params, images, jnp.asarray(padded)),
+        jax.devices()[0])
+    chosen = herding_executable(num_runs, padded_size, feats.shape[-1],
+                                len(members), m)(feats)
     idx[:, r * m:(r + 1) * m] = members[np.asarray(chosen)]
     y[:, r * m:(r + 1) * m] = c
   return _gather_memory(images, jnp.asarray(idx), jnp.asarray(y))

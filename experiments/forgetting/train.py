@@ -35,6 +35,7 @@ tables in ``report.py``, the figures in ``_plots.py``.
 """
 
 from collections.abc import Callable, Mapping, Sequence
+import concurrent.futures
 import dataclasses
 import os
 import time
@@ -85,6 +86,37 @@ def select_strategies(config: Config, names: Sequence[str]) -> Config:
   return dataclasses.replace(config, scenarios=tuple(scenarios))
 
 
+def warm_up(config: Config, scenario: Scenario, strategy: Strategy,
+            train: Mapping[str, jax.Array], keys: jax.Array) -> None:
+  """Compiles a strategy's jitted functions without training anything.
+
+  Its state init and training chunk (called once with zero steps and the
+  argument types of ``train_strategy``'s calls, so that those hit the jit
+  caches) and, for iCaRL, every herding of ``steps.update_memory``.
+  ``train_and_evaluate`` runs it in a background thread for the strategies
+  to come while one trains: a training chunk keeps about one core busy, and
+  the compiles (seconds each) use the other. The numbers do not change.
+  """
+  image = train['image'][0]
+  shapes = jax.eval_shape(steps.make_init_params(config.widths), keys, image)
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  state = jax.device_put(steps.make_init_state(strategy)(params, image),
+                         jax.devices()[0])
+  classes = data.task_classes(scenario)
+  idx = np.zeros((len(config.seeds), config.eval_every, config.batch_size),
+                 np.int32)
+  train_chunk = steps.make_train_chunk(strategy, config.widths,
+                                       config.batch_size)
+  jax.block_until_ready(train_chunk(
+      state, train['image'], train['label'], jnp.asarray(idx), jnp.int32(0),
+      jnp.int32(0), utils.name_key(keys, 'warm-up'),
+      jnp.asarray(classes[0]), jnp.asarray(classes[0])))
+  if strategy.kind == 'icarl':
+    steps.precompile_update_memory(np.asarray(train['label']),
+                                   strategy.buffer_size, classes,
+                                   len(config.seeds), config.widths)
+
+
 def _tolist(x: jax.Array) -> list:
   # float32 -> Python float is exact, and JSON round-trips Python floats
   # exactly, so a resumed run's numbers are bitwise those of a fresh run.
@@ -95,7 +127,8 @@ def train_strategy(config: Config, scenario: Scenario, strategy: Strategy,
                    train: Mapping[str, jax.Array], stream: data.Stream,
                    evaluator: steps.Evaluator, keys: jax.Array,
                    workdir: str, *,
-                   on_task_end: Callable[[str, str, int], None] | None = None
+                   on_task_end: Callable[[str, str, int], None] | None = None,
+                   compiled: concurrent.futures.Future | None = None
                    ) -> dict[str, Any]:
   """Trains one strategy through all tasks, for all seeds; resumable.
 
@@ -112,6 +145,8 @@ def train_strategy(config: Config, scenario: Scenario, strategy: Strategy,
     on_task_end: Called as ``on_task_end(scenario, strategy, task)`` after
       each task's checkpoint is written (tests raise from it to simulate a
       kill).
+    compiled: A ``warm_up`` of this strategy running in another thread;
+      waited for before training (else both threads would compile).
 
   Returns:
     The raw record: accuracy matrix rows ``[T][S][T]`` (class- and
@@ -137,6 +172,8 @@ def train_strategy(config: Config, scenario: Scenario, strategy: Strategy,
     # too, so that both hit the same compiled functions (jit caches on it).
     return jax.device_put(state, jax.devices()[0])
 
+  if compiled is not None:
+    compiled.result()
   train_chunk = steps.make_train_chunk(strategy, config.widths,
                                        config.batch_size)
   recipe = utils.jsonable({
@@ -230,6 +267,40 @@ def train_strategy(config: Config, scenario: Scenario, strategy: Strategy,
   return meta['record']
 
 
+def _run_scenarios(config: Config, train_np: Mapping[str, np.ndarray],
+                   test_np: Mapping[str, np.ndarray],
+                   train: Mapping[str, jax.Array], keys: jax.Array,
+                   workdir: str,
+                   on_task_end: Callable[[str, str, int], None] | None,
+                   warm: Mapping[tuple[str, str], concurrent.futures.Future]
+                   ) -> dict[str, Any]:
+  """Trains every scenario's strategies in turn; their summaries by name."""
+  scenarios: dict[str, Any] = {}
+  for scenario in config.scenarios:
+    evaluator = steps.Evaluator(config, scenario, test_np)
+    streams: dict[bool, data.Stream] = {}
+    strategies: dict[str, Any] = {}
+    for strategy_name in scenario.strategies:
+      strategy = config.strategy(strategy_name)
+      joint = strategy.kind == 'joint'
+      if joint not in streams:
+        streams[joint] = data.make_stream(config, scenario, joint,
+                                          train_np['label'], keys)
+      record = train_strategy(config, scenario, strategy, train,
+                              streams[joint], evaluator, keys, workdir,
+                              on_task_end=on_task_end,
+                              compiled=warm.get((scenario.name,
+                                                 strategy_name)))
+      strategies[strategy_name] = report.summarize(strategy, record,
+                                                   streams[joint])
+    scenarios[scenario.name] = {
+        'classes_per_task': scenario.classes_per_task,
+        'num_tasks': data.NUM_CLASSES // scenario.classes_per_task,
+        'strategies': strategies,
+    }
+  return scenarios
+
+
 def train_and_evaluate(config: Config, workdir: str, *,
                        raw_dir: str | None = None,
                        data_dir: str | None = None,
@@ -261,27 +332,22 @@ def train_and_evaluate(config: Config, workdir: str, *,
   train = {k: jnp.asarray(v) for k, v in train_np.items()}
   keys = root_keys(config.seeds)
 
-  scenarios: dict[str, Any] = {}
+  # Compile the strategies to come in the background (see warm_up), except
+  # those already finished in workdir (they are restored, not trained).
+  pool = concurrent.futures.ThreadPoolExecutor(1)
+  warm: dict[tuple[str, str], concurrent.futures.Future] = {}
   for scenario in config.scenarios:
-    evaluator = steps.Evaluator(config, scenario, test_np)
-    streams: dict[bool, data.Stream] = {}
-    strategies: dict[str, Any] = {}
-    for strategy_name in scenario.strategies:
-      strategy = config.strategy(strategy_name)
-      joint = strategy.kind == 'joint'
-      if joint not in streams:
-        streams[joint] = data.make_stream(config, scenario, joint,
-                                          train_np['label'], keys)
-      record = train_strategy(config, scenario, strategy, train,
-                              streams[joint], evaluator, keys, workdir,
-                              on_task_end=on_task_end)
-      strategies[strategy_name] = report.summarize(strategy, record,
-                                                   streams[joint])
-    scenarios[scenario.name] = {
-        'classes_per_task': scenario.classes_per_task,
-        'num_tasks': data.NUM_CLASSES // scenario.classes_per_task,
-        'strategies': strategies,
-    }
+    num_tasks = data.NUM_CLASSES // scenario.classes_per_task
+    for name in scenario.strategies:
+      if not os.path.isdir(os.path.join(workdir, 'checkpoints', scenario.name,
+                                        name, str(num_tasks))):
+        warm[scenario.name, name] = pool.submit(
+            warm_up, config, scenario, config.strategy(name), train, keys)
+  try:
+    scenarios = _run_scenarios(config, train_np, test_np, train, keys,
+                               workdir, on_task_end, warm)
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
 
   results = {
       'experiment': 'forgetting',
