@@ -61,6 +61,7 @@ bench: $(STAMP)  ## microbenchmarks; JSON lines go to benchmarks/results/
 	$(PY) -m benchmarks.bench_protect
 	$(PY) -m benchmarks.bench_noise
 	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m benchmarks.bench_cl_baselines
 	$(PY) -m benchmarks.bench_maml
 	$(PY) -m benchmarks.bench_meta_family
 

@@ -36,7 +36,10 @@ float64, attention by hand-written ``einsum``s, gradients by finite
 differences (``check_grads``); the Jacobian SVD by a dense ``jnp.linalg.svd``
 of ``jax.jacrev``; the Fisher diagonal by a Python loop over examples (and
 classes); protections by the float64 projection / penalty formula applied to
-``jax.grad``; MAML by a hand-unrolled loop over tasks and inner SGD steps.
+``jax.grad``; MAML by a hand-unrolled loop over tasks and inner SGD steps;
+MAS by a float64 loop over examples; SI's path integral by a hand loop of
+``-g u``; GEM by SciPy's NNLS on the dual (float64); ER-ACE's loss and
+iCaRL's herding by NumPy.
 """
 
 from collections.abc import Callable
@@ -56,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from scipy import optimize as scipy_optimize
 
 import metacf
 
@@ -1033,3 +1037,250 @@ class ProtectInteropTest(chex.TestCase):
       params = new_params
     _assert_no_baked_arrays(self, step, params, opt_state, x, y)
     self.assertEqual(step._cache_size(), 1)
+
+
+# ---------------------------------------------------------------------------
+# 6. Continual-learning baselines: MAS, SI's path integral, GEM, ER-ACE and
+#    iCaRL's herding. MAS, whose per-example batch of one meets every
+#    framework's normalisation and vmap, runs on the three models; the others
+#    on one model each (nnx, linen, equinox in turn): they see the model only
+#    through grads and logits, and each model adds seconds of XLA compiles.
+
+
+def _herding_reference(features, num_exemplars) -> list[int]:
+  """iCaRL's Algorithm 4 as a float64 NumPy loop (ties: lowest index)."""
+  f = np.asarray(features, np.float64)
+  mean, total, chosen = f.mean(axis=0), np.zeros(f.shape[1]), []
+  for k in range(num_exemplars):
+    dist = np.sum((mean[None] - (total[None] + f) / (k + 1))**2, axis=-1)
+    dist[chosen] = np.inf
+    chosen.append(int(np.argmin(dist)))
+    total = total + f[chosen[-1]]
+  return chosen
+
+
+def _ace_reference(logits, labels, active) -> tuple[np.ndarray, np.ndarray]:
+  """ER-ACE's loss and its gradient w.r.t. the logits, float64 NumPy."""
+  z = np.asarray(logits, np.float64)
+  active = np.broadcast_to(np.asarray(active), z.shape)
+  masked = np.where(active, z, -np.inf)
+  top = masked.max(axis=-1, keepdims=True)
+  e = np.exp(masked - top)
+  rows, labels = np.arange(z.shape[0]), np.asarray(labels)
+  loss = top[:, 0] + np.log(e.sum(-1)) - z[rows, labels]
+  grad = e / e.sum(-1, keepdims=True)
+  grad[rows, labels] -= 1.0
+  return loss, grad
+
+
+class ContinualBaselinesInteropTest(chex.TestCase):
+  """MAS, SI (path integral), GEM, ER-ACE and herding (issue 27)."""
+
+  def setUp(self):
+    super().setUp()
+    chex.clear_trace_counter()  # _user_step's steps share their source.
+
+  @parameterized.named_parameters(*_CASES)
+  def test_mas_importance_matches_float64_per_example_loop(self, make_case):
+    case = make_case()
+    n = 5   # chunks of 2: a lax.map over 2 chunks and a rest of 1.
+    mas = jax.jit(lambda p, x: metacf.protect.mas_importance(
+        case.apply_fn, p, x, chunk_size=2))
+    xs = [_x(60, n), _x(61, n)]
+    got = [mas(case.params, x) for x in xs]
+    self.assertEqual(mas._cache_size(), 1)
+    # Standard promotion: flax's BatchNorm statistics (see the LoRA test).
+    with jax.enable_x64(True), jax.numpy_dtype_promotion('standard'):
+      params = _to_f64(case.params)
+      grad = jax.jit(jax.grad(lambda p, xn: jnp.sum(jnp.square(
+          case.apply_fn(p, xn[None])))))   # one example, a batch of one.
+      for x, ours in zip(xs, got):
+        x = np.asarray(x, np.float64)
+        want = np.mean([np.abs(_f64(grad(params, x[i]))) for i in range(n)],
+                       axis=0)
+        _assert_same_structure(ours, case.params)
+        self.assertGreater(float(want.max()), 1e-3)
+        # atol: the conv bias before BatchNorm has an exactly-zero gradient,
+        # rounding noise on both sides.
+        _assert_close(_flat(ours), want, rtol=1e-4,
+                      atol=1e-6 * float(want.max()))
+
+  @parameterized.named_parameters(('nnx', _nnx_case))
+  def test_si_and_mas_through_ewc_in_one_user_step(self, make_case):
+    # Synaptic Intelligence as a user writes it: one transformation for all
+    # tasks, path_integral outermost around EWC's quadratic and SGD with
+    # momentum; after each task omega becomes si_importance, the anchor and
+    # importance are swapped into the state and omega is reset, by name.
+    case = make_case()
+    loss_fn = _ce_loss_fn(case.apply_fn)
+    damping, strength, momentum = 0.1, 50.0, 0.9
+    zeros = optax.tree.zeros_like(case.params)
+    tx = metacf.protect.path_integral(optax.chain(
+        metacf.protect.ewc(case.params, zeros, strength),
+        optax.sgd(_LR, momentum=momentum)))
+    step = _user_step(tx, loss_fn)
+    si = jax.jit(lambda w, d: metacf.protect.si_importance(
+        w, d, damping=damping))
+    mas = jax.jit(lambda p, x: metacf.protect.mas_importance(
+        case.apply_fn, p, x))
+    penalty = jax.jit(lambda p, a, f: metacf.protect.ewc_penalty(
+        p, a, f, strength))
+    params, opt_state = case.params, tx.init(case.params)
+    anchor, importance = _f64(case.params), np.zeros(_flat(zeros).size)
+    trace = np.zeros_like(anchor)            # SGD's momentum, by hand.
+    for task, num_steps in enumerate((3, 2, 2)):
+      start, omega = params, np.zeros_like(anchor)
+      for s in range(num_steps):
+        new_params, opt_state, updates, grads = step(
+            params, opt_state, *_batch(130 + 10 * task + s))
+        g, p = _f64(grads), _f64(params)
+        pull = strength * importance * (p - anchor)
+        if task and s:   # the penalty acts (params left the anchor).
+          self.assertGreater(float(np.abs(pull).max()),
+                             1e-2 * float(np.abs(g).max()))
+          _assert_close(penalty(params, optax.tree.get(opt_state, 'anchor'),
+                                optax.tree.get(opt_state, 'fisher')),
+                        0.5 * strength * np.sum(importance * (p - anchor)**2),
+                        rtol=1e-5)
+        trace = g + pull + momentum * trace
+        want = -_LR * trace
+        _assert_same_structure(updates, params)
+        _assert_close(_flat(updates), want, rtol=1e-5,
+                      atol=1e-6 * float(np.abs(want).max()))
+        omega = omega - g * _f64(updates)    # -g u, g the loss's gradient.
+        got = optax.tree.get(opt_state, 'omega')
+        _assert_same_structure(got, params)
+        _assert_close(_flat(got), omega, rtol=1e-5,
+                      atol=1e-6 * float(np.abs(omega).max()))
+        params = new_params
+      self.assertGreater(float(omega.max()), 1e-4)
+      # End of the task: its importance, then the next task's state.
+      got_omega = optax.tree.get(opt_state, 'omega')
+      delta = jax.tree.map(jnp.subtract, params, start)
+      task_si = si(got_omega, delta)
+      want_si = _f64(got_omega) / (_f64(delta)**2 + damping)
+      _assert_same_structure(task_si, params)
+      _assert_close(_flat(task_si), want_si, rtol=1e-5,
+                    atol=1e-7 * float(want_si.max()))
+      if task == 0:     # SI's importance (Zenke et al.: summed over tasks).
+        new_importance = task_si
+      else:             # then MAS's, at the new anchor.
+        new_importance = mas(params, _x(150 + task, 4))
+      anchor, importance = _f64(params), _f64(new_importance)
+      # Two calls: optax 0.2.8's tree.set, given omega (a field of the
+      # outer state) with anchor and fisher (fields two levels below, in
+      # the chain's tuple), leaves those two unchanged, silently.
+      opt_state = optax.tree.set(opt_state, anchor=params,
+                                 fisher=new_importance)
+      opt_state = optax.tree.set(opt_state,
+                                 omega=optax.tree.zeros_like(got_omega))
+    self.assertEqual(step._cache_size(), 1)
+    self.assertEqual(penalty._cache_size(), 1)
+
+  @parameterized.named_parameters(('linen', _linen_case))
+  def test_gem_in_jitted_chain_matches_nnls_reference(self, make_case):
+    case = make_case()
+    loss_fn = _ce_loss_fn(case.apply_fn)
+    tx = optax.chain(metacf.protect.gem(), optax.sgd(_LR))
+    num_memories = 3
+
+    # The gradients come in (the model's grad is compiled once, for them and
+    # for the memories').
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, opt_state, grads, memory_grads):
+      updates, opt_state = tx.update(grads, opt_state, params,
+                                     memory_grads=memory_grads)
+      return optax.apply_updates(params, updates), opt_state, updates
+
+    x, y = _batch(100)
+    # Earlier tasks' memories: the current inputs under other labels, whose
+    # gradients conflict with the current one, so that constraints bind.
+    memories = [(x, (y + 1) % _OUT), (x, (y + 2) % _OUT),
+                (_x(101, 4), _labels(102, (4,)))]
+    grad = jax.jit(jax.grad(loss_fn))
+    params, opt_state = case.params, tx.init(case.params)
+    for t in range(num_memories):
+      # One gradient per earlier task at the current params, zero rows for
+      # the tasks to come (padding): the shapes never change.
+      rows = [grad(params, *memories[k]) for k in range(t + 1)]
+      rows += [jax.tree.map(np.zeros_like, params)] * (num_memories - t - 1)
+      memory_grads = jax.tree.map(lambda *r: np.stack(r), *rows)
+      grads = grad(params, x, y)
+      new_params, opt_state, updates = step(params, opt_state, grads,
+                                            memory_grads)
+      g = _f64(grads)
+      rows = np.stack([_f64(r) for r in rows[:t + 1]])
+      self.assertLess(float((rows @ g).min()), 0.0)   # a violation.
+      # The same QP through its dual, exactly: SciPy's Lawson-Hanson NNLS
+      # (an active-set solver), float64.
+      v, _ = scipy_optimize.nnls(rows.T, -g)
+      want = g + rows.T @ v
+      projected = -_f64(updates) / _LR
+      _assert_same_structure(updates, params)
+      _assert_close(projected, want, rtol=1e-4,
+                    atol=1e-5 * float(np.abs(want).max()))
+      # No memory's loss rises, to first order (up to float32 rounding).
+      norms = np.linalg.norm(rows, axis=1) * np.linalg.norm(g)
+      self.assertTrue(bool(np.all(rows @ projected >= -1e-5 * norms)))
+      params = new_params
+    self.assertEqual(step._cache_size(), 1)
+
+  @parameterized.named_parameters(('equinox', _eqx_case))
+  def test_ace_cross_entropy_on_model_logits_matches_numpy(self, make_case):
+    case = make_case()
+
+    def loss(p, x, y, active):
+      logits = case.apply_fn(p, x)
+      return jnp.mean(metacf.replay.ace_cross_entropy(logits, y, active)), (
+          logits)
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    logits_grad = jax.jit(jax.grad(lambda z, y, a: jnp.sum(
+        metacf.replay.ace_cross_entropy(z, y, a))))
+    # ER-ACE's incoming batch: the active classes are those present in it.
+    for seed, present in ((110, (0, 1)), (111, (1, 2))):
+      x = _x(seed, 6)
+      y = jnp.asarray(np.resize(present, 6), jnp.int32)
+      active = jnp.asarray(np.isin(np.arange(_OUT), present))
+      (value, logits), grads = value_and_grad(case.params, x, y, active)
+      want, want_grad = _ace_reference(logits, y, active)
+      _assert_close(value, want.mean(), rtol=1e-5)
+      _assert_same_structure(grads, case.params)
+      _assert_finite(self, grads)
+      self.assertGreater(float(np.abs(_f64(grads)).max()), 1e-4)
+      got_grad = logits_grad(logits, y, active)
+      _assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+      np.testing.assert_array_equal(np.asarray(got_grad)[:, ~np.asarray(
+          active)], 0.0)   # inactive classes get no gradient.
+      # Per-example active sets [B, C], eager (the labels are checked).
+      per_example = np.random.default_rng(seed).random((6, _OUT)) < 0.5
+      per_example[np.arange(6), np.asarray(y)] = True
+      got = metacf.replay.ace_cross_entropy(logits, y,
+                                            jnp.asarray(per_example))
+      _assert_close(got, _ace_reference(logits, y, per_example)[0],
+                    rtol=1e-5)
+    self.assertEqual(value_and_grad._cache_size(), 1)
+    self.assertEqual(logits_grad._cache_size(), 1)
+
+  @parameterized.named_parameters(('linen', _linen_case))
+  def test_herding_selection_on_model_features_matches_numpy_loop(
+      self, make_case):
+    case = make_case()
+    num_exemplars = 5
+
+    @jax.jit
+    def select(p, x):
+      features = case.apply_fn(p, x)                       # [N, 3]
+      # iCaRL normalises the features.
+      features = features / jnp.linalg.norm(features, axis=-1, keepdims=True)
+      return metacf.replay.herding_selection(features, num_exemplars), (
+          features)
+
+    for seed in (120, 121):
+      got, features = select(case.params, _x(seed, 12))
+      self.assertEqual(got.dtype, jnp.int32)
+      chex.assert_shape(got, (num_exemplars,))
+      np.testing.assert_array_equal(
+          got, _herding_reference(features, num_exemplars))
+    self.assertEqual(select._cache_size(), 1)
