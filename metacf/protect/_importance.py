@@ -19,6 +19,11 @@ import optax
 from metacf._src import checks
 from metacf._src.types import ApplyFn, Params
 
+# Examples vmapped together per scan step of mas_importance (as in
+# fisher_diagonal: single examples are fastest on CPU).
+_DEFAULT_CHUNK = 32
+_DEFAULT_CHUNK_CPU = 1
+
 
 def mas_importance(apply_fn: ApplyFn, params: Params, x: Any, *,
                    chunk_size: int | None = None) -> Params:
@@ -48,8 +53,11 @@ def mas_importance(apply_fn: ApplyFn, params: Params, x: Any, *,
       passed alone, as a batch of one).
     params: Parameters at the end of the task.
     x: Inputs ``[N, ...]`` (a pytree with a leading example axis).
-    chunk_size: Examples per ``vmap`` chunk (a ``lax.map`` over chunks; the
-      last, partial chunk apart). None: all at once.
+    chunk_size: Examples per ``vmap`` chunk, inside a ``lax.scan`` that
+      carries the running sum (memory ``O(chunk_size P)``, not ``O(N P)``).
+      None: 1 on CPU, where XLA's batched small matmuls are slow (a
+      784-100-100-10 MLP, N = 1000: ``benchmarks/bench_cl_baselines.py``),
+      32 elsewhere.
 
   Returns:
     Importances shaped like ``params``, non-negative.
@@ -75,21 +83,32 @@ def mas_importance(apply_fn: ApplyFn, params: Params, x: Any, *,
       return sum(jnp.sum(jnp.square(o)) for o in jax.tree.leaves(out))
     return jax.tree.map(jnp.abs, jax.grad(sq_norm)(params))
 
-  def summed(batch):
-    return jax.tree.map(lambda g: g.sum(0), jax.vmap(one)(batch))
+  if chunk_size is None:  # As fisher_diagonal's empirical Fisher (measured).
+    chunk_size = (_DEFAULT_CHUNK_CPU if jax.default_backend() == 'cpu'
+                  else _DEFAULT_CHUNK)
+  chunk = min(chunk_size, n)
+  num_chunks = -(-n // chunk)
+  pad = num_chunks * chunk - n
 
-  if chunk_size is None or chunk_size >= n:
-    total = summed(x)
-  else:
-    full = (n // chunk_size) * chunk_size
-    chunks = jax.tree.map(
-        lambda a: a[:full].reshape((n // chunk_size, chunk_size)
-                                   + a.shape[1:]), x)
-    total = jax.tree.map(lambda g: g.sum(0), jax.lax.map(summed, chunks))
-    if full < n:
-      rest = summed(jax.tree.map(lambda a: a[full:], x))
-      total = jax.tree.map(jnp.add, total, rest)
-  return jax.tree.map(lambda g: g / n, total)
+  def chunked(leaf):
+    leaf = jnp.asarray(leaf)
+    if pad:  # Copies of the first example, weighted 0.
+      leaf = jnp.concatenate([leaf, jnp.repeat(leaf[:1], pad, axis=0)])
+    return leaf.reshape((num_chunks, chunk) + leaf.shape[1:])
+
+  weights = jnp.concatenate([jnp.ones((n,)), jnp.zeros((pad,))]).reshape(
+      num_chunks, chunk)
+
+  def body(total, inputs):  # A running sum: O(P) memory, not O(N P).
+    xc, wc = inputs
+    g = jax.vmap(one)(xc)
+    return jax.tree.map(
+        lambda t, a: t + jnp.tensordot(wc.astype(a.dtype), a, 1), total,
+        g), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  total, _ = jax.lax.scan(body, zeros, (jax.tree.map(chunked, x), weights))
+  return jax.tree.map(lambda g: g / jnp.asarray(n, g.dtype), total)
 
 
 class PathIntegralState(NamedTuple):
