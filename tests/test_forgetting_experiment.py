@@ -232,6 +232,28 @@ class ForgettingExperimentTest(_smoke_run.SmokeRunTestCase):
     for key, numbers in got.items():
       self.assertEqual(numbers, expected[key], key)
 
+  def test_icarl_resumes_with_its_exemplars(self):
+    # The exemplar memory and the old network are in the checkpointed state,
+    # the exemplar counts in the record.
+    config = train.select_strategies(self.config, ['icarl_200'])
+    workdir = self._tempdir()
+
+    def kill(scenario, strategy, task):
+      if task == 2:
+        raise _Killed()
+
+    with self.assertRaises(_Killed):
+      _run(workdir, config, on_task_end=kill)
+    resumed = _run(workdir, config)
+    key = ('split_mnist', 'icarl_200')
+    self.assertEqual(_numbers(resumed)[key], _numbers(self.results)[key])
+    split = 'split_mnist'
+    self.assertEqual(
+        resumed['scenarios'][split]['strategies']['icarl_200'][
+            'exemplars_per_class'],
+        self.results['scenarios'][split]['strategies']['icarl_200'][
+            'exemplars_per_class'])
+
   def test_rerun_of_finished_run_restores_everything(self):
     again = _run(self._copy_of_run())
     self.assertEqual(_numbers(again), _numbers(self.results))
