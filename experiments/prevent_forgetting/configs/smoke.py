@@ -20,6 +20,9 @@ def get_config() -> configs.Config:
       num_epochs=5,
       eval_batch_size=200,
       fisher_examples=20,
+      ewc_strength=3.0,  # The default's 30 (full data) is too stiff here.
+      si_strength=10.0,  # The Config defaults, picked at 1,000 images.
+      mas_strength=0.1,
       mas_examples=20,
       gem_sample_size=5,
       online_ewc_strength=3.0,  # 30 diverges with this small net at lr 0.05.
