@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from metacf._src import checks
+from metacf._src import chunked
 from metacf._src.types import ApplyFn, Params
 
 # Examples vmapped together per scan step. For a 784-100-100-10 MLP on a
@@ -153,28 +154,8 @@ def fisher_diagonal(apply_fn: ApplyFn, params: Params, x: Any, *,
     total, _ = jax.lax.scan(add_class, zeros, jnp.arange(c))
     return total
 
-  num_chunks = -(-n // chunk)
-  pad = num_chunks * chunk - n
-  weights = jnp.concatenate([jnp.ones((n,)), jnp.zeros((pad,))])
-
-  def chunked(leaf):
-    leaf = jnp.concatenate([leaf, jnp.repeat(leaf[:1], pad, axis=0)]) if pad \
-        else leaf
-    return leaf.reshape((num_chunks, chunk) + leaf.shape[1:])
-
-  xs = (jax.tree.map(chunked, x), chunked(labels),
-        weights.reshape(num_chunks, chunk))
-
-  def body(total, inputs):
-    xc, yc, wc = inputs
-    sq = jax.vmap(squared_grads)(xc, yc)
-    return jax.tree.map(
-        lambda t, s: t + jnp.tensordot(wc.astype(s.dtype), s, 1), total,
-        sq), None
-
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  total, _ = jax.lax.scan(body, zeros, xs)
-  return jax.tree.map(lambda t: t / jnp.asarray(n, t.dtype), total)
+  return chunked.mean_over_examples(lambda xy: squared_grads(*xy),
+                                    (x, labels), params, n, chunk)
 
 
 def _check_like(tree: Any, params: Params, name: str, fn: str) -> None:

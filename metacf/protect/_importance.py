@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from metacf._src import checks
+from metacf._src import chunked
 from metacf._src.types import ApplyFn, Params
 
 # Examples vmapped together per scan step of mas_importance (as in
@@ -86,29 +87,7 @@ def mas_importance(apply_fn: ApplyFn, params: Params, x: Any, *,
   if chunk_size is None:  # As fisher_diagonal's empirical Fisher (measured).
     chunk_size = (_DEFAULT_CHUNK_CPU if jax.default_backend() == 'cpu'
                   else _DEFAULT_CHUNK)
-  chunk = min(chunk_size, n)
-  num_chunks = -(-n // chunk)
-  pad = num_chunks * chunk - n
-
-  def chunked(leaf):
-    leaf = jnp.asarray(leaf)
-    if pad:  # Copies of the first example, weighted 0.
-      leaf = jnp.concatenate([leaf, jnp.repeat(leaf[:1], pad, axis=0)])
-    return leaf.reshape((num_chunks, chunk) + leaf.shape[1:])
-
-  weights = jnp.concatenate([jnp.ones((n,)), jnp.zeros((pad,))]).reshape(
-      num_chunks, chunk)
-
-  def body(total, inputs):  # A running sum: O(P) memory, not O(N P).
-    xc, wc = inputs
-    g = jax.vmap(one)(xc)
-    return jax.tree.map(
-        lambda t, a: t + jnp.tensordot(wc.astype(a.dtype), a, 1), total,
-        g), None
-
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  total, _ = jax.lax.scan(body, zeros, (jax.tree.map(chunked, x), weights))
-  return jax.tree.map(lambda g: g / jnp.asarray(n, g.dtype), total)
+  return chunked.mean_over_examples(one, x, params, n, min(chunk_size, n))
 
 
 class PathIntegralState(NamedTuple):
