@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 RAW_DIR ?= $(firstword $(wildcard ../shared/data))
 export METACF_RAW_DIR ?= $(if $(RAW_DIR),$(abspath $(RAW_DIR)),)
 
-.PHONY: demo distill forgetting-predict omniglot baselines paradigms lwf prevent test docs doctest bench clean
+.PHONY: demo distill forgetting-predict omniglot baselines paradigms lwf prevent meta-continual test docs doctest bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ lwf: $(STAMP)  ## LwF retention vs how much B's inputs observe A's Jacobian dire
 
 prevent: $(STAMP)  ## OGD, PCA-OGD, GPM, A-GEM, EWC, ER on Permuted/Rotated MNIST; forgetting predicted under projection
 	$(PY) -m experiments.prevent_forgetting.main --config=default --workdir=runs/prevent_forgetting
+
+meta-continual: $(STAMP)  ## meta-learned inits vs task-subspace orthogonality and forgetting (a); online continual learning (b)
+	$(PY) -m experiments.meta_continual.main --config=default --workdir=runs/meta_continual
 
 test: $(STAMP)  ## the test suite, on 2 processes (pytest-xdist; one class per process at a time)
 	$(PY) -m pytest -q -n 2 --dist loadscope

@@ -1,0 +1,223 @@
+"""Configurations for the meta-continual study, selected by name.
+
+Each module ``configs/<name>.py`` defines ``get_config() -> Config``;
+``get_config('default')`` loads it. Configs are frozen dataclasses: derive
+variants with ``dataclasses.replace``. The study has two parts that share
+this ``Config``: part (a), task-subspace orthogonality at meta-learned
+initialisations (``Config.orthogonality``, an :class:`OrthogonalityConfig`,
+run by ``orthogonality.py``), and part (b), online continual learning.
+
+Part (a) asks whether meta-training (MAML, Finn et al. 2017,
+https://arxiv.org/abs/1703.03400; Reptile, Nichol et al. 2018,
+https://arxiv.org/abs/1803.02999; iMAML, Rajeswaran et al. 2019,
+https://arxiv.org/abs/1909.04630) makes two tasks' top Jacobian singular
+subspaces more orthogonal, and whether the forgetting measured and the
+forgetting predicted through the empirical NTK (Lee et al. 2019,
+https://arxiv.org/abs/1902.06720; Doan et al. 2021,
+https://arxiv.org/abs/2010.04003) follow.
+"""
+
+from collections.abc import Sequence
+import dataclasses
+
+from experiments.common import utils
+
+NAMES = utils.CONFIG_NAMES
+
+INITS = ('random', 'joint', 'maml', 'reptile', 'imaml')
+FAMILIES = ('rotation', 'permutation', 'mixed')
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """An MNIST task: digits rotated by ``rotation`` or pixels permuted.
+
+  Attributes:
+    rotation: Counterclockwise rotation of every image, in degrees (used
+      when ``permutation`` is None).
+    permutation: Id of a fixed random permutation of the 784 pixels (drawn
+      from a key folded from the data seed and this id), or None.
+  """
+  rotation: float = 0.0
+  permutation: int | None = None
+
+  @property
+  def name(self) -> str:
+    if self.permutation is not None:
+      return f'perm{self.permutation}'
+    return f'rot{self.rotation:g}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  """Fine-tune on ``task_a``, then train on ``task_b``; watch A's loss."""
+  task_a: TaskSpec
+  task_b: TaskSpec
+
+  @property
+  def name(self) -> str:
+    return f'{self.task_a.name}_to_{self.task_b.name}'
+
+  @property
+  def family(self) -> str:
+    kinds = {t.permutation is None for t in (self.task_a, self.task_b)}
+    if kinds == {True}:
+      return 'rotation'
+    return 'permutation' if kinds == {False} else 'mixed'
+
+
+def rotation_pair(a: float, b: float) -> Pair:
+  return Pair(TaskSpec(rotation=a), TaskSpec(rotation=b))
+
+
+def permutation_pair(a: int, b: int) -> Pair:
+  return Pair(TaskSpec(permutation=a), TaskSpec(permutation=b))
+
+
+def make_pairs(rotations: Sequence[tuple[float, float]] = (),
+               permutations: Sequence[tuple[int, int]] = (),
+               mixed: Sequence[tuple[TaskSpec, TaskSpec]] = ()
+               ) -> tuple[Pair, ...]:
+  """Rotation pairs ``(angle_a, angle_b)``, permutation pairs ``(id_a,
+  id_b)`` and mixed pairs of task specs, in that order."""
+  return (tuple(rotation_pair(a, b) for a, b in rotations)
+          + tuple(permutation_pair(a, b) for a, b in permutations)
+          + tuple(Pair(a, b) for a, b in mixed))
+
+
+@dataclasses.dataclass(frozen=True)
+class OrthogonalityConfig:
+  """Part (a): subspace overlap and forgetting at five initialisations.
+
+  Attributes:
+    seeds: One initialisation of each kind per seed (the random init, and
+      the meta-training's task draws, from keys folded from the seed).
+    data_seed: Seed of the images, permutations and SVD probes shared by
+      every seed (the pairs' data do not change with the seed).
+    inits: Subset of ``INITS``, in table order.
+    hidden: Widths of the hidden ReLU layers (standard parameterisation).
+    train_rotations: Angles (degrees) of the meta-training rotation tasks.
+    num_train_permutations: Meta-training permutation tasks (ids ``0 ..
+      n - 1``); held-out pairs use ids >= 100.
+    pairs: Held-out evaluation pairs (angles not in ``train_rotations``,
+      permutation ids >= 100).
+    meta_images_per_task: Images per meta-training task, drawn from the
+      first ``meta_image_pool`` training images.
+    meta_image_pool: Training images reserved for meta-training; the
+      evaluation tasks draw theirs from the rest (A from the first half of
+      the rest, B from the second), and A's held-out images from the test
+      split.
+    meta_batch_tasks: Tasks per outer step (every meta-learner and the
+      joint pre-training see the same number of images per step).
+    num_support: Support images per task (inner loop).
+    num_query: Query images per task (outer loss). Reptile adapts on
+      support and query together (it has no query set); joint
+      pre-training takes one gradient step on all of them.
+    inner_lr: SGD step size of the inner loops.
+    num_inner_steps: Inner SGD steps of MAML, Reptile and iMAML.
+    outer_lr: Adam step size of every outer loop (and of joint training).
+    outer_steps: Outer steps of every meta-learner and of joint training.
+    steps_per_call: Outer steps per jitted call (one ``lax.scan``).
+    imaml_reg: iMAML's proximal strength lambda.
+    imaml_cg_steps: iMAML's conjugate-gradient iterations.
+    num_train: Training images of each evaluation task.
+    num_eval: Held-out test images of A (forgetting is measured on them).
+    num_svd: Images of each task whose Jacobian is decomposed (the first
+      ``num_svd`` training images).
+    lr_a: Step size of full-batch gradient descent on A (fine-tuning).
+    num_steps_a: Steps on A.
+    lr_b: Step size of full-batch gradient descent on B (the dynamics that
+      are predicted).
+    num_steps_b: Steps on B.
+    overlap_k: Top singular directions compared.
+    svd_method: ``jacobian_svd`` method.
+    ntk_chunk_size: Examples of B per block of NTK columns in the
+      prediction (None: one block).
+    num_bootstrap: Bootstrap resamples of every interval.
+  """
+  seeds: tuple[int, ...] = (0, 1, 2)
+  data_seed: int = 0
+  inits: tuple[str, ...] = INITS
+  hidden: tuple[int, ...] = (100, 100)
+  train_rotations: tuple[float, ...] = tuple(float(a)
+                                             for a in range(0, 360, 20))
+  num_train_permutations: int = 18
+  pairs: tuple[Pair, ...] = ()
+  meta_images_per_task: int = 500
+  meta_image_pool: int = 50_000
+  meta_batch_tasks: int = 8
+  num_support: int = 20
+  num_query: int = 20
+  inner_lr: float = 0.1
+  num_inner_steps: int = 5
+  outer_lr: float = 1e-3
+  outer_steps: int = 400
+  steps_per_call: int = 50
+  imaml_reg: float = 1.0
+  imaml_cg_steps: int = 5
+  num_train: int = 100
+  num_eval: int = 200
+  num_svd: int = 50
+  lr_a: float = 0.1
+  num_steps_a: int = 20
+  lr_b: float = 0.1
+  num_steps_b: int = 50
+  overlap_k: int = 10
+  svd_method: str = 'randomized'
+  ntk_chunk_size: int | None = None
+  num_bootstrap: int = 2000
+
+  def __post_init__(self):
+    unknown = [i for i in self.inits if i not in INITS]
+    if unknown or not self.inits:
+      raise ValueError(f'OrthogonalityConfig: inits must be a non-empty '
+                       f'subset of {INITS}, got {self.inits}.')
+    if not self.seeds:
+      raise ValueError('OrthogonalityConfig: seeds must not be empty.')
+    names = [p.name for p in self.pairs]
+    if len(set(names)) != len(names):
+      raise ValueError(f'OrthogonalityConfig: pair names must be unique, '
+                       f'got {names}.')
+    train = set(self.train_rotations)
+    for pair in self.pairs:
+      for task in (pair.task_a, pair.task_b):
+        if task.permutation is None and task.rotation % 360 in train:
+          raise ValueError(
+              f'OrthogonalityConfig: pair {pair.name} uses the '
+              f'meta-training angle {task.rotation}; pairs must be held out.')
+        if (task.permutation is not None
+            and task.permutation < self.num_train_permutations):
+          raise ValueError(
+              f'OrthogonalityConfig: pair {pair.name} uses the '
+              f'meta-training permutation {task.permutation}; pairs must '
+              'be held out.')
+    if self.outer_steps % self.steps_per_call:
+      raise ValueError('OrthogonalityConfig: outer_steps must be a multiple '
+                       f'of steps_per_call, got {self.outer_steps} and '
+                       f'{self.steps_per_call}.')
+    if self.num_support + self.num_query > self.meta_images_per_task:
+      raise ValueError('OrthogonalityConfig: num_support + num_query must '
+                       'not exceed meta_images_per_task.')
+    if self.num_svd > self.num_train:
+      raise ValueError('OrthogonalityConfig: num_svd must not exceed '
+                       'num_train.')
+    if not 1 <= self.overlap_k <= 10 * self.num_svd:
+      raise ValueError('OrthogonalityConfig: overlap_k must be in [1, 10 * '
+                       f'num_svd], got {self.overlap_k}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Hyperparameters of the meta-continual study.
+
+  Attributes:
+    orthogonality: Part (a), see :class:`OrthogonalityConfig`.
+    progress_bar: Show tqdm bars (off anyway when not on a TTY).
+  """
+  orthogonality: OrthogonalityConfig = OrthogonalityConfig()
+  progress_bar: bool = True
+
+
+def get_config(name: str) -> Config:
+  """The config of ``configs/<name>.py`` (ValueError if there is none)."""
+  return utils.load_config(__name__, name)
