@@ -104,9 +104,20 @@ class OrthogonalitySmokeTest(_smoke_run.SmokeRunTestCase):
               cell[m]['mean'],
               s['per_init'][init][m]['mean'] - s['per_init'][base][m]['mean'],
               places=6)
+    self.assertEqual(set(s['families']), {r['family'] for r in records})
+    for family, cell in s['families'].items():
+      rs = [r for r in records if r['family'] == family]
+      self.assertAlmostEqual(
+          cell['per_init']['maml']['overlap']['mean'],
+          np.mean([r['overlap'] for r in rs if r['init'] == 'maml']),
+          places=10)
     for group, cells in s['spearman'].items():
-      rs = records if group == 'all' else [r for r in records
-                                           if r['init'] == group]
+      if group == 'all':
+        rs = records
+      elif group.startswith('family:'):
+        rs = [r for r in records if r['family'] == group[len('family:'):]]
+      else:
+        rs = [r for r in records if r['init'] == group]
       for x, y in orthogonality.CORRELATIONS:
         c = cells[f'{x}_vs_{y}']
         self.assertEqual(c['n'], len(rs))

@@ -559,12 +559,39 @@ def summarize(records: Sequence[Mapping[str, Any]],
     paired difference ``init - baseline`` over (pair, seed) units,
     ``{'mean', 'ci', 'd_z', 'n'}`` (``d_z``: mean / standard deviation of
     the differences, Cohen's paired effect size); ``spearman['all']`` and
-    ``spearman[init]``: ``'<x>_vs_<y>'`` -> ``{'rho', 'p', 'ci', 'n'}``.
-    Intervals: percentile bootstrap, ``num_bootstrap`` resamples of the
-    units, from a generator seeded by ``data_seed``.
+    ``spearman[init]`` and ``spearman['family:<family>']``:
+    ``'<x>_vs_<y>'`` -> ``{'rho', 'p', 'ci', 'n'}``;
+    ``families[family]``: ``per_init`` and ``effects`` of that family's
+    records alone. Intervals: percentile bootstrap, ``num_bootstrap``
+    resamples of the units, from a generator seeded by ``data_seed``.
   """
   rng = np.random.default_rng(ocfg.data_seed)
   num = ocfg.num_bootstrap
+  summary = _group_summary(records, num, rng)
+  by_init: dict[str, list[Mapping[str, Any]]] = {}
+  for r in records:
+    by_init.setdefault(r['init'], []).append(r)
+
+  def correlations(rs):
+    return {f'{x}_vs_{y}': spearman([r[x] for r in rs], [r[y] for r in rs],
+                                    num=num, rng=rng)
+            for x, y in CORRELATIONS}
+
+  families = sorted({r['family'] for r in records})
+  by_family = {f: [r for r in records if r['family'] == f] for f in families}
+  summary['spearman'] = {'all': correlations(records),
+                         **{init: correlations(rs)
+                            for init, rs in by_init.items()},
+                         **{f'family:{f}': correlations(rs)
+                            for f, rs in by_family.items()}}
+  summary['families'] = {f: _group_summary(rs, num, rng)
+                         for f, rs in by_family.items()}
+  return summary
+
+
+def _group_summary(records: Sequence[Mapping[str, Any]], num: int,
+                   rng: np.random.Generator) -> dict[str, Any]:
+  """``per_init`` and ``effects`` of :func:`summarize` for ``records``."""
   by_init: dict[str, list[Mapping[str, Any]]] = {}
   for r in records:
     by_init.setdefault(r['init'], []).append(r)
@@ -590,16 +617,7 @@ def summarize(records: Sequence[Mapping[str, Any]],
                    'd_z': float(np.mean(diffs) / sd) if sd > 0 else None,
                    'n': len(diffs)}
       effects.setdefault(init, {})[base] = cell
-
-  def correlations(rs):
-    return {f'{x}_vs_{y}': spearman([r[x] for r in rs], [r[y] for r in rs],
-                                    num=num, rng=rng)
-            for x, y in CORRELATIONS}
-
-  return {'per_init': per_init, 'effects': effects,
-          'spearman': {'all': correlations(records),
-                       **{init: correlations(rs)
-                          for init, rs in by_init.items()}}}
+  return {'per_init': per_init, 'effects': effects}
 
 
 # ------------------------------------------------------------------ tables
@@ -651,6 +669,22 @@ def format_table(results: Mapping[str, Any]) -> str:
       lines.append(f'| {init} - {base} | ' + ' | '.join(
           f'{_cell(cell[m])} ({_num(cell[m]["d_z"], 2)})'
           for m in effect_metrics) + ' |')
+  family_metrics = ('overlap_init', 'overlap', 'top1_cosine', 'measured')
+  lines += ['', 'Per family: mean per init; paired difference vs random '
+            '[bootstrap 95% CI]:', '',
+            '| family | init | ' + ' | '.join(family_metrics) + ' | '
+            + ' | '.join(f'{m} - random' for m in family_metrics) + ' |',
+            '|---|---|' + '---:|' * (2 * len(family_metrics))]
+  for family, cell in s['families'].items():
+    for init in cell['per_init']:
+      diff = cell['effects'].get(init, {}).get('random')
+      lines.append(
+          f'| {family} (n={cell["per_init"][init]["overlap"]["n"]}) | '
+          f'{init} | ' + ' | '.join(
+              _num(cell['per_init'][init][m]['mean']) for m in family_metrics)
+          + ' | ' + ' | '.join(
+              '-' if diff is None else _cell(diff[m])
+              for m in family_metrics) + ' |')
   names = [f'{x}_vs_{y}' for x, y in CORRELATIONS]
   lines += ['', 'Spearman rho [bootstrap 95% CI] (p):', '',
             '| records | ' + ' | '.join(names) + ' |',
@@ -681,8 +715,8 @@ def plot_all(results: Mapping[str, Any], out_dir: str) -> list[str]:
             ('measured', 'measured forgetting (loss)'),
             ('predicted', 'NTK-predicted forgetting (loss)'),
             ('accuracy_drop', 'accuracy drop on A'))
-  fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
-  for ax, (metric, title) in zip(axes, panels):
+  fig, axes = plt.subplots(2, 3, figsize=(10, 6.4))
+  for ax, (metric, title) in zip(axes.flat, panels):
     means = [s['per_init'][i][metric]['mean'] for i in inits]
     cis = [s['per_init'][i][metric]['ci'] or [m, m]
            for i, m in zip(inits, means)]
