@@ -166,6 +166,9 @@ class OrthogonalitySmokeTest(_smoke_run.SmokeRunTestCase):
                               '--part=a'] +
                              ([f'--raw_dir={RAW_DIR}'] if RAW_DIR else []))
     self.assertEqual(_numbers(results['a']), _numbers(self.results))
+    # Every initialisation was read back, so its history is reported.
+    self.assertEqual(results['a']['meta_training'],
+                     self.results['meta_training'])
 
 
 class OrthogonalityConfigTest(_smoke_run.parameterized.TestCase):

@@ -484,6 +484,9 @@ def train_and_evaluate(config: Config, workdir: str, *,
           f'{r["predicted"]:.4f}, measured {r["measured"]:.4f}, acc. drop '
           f'{r["accuracy_drop"]:.3f} ({r["time_s"]:.1f}s)'),
       desc='orthogonality', progress_bar=config.progress_bar)
+  for kind, seed in ((k, s) for s in ocfg.seeds for k in ocfg.inits):
+    if kind != 'random' and f'{kind}_seed{seed}' not in run.training:
+      run.init_params(kind, seed)  # Read back: its training history.
   results = {
       'experiment': 'meta_continual/orthogonality',
       **utils.run_info(),
@@ -685,6 +688,20 @@ def format_table(results: Mapping[str, Any]) -> str:
           + ' | ' + ' | '.join(
               '-' if diff is None else _cell(diff[m])
               for m in family_metrics) + ' |')
+  lines += ['', 'Per pair, mean over seeds: top-k overlap after A / |cos| '
+            'of the top singular vectors / measured forgetting:', '',
+            '| pair | ' + ' | '.join(inits) + ' |',
+            '|---|' + '---:|' * len(inits)]
+  pairs = list(dict.fromkeys(r['name'] for r in results['records']))
+  for name in pairs:
+    cells = []
+    for init in inits:
+      rs = [r for r in results['records']
+            if r['name'] == name and r['init'] == init]
+      cells.append(' / '.join(
+          f'{np.mean([r[m] for r in rs]):.{d}f}'
+          for m, d in (('overlap', 2), ('top1_cosine', 2), ('measured', 3))))
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
   names = [f'{x}_vs_{y}' for x, y in CORRELATIONS]
   lines += ['', 'Spearman rho [bootstrap 95% CI] (p):', '',
             '| records | ' + ' | '.join(names) + ' |',
