@@ -187,3 +187,13 @@ class OrthogonalityConfigTest(_smoke_run.parameterized.TestCase):
       configs.OrthogonalityConfig(
           num_train_permutations=5,
           pairs=configs.make_pairs(permutations=((3, 100),)))
+
+
+class SelectImamlRegTest(_smoke_run.parameterized.TestCase):
+
+  def test_reports_an_accuracy_per_lambda(self):
+    out = orthogonality.select_imaml_reg(configs.get_config('smoke'),
+                                         (1.0,), raw_dir=RAW_DIR)
+    self.assertEqual(set(out), {'random', '1'})
+    for acc in out.values():
+      self.assertBetween(acc, 0.0, 1.0)

@@ -505,6 +505,57 @@ def train_and_evaluate(config: Config, workdir: str, *,
   return results
 
 
+# ------------------------------------------------------ picking iMAML's lambda
+
+
+def select_imaml_reg(config: Config, regs: Sequence[float], *,
+                     seed: int = 100, raw_dir: str | None = None,
+                     data_dir: str | None = None) -> dict[str, float]:
+  """Accuracy after fine-tuning from iMAML's init, for each lambda in ``regs``.
+
+  How ``imaml_reg`` was picked, on meta-training tasks only: train iMAML
+  (as the run does, ``outer_steps`` steps) at ``seed`` (outside the
+  reported seeds), then on every third meta-training task fine-tune as the
+  evaluation does (``num_steps_a`` steps at ``lr_a``) on its first 100
+  pool images (half the pool if that is smaller) and measure the accuracy on the rest of its pool. Also
+  reports ``'random'`` (no training) for reference. No held-out pair is
+  read. ``python -c "from experiments.meta_continual import configs,
+  orthogonality as o; print(o.select_imaml_reg(configs.get_config(
+  'default'), (0.1, 0.3, 1, 3, 10, 30, 100)))"``
+  """
+  ocfg = config.orthogonality
+  splits = utils.load_image_splits('mnist', raw_dir=raw_dir,
+                                   data_dir=data_dir)
+  pool = make_meta_pool(ocfg, splits[0], jax.random.key(ocfg.data_seed))
+  model = make_model(ocfg.hidden)
+  params0 = model.init(utils.name_key(jax.random.key(seed), 'init'))
+  train = pf_steps.train_fn(model.apply, num_steps=ocfg.num_steps_a,
+                            loss=LOSS)
+  evaluate_fn = pf_steps.evaluate_fn(model.apply, loss=LOSS)
+
+  n = min(100, pool.y.shape[1] // 2)
+
+  def accuracy(params):
+    accs = []
+    for t in range(0, pool.y.shape[0], 3):
+      adapted = train(params, pool.x[t, :n], pool.y[t, :n], ocfg.lr_a)
+      accs.append(float(evaluate_fn(adapted, pool.x[t, n:],
+                                    pool.y[t, n:])[1]))
+    return float(np.mean(accs))
+
+  out = {'random': accuracy(params0)}
+  key = utils.name_key(jax.random.key(seed), 'meta_train', 'imaml')
+  for reg in regs:
+    cfg = dataclasses.replace(ocfg, imaml_reg=float(reg))
+    optimizer = optax.adam(cfg.outer_lr)
+    state = {'params': params0, 'opt_state': optimizer.init(params0)}
+    for done in range(0, cfg.outer_steps, cfg.steps_per_call):
+      state, _ = train_chunk_fn('imaml', cfg)(state, pool, key,
+                                              np.int32(done))
+    out[f'{reg:g}'] = accuracy(state['params'])
+  return out
+
+
 # ------------------------------------------------------------- statistics
 
 

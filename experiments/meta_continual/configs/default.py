@@ -13,8 +13,8 @@ degrees and permutation ids >= 100, images from the last 10k training images
 
 784-100-100-10 ReLU MLP; every meta-learner and the joint pre-training run
 400 Adam steps (lr 1e-3) on batches of 8 tasks x 40 images (MAML / iMAML:
-20 support + 20 query, 5 inner SGD steps at lr 0.1). See the README for
-the measured wall time.
+20 support + 20 query, 5 inner SGD steps at lr 0.1; iMAML: lambda 10).
+See the README for the measured wall time.
 """
 
 from experiments.meta_continual.configs import Config
