@@ -803,11 +803,17 @@ def plot_all(results: Mapping[str, Any], out_dir: str) -> list[str]:
 
   records = results['records']
   fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+  markers = {'rotation': 'o', 'permutation': 's', 'mixed': '^'}
   for k, init in enumerate(inits):
-    rs = [r for r in records if r['init'] == init]
-    for ax, x in zip(axes, ('overlap', 'top1_cosine', 'predicted')):
-      ax.scatter([r[x] for r in rs], [r['measured'] for r in rs], s=14,
-                 color=f'C{k}', label=init, alpha=0.8)
+    for family, marker in markers.items():
+      rs = [r for r in records if r['init'] == init and r['family'] == family]
+      for ax, x in zip(axes, ('overlap', 'top1_cosine', 'predicted')):
+        ax.scatter([r[x] for r in rs], [r['measured'] for r in rs], s=14,
+                   color=f'C{k}', marker=marker, alpha=0.8,
+                   label=(init if family == 'rotation' and ax is axes[0]
+                          else None))
+  for family, marker in markers.items():
+    axes[1].scatter([], [], color='gray', marker=marker, label=family)
   all_rho = s['spearman']['all']
   for ax, x, label in zip(
       axes, ('overlap', 'top1_cosine', 'predicted'),
@@ -820,7 +826,8 @@ def plot_all(results: Mapping[str, Any], out_dir: str) -> list[str]:
   lo = min(min(r['predicted'], r['measured']) for r in records)
   hi = max(max(r['predicted'], r['measured']) for r in records)
   axes[2].plot([lo, hi], [lo, hi], 'k:', lw=1)
-  axes[0].legend(fontsize=7)
+  axes[0].legend(fontsize=7, title='init (colour)', title_fontsize=7)
+  axes[1].legend(fontsize=7, title='family (marker)', title_fontsize=7)
   fig.tight_layout()
   paths.append(os.path.join(out_dir, FIGURES[1]))
   fig.savefig(paths[-1], dpi=120)
