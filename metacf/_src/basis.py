@@ -76,7 +76,10 @@ def check_basis(basis: Any, num_params: int | None, name: str,
     checks.value_check([basis], lambda xp, v: {'err': _probe_error(v, columns)},
                        ok, message)
     return
-  err = _probe_error(basis, columns)  # On the basis' device, no host copy.
+  # On the basis' device, no host copy; evaluated now even inside a trace
+  # (a concrete basis closed over by a jitted function).
+  with jax.ensure_compile_time_eval():
+    err = _probe_error(basis, columns)
   if not ok(np, err):
     raise ValueError(message.format(err=err))
 

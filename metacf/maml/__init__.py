@@ -86,9 +86,13 @@ ordinary parameters and are adapted like any other.
 
 Modules: ``_inner`` (:func:`inner_adapt` and the checks it shares), ``_loss``
 (:class:`Task`, :func:`maml_loss`), ``_train`` (:func:`make_meta_train_step`,
-:class:`MetaTrainMetrics`), ``_reptile``, ``_imaml`` and ``_protonet``.
+:class:`MetaTrainMetrics`), ``_reptile``, ``_imaml``, ``_protonet`` and ``_continual``
+(:func:`mer_update`, :func:`lamaml_update`).
 """
 
+from metacf.maml._continual import lamaml_update
+from metacf.maml._continual import LaMamlUpdate
+from metacf.maml._continual import mer_update
 from metacf.maml._imaml import imaml_grad
 from metacf.maml._inner import inner_adapt
 from metacf.maml._loss import maml_loss
@@ -99,12 +103,15 @@ from metacf.maml._train import make_meta_train_step
 from metacf.maml._train import MetaTrainMetrics
 
 __all__ = [
+    'LaMamlUpdate',
     'MetaTrainMetrics',
     'Task',
     'imaml_grad',
     'inner_adapt',
+    'lamaml_update',
     'make_meta_train_step',
     'maml_loss',
+    'mer_update',
     'prototype_logits',
     'reptile_grad',
 ]

@@ -68,6 +68,24 @@ def check_inner_lr(inner_lr: Any, params: Params, fn: str, *,
           f'params leaf, got {np.shape(lr)} for a leaf of shape {np.shape(p)}.')
 
 
+def check_sequential_support(x: Any, y: Any, num_steps: int, fn: str, *,
+                             axis: int = 0, names: tuple[str, str] = (
+                                 'x', 'y')) -> None:
+  """With ``sequential_support``: every leaf of ``x`` and ``y`` has axis
+  ``axis`` of length ``num_steps`` (one slice per inner step)."""
+  layout = ('[num_inner_steps, ...]' if axis == 0
+            else '[num_tasks, num_inner_steps, ...]')
+  for name, tree in zip(names, (x, y)):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      shape = np.shape(leaf)
+      if len(shape) <= axis or shape[axis] != num_steps:
+        raise ValueError(
+            f'{fn}: with sequential_support=True, {name}'
+            f'{jax.tree_util.keystr(path)} must be {layout}, one support '
+            f'slice per inner step (num_inner_steps={num_steps}), got shape '
+            f'{shape}.')
+
+
 def check_key(key: Any, fn: str) -> None:
   """Raises unless ``key`` is None or one PRNG key (typed or raw uint32)."""
   if key is None:
@@ -136,6 +154,7 @@ def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
                 key: jax.Array | None = None,
                 per_step_inner_lr: bool = False,
                 pass_step: bool = False,
+                sequential_support: bool = False,
                 num_steps: int | None = None) -> Params:
   r"""Adapts ``params`` to one task by ``num_inner_steps`` of gradient descent.
 
@@ -193,6 +212,13 @@ def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
       or an int32 scalar inside the ``lax.scan`` of long or ``remat`` loops),
       e.g. to select per-step BatchNorm scales and offsets (MAML++'s BNWB):
       ``params['bn_scale'][step]``.
+    sequential_support: If True, every leaf of ``x`` and ``y`` has a leading
+      axis of length ``num_inner_steps`` and step ``s`` adapts on slice ``s``
+      alone, ``loss_fn(params, x[s], y[s])``: one example or mini-batch per
+      step, as the online meta-continual learners do (OML, Javed & White
+      2019; MER, Riemer et al. 2019; La-MAML, Gupta et al. 2020). Keys,
+      masks, ``inner_lr`` (per-step too) and ``inner_optimizer`` are
+      unchanged.
     num_steps: Deprecated alias of ``num_inner_steps`` (emits a
       ``DeprecationWarning``; removed in the next release).
 
@@ -203,8 +229,9 @@ def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
     ValueError: if ``num_inner_steps < 0``, ``inner_lr``/``adapt_mask`` do
       not match the structure of ``params`` (with ``per_step_inner_lr``: a
       leading axis other than ``num_inner_steps``), ``adapt_mask`` matches no
-      leaf, or not exactly one of ``inner_lr`` and ``inner_optimizer`` is
-      given.
+      leaf, not exactly one of ``inner_lr`` and ``inner_optimizer`` is
+      given, or (``sequential_support``) a leaf of ``x`` or ``y`` has no
+      leading axis of length ``num_inner_steps``.
     TypeError: if ``key`` is not a PRNG key, ``loss_fn``'s output does not
       match ``has_aux``, or both ``num_steps`` and a ``num_inner_steps``
       other than 1 are given.
@@ -216,7 +243,9 @@ def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
     Raghu et al., `Rapid Learning or Feature Reuse? (ANIL)
     <https://arxiv.org/abs/1909.09157>`_, 2020;
     Antoniou, Edwards & Storkey, `How to train your MAML (MAML++)
-    <https://arxiv.org/abs/1810.09502>`_, 2019
+    <https://arxiv.org/abs/1810.09502>`_, 2019;
+    Javed & White, `Meta-Learning Representations for Continual Learning
+    (OML) <https://arxiv.org/abs/1905.12588>`_, 2019
   """
   fn = 'inner_adapt'
   name = 'num_inner_steps'
@@ -237,12 +266,14 @@ def inner_adapt(loss_fn: LossFn, params: Params, x: Any, y: Any, *,
   check_inner_lr(inner_lr, params, fn, per_step=per_step_inner_lr,
                  num_steps=num_inner_steps)
   check_key(key, fn)
+  if sequential_support:
+    check_sequential_support(x, y, num_inner_steps, fn)
   mask = mask_leaves(adapt_mask, params, fn)
   return adapt(
       loss_value(loss_fn, has_aux, fn, pass_step=pass_step), params, x, y,
       mask, inner_lr=inner_lr, num_steps=num_inner_steps,
       first_order=first_order, remat=remat, inner_optimizer=inner_optimizer,
-      key=key, per_step_lr=per_step_inner_lr)
+      key=key, per_step_lr=per_step_inner_lr, sequential=sequential_support)
 
 
 def check_optimizer_choice(inner_lr: Any, inner_optimizer: Any,
@@ -266,11 +297,13 @@ def adapt(value: Callable[..., Any], params: Params, x: Any, y: Any,
           first_order: bool, remat: bool,
           inner_optimizer: optax.GradientTransformation | None,
           key: jax.Array | None, per_step_lr: bool = False,
+          sequential: bool = False,
           after_step: Callable[[Params, Any], Any] | None = None) -> Any:
   """:func:`inner_adapt` on checked arguments; ``value`` from loss_value.
 
   ``per_step_lr``: ``inner_lr`` leaves have a leading step axis, step ``s``
-  uses index ``s``. ``after_step(params, k)``, if given, is evaluated on the
+  uses index ``s``. ``sequential``: ``x`` and ``y`` leaves have a leading
+  step axis, step ``s`` uses slice ``s``. ``after_step(params, k)``, if given, is evaluated on the
   parameters after each step ``k = 1..num_steps`` and the result is
   ``(adapted, outputs stacked over steps)``.
   """
@@ -293,7 +326,11 @@ def adapt(value: Callable[..., Any], params: Params, x: Any, y: Any,
   def inner_grads(adapted_leaves, step_index):
     # Gradients with respect to the adapted leaves only: none are computed
     # for frozen ones (ANIL's saving).
-    grads = jax.grad(lambda a: value(merge(a), x, y,
+    if sequential:
+      step_x, step_y = jax.tree.map(lambda a: a[step_index], (x, y))
+    else:
+      step_x, step_y = x, y
+    grads = jax.grad(lambda a: value(merge(a), step_x, step_y,
                                      step_key(key, step_index),
                                      step=step_index)[0])(adapted_leaves)
     return jax.lax.stop_gradient(grads) if first_order else grads

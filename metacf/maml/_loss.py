@@ -83,7 +83,8 @@ def maml_loss(loss_fn: LossFn, params: Params, tasks: Task, *,
               key: jax.Array | None = None,
               per_step_inner_lr: bool = False,
               step_weights: Any = None,
-              pass_step: bool = False) -> Any:
+              pass_step: bool = False,
+              sequential_support: bool = False) -> Any:
   r"""The MAML meta-loss: mean over tasks of the query loss after adaptation.
 
   .. math::
@@ -138,6 +139,11 @@ def maml_loss(loss_fn: LossFn, params: Params, tasks: Task, *,
       (``num_inner_steps`` for the final one). So per-step BatchNorm
       parameters (MAML++'s BNWB) are ``num_inner_steps + 1`` rows indexed by
       ``step``.
+    sequential_support: If True, ``support_x`` and ``support_y`` leaves are
+      ``[num_tasks, num_inner_steps, ...]`` and inner step ``s`` of task
+      ``t`` adapts on ``support_x[t, s]`` alone (one example or mini-batch
+      per step: OML, MER, La-MAML; see :func:`inner_adapt`). The query set
+      is unchanged, ``[num_tasks, num_query, ...]``.
 
   Returns:
     The scalar meta-loss, or ``(meta_loss, aux)`` with ``has_aux=True``.
@@ -146,8 +152,9 @@ def maml_loss(loss_fn: LossFn, params: Params, tasks: Task, *,
     ValueError: if the fields of ``tasks`` have different leading sizes,
       ``num_inner_steps < 0``, ``inner_lr``/``adapt_mask`` do not match
       ``params`` (with ``per_step_inner_lr``, every ``inner_lr`` leaf's
-      leading axis must be ``num_inner_steps``), or ``step_weights`` is not
-      ``[num_inner_steps]``.
+      leading axis must be ``num_inner_steps``), ``step_weights`` is not
+      ``[num_inner_steps]``, or (``sequential_support``) a support leaf's
+      second axis is not ``num_inner_steps``.
     TypeError: if ``key`` is not a PRNG key, or ``loss_fn``'s output does not
       match ``has_aux``.
 
@@ -163,7 +170,8 @@ def maml_loss(loss_fn: LossFn, params: Params, tasks: Task, *,
       loss_fn, params, fn, inner_lr=inner_lr, num_inner_steps=num_inner_steps,
       first_order=first_order, adapt_mask=adapt_mask, remat=remat,
       inner_optimizer=inner_optimizer, has_aux=has_aux,
-      per_step_inner_lr=per_step_inner_lr, pass_step=pass_step)
+      per_step_inner_lr=per_step_inner_lr, pass_step=pass_step,
+      sequential_support=sequential_support)
   _inner.check_key(key, fn)
   keys = None if key is None else task_keys(key, num_tasks)
   loss, aux = meta_loss(params, tasks, keys, step_weights)
@@ -192,6 +200,7 @@ def meta_loss_fn(loss_fn: LossFn, params: Params, fn: str, *,
                  has_aux: bool = False,
                  per_step_inner_lr: bool = False,
                  pass_step: bool = False,
+                 sequential_support: bool = False,
                  ) -> Callable[..., tuple[jax.Array, Any]]:
   """Checks the MAML options once; returns ``f(params, tasks, task_keys,
   step_weights=None)``.
@@ -210,6 +219,10 @@ def meta_loss_fn(loss_fn: LossFn, params: Params, fn: str, *,
 
   def meta_loss(params, tasks, keys, step_weights=None):
     check_step_weights(step_weights, num_inner_steps, fn)
+    if sequential_support:
+      _inner.check_sequential_support(
+          tasks.support_x, tasks.support_y, num_inner_steps, fn, axis=1,
+          names=('tasks.support_x', 'tasks.support_y'))
 
     def per_task(task: Task, task_key: jax.Array | None):
       adapt = functools.partial(
@@ -217,7 +230,7 @@ def meta_loss_fn(loss_fn: LossFn, params: Params, fn: str, *,
           inner_lr=inner_lr, num_steps=num_inner_steps,
           first_order=first_order, remat=remat,
           inner_optimizer=inner_optimizer, key=task_key,
-          per_step_lr=per_step_inner_lr)
+          per_step_lr=per_step_inner_lr, sequential=sequential_support)
       if step_weights is None:
         return value(adapt(), task.query_x, task.query_y,
                      _inner.step_key(task_key, num_inner_steps),

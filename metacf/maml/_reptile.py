@@ -19,7 +19,8 @@ def reptile_grad(loss_fn: LossFn, params: Params, tasks: _loss.Task, *,
                  inner_lr: Any = None, num_inner_steps: int = 1,
                  inner_optimizer: optax.GradientTransformation | None = None,
                  adapt_mask: Any = None, key: jax.Array | None = None,
-                 has_aux: bool = False) -> Params:
+                 has_aux: bool = False,
+                 sequential_support: bool = False) -> Params:
   r"""Reptile's meta-gradient: ``params`` minus the mean adapted parameters.
 
   .. math::
@@ -67,6 +68,11 @@ def reptile_grad(loss_fn: LossFn, params: Params, tasks: _loss.Task, *,
     key: Optional PRNG key; task ``t``'s step ``s`` uses
       ``fold_in(fold_in(key, t), s)``, as :func:`maml_loss`.
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
+    sequential_support: If True, ``support_x`` and ``support_y`` leaves are
+      ``[num_tasks, num_inner_steps, ...]`` and inner step ``s`` adapts on
+      slice ``s`` alone (see :func:`inner_adapt`). With one task of
+      single-example slices this is the within-batch Reptile step of MER
+      (Riemer et al. 2019; :func:`metacf.maml.mer_update`).
 
   Returns:
     A pytree like ``params``: the Reptile meta-gradient.
@@ -74,7 +80,9 @@ def reptile_grad(loss_fn: LossFn, params: Params, tasks: _loss.Task, *,
   Raises:
     ValueError: on a bad ``num_inner_steps`` (< 0), ``inner_lr`` or
       ``adapt_mask`` not matching ``params``, not exactly one of ``inner_lr``
-      and ``inner_optimizer``, or ``tasks`` with mismatched task axes.
+      and ``inner_optimizer``, ``tasks`` with mismatched task axes, or
+      (``sequential_support``) a support leaf whose second axis is not
+      ``num_inner_steps``.
     TypeError: if ``key`` is not a PRNG key.
 
   References:
@@ -88,6 +96,10 @@ def reptile_grad(loss_fn: LossFn, params: Params, tasks: _loss.Task, *,
   _inner.check_optimizer_choice(inner_lr, inner_optimizer, fn)
   _inner.check_inner_lr(inner_lr, params, fn)
   _inner.check_key(key, fn)
+  if sequential_support:
+    _inner.check_sequential_support(
+        tasks.support_x, tasks.support_y, num_inner_steps, fn, axis=1,
+        names=('tasks.support_x', 'tasks.support_y'))
   mask = _inner.mask_leaves(adapt_mask, params, fn)
   value = _inner.loss_value(loss_fn, has_aux, fn)
   keys = None if key is None else _loss.task_keys(key, num_tasks)
@@ -97,7 +109,8 @@ def reptile_grad(loss_fn: LossFn, params: Params, tasks: _loss.Task, *,
     return _inner.adapt(
         value, theta, task.support_x, task.support_y, mask, inner_lr=inner_lr,
         num_steps=num_inner_steps, first_order=True, remat=False,
-        inner_optimizer=inner_optimizer, key=task_key)
+        inner_optimizer=inner_optimizer, key=task_key,
+        sequential=sequential_support)
 
   adapted = jax.vmap(per_task)(tasks, keys)
   # The mean of the differences, not theta minus the mean: exact zeros for

@@ -29,7 +29,8 @@ class MetaTrainMetrics(NamedTuple):
 
 _MAML_OPTIONS = frozenset({'inner_lr', 'num_inner_steps', 'first_order',
                            'adapt_mask', 'remat', 'inner_optimizer',
-                           'per_step_inner_lr', 'step_weights', 'pass_step'})
+                           'per_step_inner_lr', 'step_weights', 'pass_step',
+                           'sequential_support'})
 
 
 def _aux_metrics(aux: Any) -> Any:
@@ -87,8 +88,10 @@ def make_meta_train_step(
       or without ``task_chunk_size`` and ``mesh``.
     **maml_options: Forwarded to :func:`maml_loss` (``inner_lr``,
       ``num_inner_steps``, ``first_order``, ``adapt_mask``, ``remat``,
-      ``inner_optimizer``, and MAML++'s ``per_step_inner_lr``,
-      ``step_weights``, ``pass_step``). Here ``inner_lr`` is fixed: for
+      ``inner_optimizer``, MAML++'s ``per_step_inner_lr``,
+      ``step_weights``, ``pass_step``, and ``sequential_support``: support
+      leaves ``[num_tasks, num_inner_steps, ...]``, one slice per inner
+      step). Here ``inner_lr`` is fixed: for
       Meta-SGD or MAML++'s learned per-step rates, write the step around
       :func:`maml_loss` with the rates among the differentiated arguments
       (as ``experiments/meta_baselines`` does). ``step_weights`` given here is the default of every call; a
