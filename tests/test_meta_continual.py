@@ -1,5 +1,5 @@
-"""Tests of ``experiments/meta_continual`` part (a) (subspace orthogonality
-at meta-learned initialisations).
+"""Tests of ``experiments/meta_continual``: part (a) (subspace orthogonality
+at meta-learned initialisations) and part (b) (online continual learning).
 
 ``orthogonality.train_and_evaluate(smoke_config, workdir)`` runs once on real
 MNIST (three held-out pairs, five initialisations, two seeds, tiny sizes);
@@ -20,6 +20,7 @@ from scipy import stats
 import _smoke_run
 from experiments.meta_continual import configs
 from experiments.meta_continual import main as meta_main
+from experiments.meta_continual import online
 from experiments.meta_continual import orthogonality
 
 RAW_DIR = _smoke_run.RAW_DIR
@@ -197,3 +198,89 @@ class SelectImamlRegTest(_smoke_run.parameterized.TestCase):
     self.assertEqual(set(out), {'random', '1'})
     for acc in out.values():
       self.assertBetween(acc, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------
+# Part (b): online continual learning.
+
+
+class OnlineSmokeTest(_smoke_run.SmokeRunTestCase):
+  """``online.run`` on the smoke config: three tiny tasks, every method."""
+
+  @classmethod
+  def run_once(cls, workdir):
+    cls.config = configs.get_config('smoke').online
+    return online.run(cls.config, str(workdir), raw_dir=RAW_DIR,
+                      progress_bar=False)
+
+  def _records(self, workdir=None):
+    out = {}
+    for b in self.config.benchmarks:
+      for m in self.config.methods:
+        for s in self.config.seeds:
+          path = os.path.join(workdir or self.workdir, online.SUBDIR,
+                              f'{b}_{m}_seed{s}.json')
+          with open(path) as f:
+            out[(b, m, s)] = json.load(f)['record']
+    return out
+
+  def test_every_run_has_a_finite_accuracy_matrix_and_its_metrics(self):
+    records = self._records()
+    self.assertLen(records, len(self.config.benchmarks) *
+                   len(configs.ONLINE_METHODS) * len(self.config.seeds))
+    t = self.config.num_tasks
+    for key, r in records.items():
+      with self.subTest(run=key):
+        self.assertTrue(r['finite'])
+        matrix = np.asarray(r['accuracy_matrix'])
+        self.assertEqual(matrix.shape, (t, t))
+        self.assertTrue(np.all((matrix >= 0) & (matrix <= 1)))
+        # ACC, BWT and LA from their definitions.
+        self.assertAlmostEqual(r['acc'], matrix[-1].mean(), places=6)
+        self.assertAlmostEqual(
+            r['bwt'], np.mean(matrix[-1, :-1] - np.diag(matrix)[:-1]),
+            places=6)
+        self.assertAlmostEqual(r['learning_accuracy'],
+                               np.diag(matrix).mean(), places=6)
+        self.assertGreater(r['train_time_s'], 0)
+
+  def test_methods_learn_and_differ(self):
+    records = self._records()
+    for b in self.config.benchmarks:
+      accs = {m: records[(b, m, 0)]['acc'] for m in self.config.methods}
+      # Ten classes: after three tasks every method beats chance on the
+      # mean diagonal of some method, and the methods do not all coincide.
+      self.assertGreater(max(accs.values()), 0.15, accs)
+      self.assertGreater(len({round(a, 6) for a in accs.values()}), 1, accs)
+    rates = records[('permuted', 'lamaml', 0)]['lamaml_rates']
+    self.assertNotAlmostEqual(rates['mean'],
+                              self.config.lamaml_alpha_init, places=6)
+
+  def test_table_summarises_the_records(self):
+    records = self._records()
+    cell = self.results['table']['rotated/er']
+    self.assertAlmostEqual(
+        cell['acc']['mean'],
+        np.mean([records[('rotated', 'er', s)]['acc']
+                 for s in self.config.seeds]), places=9)
+    self.assertIn('| rotated | er |', self.results['report'])
+
+  def test_resumed_run_recomputes_a_missing_record_bitwise(self):
+    workdir = self._copy_of_run()
+    path = os.path.join(workdir, online.SUBDIR, 'permuted_mer_seed0.json')
+    os.remove(path)
+    online.run(self.config, workdir, raw_dir=RAW_DIR, progress_bar=False)
+    old, new = self._records(), self._records(workdir)
+    for key in old:
+      self.assertEqual(old[key]['accuracy_matrix'],
+                       new[key]['accuracy_matrix'], key)
+
+  def test_stream_is_pixel_values_in_the_unit_interval(self):
+    # GEM's, MER's and La-MAML's inputs (their learning rates assume them).
+    data = online.make_stream(
+        'rotated', 0, self.config,
+        online.pf_data.load_mnist(RAW_DIR, None, self.config.num_test))
+    self.assertEqual(data.x_train.shape,
+                     (self.config.num_tasks, self.config.num_train, 784))
+    self.assertBetween(float(data.x_train.min()), -1e-6, 1e-6)
+    self.assertBetween(float(data.x_train.max()), 0.99, 1.0 + 1e-5)

@@ -14,7 +14,6 @@ trained initialisations are read back, not recomputed.
 """
 
 import argparse
-import logging
 import os
 from typing import Any
 
@@ -22,6 +21,7 @@ from tqdm.contrib import logging as tqdm_logging
 
 from experiments.common import cli
 from experiments.meta_continual import configs
+from experiments.meta_continual import online
 from experiments.meta_continual import orthogonality
 
 PARTS = ('a', 'b', 'all')
@@ -31,26 +31,6 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--part', choices=PARTS, default='all',
                       help='a: orthogonality at meta-learned inits; b: '
                       'online continual learning; all: both (default).')
-
-
-def _run_part_b(config: configs.Config, workdir: str, *,
-                required: bool) -> Any:
-  """``online.run(config, workdir)``; None (logged) if ``online.py`` is not
-  there yet and the part was not asked for alone."""
-  # Imported here: part (a) runs without part (b)'s module.
-  try:
-    from experiments.meta_continual import online  # pylint: disable=g-import-not-at-top
-  except ModuleNotFoundError as e:
-    if e.name != 'experiments.meta_continual.online':
-      raise
-    if required:
-      raise SystemExit('--part=b: experiments/meta_continual/online.py '
-                       'does not exist yet.') from e
-    logging.getLogger('experiments').info(
-        'part (b) skipped: experiments/meta_continual/online.py does not '
-        'exist yet.')
-    return None
-  return online.run(config, workdir)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -67,8 +47,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           os.path.join(args.workdir, orthogonality.SUBDIR,
                        orthogonality.RESULTS_JSON))
     if args.part in ('b', 'all'):
-      results['b'] = _run_part_b(config, args.workdir,
-                                 required=args.part == 'b')
+      results['b'] = online.run(
+          config.online, args.workdir, raw_dir=args.raw_dir,
+          data_dir=args.data_dir, progress_bar=config.progress_bar)
+      cli.print_run_summary(results['b']['report'], results['b'],
+                            os.path.join(args.workdir, online.RESULTS_JSON))
   return results
 
 

@@ -212,15 +212,111 @@ class OrthogonalityConfig:
                        f'num_svd], got {self.overlap_k}.')
 
 
+ONLINE_METHODS = ('online', 'er', 'mer', 'lamaml', 'oml', 'er_fa')
+ONLINE_BENCHMARKS = ('rotated', 'permuted')
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineConfig:
+  """Hyperparameters of part (b), online continual learning (``online.py``).
+
+  Each method's rates were picked by ``select_online.py`` (ACC after the
+  first 4 tasks of Permuted MNIST at seed 100, outside ``seeds``; grid and
+  results in the README).
+
+  Attributes:
+    seeds: One run of every (benchmark, method) per seed (data, stream order,
+      initialisation).
+    benchmarks: Subset of ``BENCHMARKS``.
+    methods: Subset of ``METHODS``, in table order.
+    num_tasks: Tasks per benchmark (La-MAML: 20).
+    num_train: Training examples per task, seen once (La-MAML: 1,000).
+    num_test: Test examples per task (the first ones of MNIST's test split).
+    rotation_step: Task ``t`` of MNIST Rotations is rotated by ``t *
+      rotation_step`` degrees (9: 0 to 171 degrees over 20 tasks, as GEM's
+      evenly spaced rotations).
+    hidden: Hidden widths (La-MAML: 100, 100).
+    batch_size: Stream mini-batch (La-MAML: 10).
+    glances: Updates per stream batch, each with a fresh replay draw
+      (La-MAML's "glances"; every method gets the same number).
+    memory_size: Replay buffer capacity (La-MAML's MNIST runs: 200).
+    replay_batch_size: Replayed examples per update.
+    lr: SGD learning rate of ``online``, ``er``, ``er_fa`` and OML's outer
+      step.
+    mer_inner_lr: MER's alpha (per-example SGD step).
+    mer_within_rate: MER's beta.
+    mer_across_rate: MER's gamma.
+    mer_batches: MER's s: batches per stream batch, each the stream batch
+      (shuffled) and ``replay_batch_size`` replayed examples, one SGD step
+      per example.
+    lamaml_alpha_init: La-MAML's initial per-parameter rate.
+    lamaml_lr_lr: La-MAML's eta, the rates' SGD step.
+    lamaml_max_grad_norm: Clip of both La-MAML meta-gradients (the authors'
+      code: 2.0).
+    lamaml_mean_over_steps: La-MAML's meta-loss is the mean over the inner
+      steps of the meta-batch loss after each (the authors' code), not the
+      loss after the last step only (the paper's Algorithm 1).
+    oml_inner_lr: OML's head step per stream example.
+    fa_strength: lambda of the forgetting-aware objective.
+    fa_num_steps: Function-space steps of the prediction (the coming update
+      is one SGD step: 1).
+    workers: Runs computed at the same time (threads).
+  """
+  seeds: tuple[int, ...] = (0, 1, 2)
+  benchmarks: tuple[str, ...] = ONLINE_BENCHMARKS
+  methods: tuple[str, ...] = ONLINE_METHODS
+  num_tasks: int = 20
+  num_train: int = 1000
+  num_test: int = 1000
+  rotation_step: float = 9.0
+  hidden: tuple[int, ...] = (100, 100)
+  batch_size: int = 10
+  glances: int = 1
+  memory_size: int = 200
+  replay_batch_size: int = 10
+  lr: float = 0.1
+  mer_inner_lr: float = 0.03
+  mer_within_rate: float = 0.3
+  mer_across_rate: float = 1.0
+  mer_batches: int = 2
+  lamaml_alpha_init: float = 0.1
+  lamaml_lr_lr: float = 0.3
+  lamaml_max_grad_norm: float = 2.0
+  lamaml_mean_over_steps: bool = True
+  oml_inner_lr: float = 0.03
+  fa_strength: float = 0.3
+  fa_num_steps: int = 1
+  workers: int = 2
+
+  def __post_init__(self):
+    for name, allowed in (('methods', ONLINE_METHODS),
+                          ('benchmarks', ONLINE_BENCHMARKS)):
+      unknown = set(getattr(self, name)) - set(allowed)
+      if unknown:
+        raise ValueError(f'OnlineConfig: unknown {name} {sorted(unknown)}; '
+                         f'expected some of {allowed}.')
+    if self.num_train % self.batch_size:
+      raise ValueError(f'OnlineConfig: num_train ({self.num_train}) must be a '
+                       f'multiple of batch_size ({self.batch_size}).')
+    for name in ('glances', 'memory_size', 'replay_batch_size', 'mer_batches',
+                 'workers', 'num_tasks'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'OnlineConfig: {name} must be >= 1, got '
+                         f'{getattr(self, name)}.')
+
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Hyperparameters of the meta-continual study.
 
   Attributes:
     orthogonality: Part (a), see :class:`OrthogonalityConfig`.
+    online: Part (b), see :class:`OnlineConfig`.
     progress_bar: Show tqdm bars (off anyway when not on a TTY).
   """
   orthogonality: OrthogonalityConfig = OrthogonalityConfig()
+  online: OnlineConfig = OnlineConfig()
   progress_bar: bool = True
 
 

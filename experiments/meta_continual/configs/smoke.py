@@ -1,5 +1,6 @@
-"""Smoke config of part (a): three pairs, five inits, two seeds, tiny, in
-seconds plus compilation (what the tests run)."""
+"""Smoke config: part (a) three pairs, five inits, two seeds; part (b) three
+tiny tasks, every method, one seed. Seconds plus compilation (what the tests
+run)."""
 
 import dataclasses
 
@@ -37,5 +38,8 @@ def get_config() -> configs.Config:
           num_steps_b=5,
           overlap_k=3,
           num_bootstrap=200),
+      online=dataclasses.replace(
+          default.online, seeds=(0,), num_tasks=3, num_train=40, num_test=40,
+          hidden=(16,), memory_size=20, replay_batch_size=5, workers=1),
       progress_bar=False,
   )
