@@ -264,6 +264,9 @@ class OnlineSmokeTest(_smoke_run.SmokeRunTestCase):
         np.mean([records[('rotated', 'er', s)]['acc']
                  for s in self.config.seeds]), places=9)
     self.assertIn('| rotated | er |', self.results['report'])
+    self.assertTrue(os.path.exists(os.path.join(self.workdir, online.FIGURE)))
+    with open(os.path.join(self.workdir, online.RESULTS_JSON)) as f:
+      self.assertEqual(json.load(f)['table'], self.results['table'])
 
   def test_resumed_run_recomputes_a_missing_record_bitwise(self):
     workdir = self._copy_of_run()

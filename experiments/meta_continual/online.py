@@ -356,6 +356,39 @@ def report(table: Mapping[str, Any], config: OnlineConfig) -> str:
   return '\n'.join(lines)
 
 
+FIGURE = 'online_acc_bwt.png'
+
+
+def plot(table: Mapping[str, Any], config: OnlineConfig, path: str) -> str:
+  """ACC, BWT and LA per method and benchmark (mean and std over seeds)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  metrics = (('acc', 'ACC (%)'), ('bwt', 'BWT (%)'),
+             ('learning_accuracy', 'LA (%)'))
+  fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+  width = 0.8 / len(config.benchmarks)
+  positions = np.arange(len(config.methods))
+  for ax, (metric, title) in zip(axes, metrics):
+    for b, benchmark in enumerate(config.benchmarks):
+      cells = [table[f'{benchmark}/{m}'][metric] for m in config.methods]
+      ax.bar(positions + (b - (len(config.benchmarks) - 1) / 2) * width,
+             [100 * c['mean'] for c in cells], width,
+             yerr=[100 * c['std'] for c in cells], capsize=2,
+             label=benchmark)
+    ax.set_xticks(positions, config.methods, rotation=30)
+    ax.axhline(0, color='k', lw=0.5)
+    ax.set_title(title, fontsize=10)
+  axes[0].legend(fontsize=8)
+  fig.suptitle(f'Online continual learning, {config.num_tasks} MNIST tasks, '
+               f'mean ± std over {len(config.seeds)} seeds', fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def run(config: OnlineConfig, workdir: str, *, raw_dir: str | None = None,
         data_dir: str | None = None, progress_bar: bool = True
         ) -> dict[str, Any]:
@@ -402,4 +435,5 @@ def run(config: OnlineConfig, workdir: str, *, raw_dir: str | None = None,
   utils.write_json(os.path.join(workdir, RESULTS_JSON), results)
   with open(os.path.join(workdir, 'online_report.md'), 'w') as f:
     f.write(text + '\n')
+  plot(table, config, os.path.join(workdir, FIGURE))
   return results
