@@ -67,6 +67,7 @@ bench: $(STAMP)  ## microbenchmarks; JSON lines go to benchmarks/results/
 	$(PY) -m benchmarks.bench_cl_baselines
 	$(PY) -m benchmarks.bench_maml
 	$(PY) -m benchmarks.bench_meta_family
+	$(PY) -m benchmarks.bench_meta_continual
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache docs/_build docs/api/_autosummary

@@ -23,28 +23,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import metacf
 from benchmarks import _timing
+from experiments.meta_continual import online
 
-_SIZES = (784, 100, 100, 10)
-
-
-def _params(key):
-  params = []
-  for k, (m, n) in zip(jax.random.split(key, len(_SIZES) - 1),
-                       zip(_SIZES[:-1], _SIZES[1:])):
-    params.append({'w': jax.random.normal(k, (m, n)) * float(np.sqrt(2 / m)),
-                   'b': jnp.zeros((n,))})
-  return params
-
-
-def _apply(params, x):
-  for layer in params[:-1]:
-    x = jax.nn.relu(x @ layer['w'] + layer['b'][None, :])
-  return x @ params[-1]['w'] + params[-1]['b'][None, :]
+# The experiment's network, 784-100-100-10 ReLU.
+_params = functools.partial(online.init_params, hidden=(100, 100))
+_apply = online.apply_fn
 
 
 def _loss(params, x, y):

@@ -264,6 +264,18 @@ class OnlineSmokeTest(_smoke_run.SmokeRunTestCase):
         np.mean([records[('rotated', 'er', s)]['acc']
                  for s in self.config.seeds]), places=9)
     self.assertIn('| rotated | er |', self.results['report'])
+    # Paired differences against ER: ER minus itself is exactly 0.
+    self.assertEqual(cell['acc_minus_er']['mean'], 0.0)
+    mer = self.results['table']['rotated/mer']['acc_minus_er']['mean']
+    self.assertAlmostEqual(
+        mer, records[('rotated', 'mer', 0)]['acc'] -
+        records[('rotated', 'er', 0)]['acc'], places=9)
+    with_ci = online.paired_difference(np.array([0.5, 0.7, 0.6]),
+                                       np.array([0.4, 0.5, 0.6]))
+    self.assertAlmostEqual(with_ci['mean'], 0.1, places=12)
+    d = np.array([0.1, 0.2, 0.0])
+    half = stats.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    np.testing.assert_allclose(with_ci['ci'], [0.1 - half, 0.1 + half])
     self.assertTrue(os.path.exists(os.path.join(self.workdir, online.FIGURE)))
     with open(os.path.join(self.workdir, online.RESULTS_JSON)) as f:
       self.assertEqual(json.load(f)['table'], self.results['table'])

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from scipy import stats as scipy_stats
 
 import metacf
 from experiments.common import loop
@@ -327,32 +328,68 @@ def run_one(benchmark: str, method: str, seed: int, config: OnlineConfig,
   return record
 
 
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+  """Mean of ``a - b`` over seeds and its 95% Student-t interval."""
+  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  mean = float(d.mean())
+  if d.size < 2:
+    return {'mean': mean, 'ci': None}
+  half = float(scipy_stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) /
+               np.sqrt(d.size))
+  return {'mean': mean, 'ci': [mean - half, mean + half]}
+
+
 def summarise(records: Mapping[tuple[str, str, int], Mapping[str, Any]],
               config: OnlineConfig) -> dict[str, Any]:
+  """Per (benchmark, method): mean and std over seeds; beside ER (when run),
+  the paired (same seed, same stream) differences of ACC and BWT."""
   table = {}
   for benchmark in config.benchmarks:
     for method in config.methods:
       cells = [records[(benchmark, method, s)] for s in config.seeds]
-      table[f'{benchmark}/{method}'] = {
+      row = {
           'acc': stats.mean_std([c['acc'] for c in cells]),
           'bwt': stats.mean_std([c['bwt'] for c in cells]),
           'learning_accuracy': stats.mean_std(
               [c['learning_accuracy'] for c in cells]),
           'train_time_s': stats.mean_std([c['train_time_s'] for c in cells]),
       }
+      if 'er' in config.methods:
+        er = [records[(benchmark, 'er', s)] for s in config.seeds]
+        for metric in ('acc', 'bwt'):
+          row[f'{metric}_minus_er'] = paired_difference(
+              [c[metric] for c in cells], [c[metric] for c in er])
+        row['time_ratio_to_er'] = float(
+            np.mean([c['train_time_s'] for c in cells]) /
+            np.mean([c['train_time_s'] for c in er]))
+      table[f'{benchmark}/{method}'] = row
   return table
 
 
+def _difference(cell: Mapping[str, Any] | None) -> str:
+  if cell is None:
+    return '-'
+  if cell['ci'] is None:
+    return f"{100 * cell['mean']:+.1f}"
+  lo, hi = cell['ci']
+  return f"{100 * cell['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
 def report(table: Mapping[str, Any], config: OnlineConfig) -> str:
-  lines = ['| benchmark | method | ACC (%) | BWT (%) | LA (%) | train s/run |',
-           '|---|---|---|---|---|---|']
+  lines = ['| benchmark | method | ACC (%) | BWT (%) | LA (%) | '
+           'ACC - ER [95% CI] | BWT - ER [95% CI] | train s/run (x ER) |',
+           '|---|---|---|---|---|---|---|---|']
   for benchmark in config.benchmarks:
     for method in config.methods:
       cell = table[f'{benchmark}/{method}']
+      ratio = (f" ({cell['time_ratio_to_er']:.1f}x)"
+               if 'time_ratio_to_er' in cell else '')
       lines.append(
           f"| {benchmark} | {method} | {stats.pct(cell['acc'])} | "
           f"{stats.pct(cell['bwt'])} | {stats.pct(cell['learning_accuracy'])}"
-          f" | {cell['train_time_s']['mean']:.1f} |")
+          f" | {_difference(cell.get('acc_minus_er'))} | "
+          f"{_difference(cell.get('bwt_minus_er'))} | "
+          f"{cell['train_time_s']['mean']:.1f}{ratio} |")
   return '\n'.join(lines)
 
 

@@ -262,7 +262,7 @@ class OnlineConfig:
       is one SGD step: 1).
     workers: Runs computed at the same time (threads).
   """
-  seeds: tuple[int, ...] = (0, 1, 2)
+  seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
   benchmarks: tuple[str, ...] = ONLINE_BENCHMARKS
   methods: tuple[str, ...] = ONLINE_METHODS
   num_tasks: int = 20

@@ -1,4 +1,5 @@
-"""Default config of part (a): 11 held-out MNIST pairs, 5 inits, 3 seeds.
+"""Default config. Part (a): 11 held-out MNIST pairs, 5 inits, 3 seeds.
+Part (b): ``configs.OnlineConfig``'s defaults (La-MAML's protocol, 5 seeds).
 
 Meta-training tasks: MNIST rotated by 0, 20, ..., 340 degrees and 18 random
 pixel permutations (ids 0-17), 500 images each from the first 50k training
