@@ -212,10 +212,9 @@ def predicted_forgetting(apply_fn: ApplyFn, params: Params, task_a: Any,
     basis_lib.check_basis(protect_basis, flat.size, 'protect_basis', fn)
     basis = jnp.asarray(protect_basis)
     direction_fn = lambda v: basis_lib.project_out(basis, v)
-  f_a0 = apply_fn(params, x_a)
-  f_b0 = apply_fn(params, x_b)
   if num_steps == 0:
-    return _function_space_gd(f_a0, y_a, f_b0, y_b, None, lr, 0, loss)
+    return _function_space_gd(apply_fn(params, x_a), y_a,
+                              apply_fn(params, x_b), y_b, None, lr, 0, loss)
   if num_steps < n_b * c:
     # Fewer steps than NTK columns: each step's products by one VJP and two
     # JVPs, Theta g = J_A (P J_B^T g), instead of building the blocks (one
@@ -223,10 +222,13 @@ def predicted_forgetting(apply_fn: ApplyFn, params: Params, task_a: Any,
     # On the params pytree, not the flat vector: differentiated (jax.grad
     # of the prediction), the flat vector's slices fused into the matmuls
     # and measured 50x slower on CPU.
-    _, f_a_jvp = jax.linearize(lambda p: apply_fn(p, x_a), params)
+    # The forward passes come from the linearisations (no extra ones); one
+    # step needs no J_B v (f_B's update is never read).
+    f_a0, f_a_jvp = jax.linearize(lambda p: apply_fn(p, x_a), params)
     f_b_fn = lambda p: apply_fn(p, x_b)
-    _, f_b_jvp = jax.linearize(f_b_fn, params)
-    _, f_b_vjp = jax.vjp(f_b_fn, params)
+    f_b0, f_b_vjp = jax.vjp(f_b_fn, params)
+    f_b_jvp = (jax.linearize(f_b_fn, params)[1] if num_steps > 1
+               else lambda v: jnp.zeros_like(f_b0))
 
     def matrix_free(g):
       (v,) = f_b_vjp(g.reshape(f_b0.shape).astype(f_b0.dtype))
@@ -236,6 +238,8 @@ def predicted_forgetting(apply_fn: ApplyFn, params: Params, task_a: Any,
 
     return _function_space_gd(f_a0, y_a, f_b0, y_b, matrix_free, lr,
                               num_steps, loss)
+  f_a0 = apply_fn(params, x_a)
+  f_b0 = apply_fn(params, x_b)
   # Both blocks from one pass over the columns (the VJPs of f_B are shared).
   theta_ab, theta_bb = _ntk.ntk_vector_products(
       [_jacobian.flat_fn(apply_fn, unravel, x_a),

@@ -201,12 +201,16 @@ def meta_loss_fn(loss_fn: LossFn, params: Params, fn: str, *,
                  per_step_inner_lr: bool = False,
                  pass_step: bool = False,
                  sequential_support: bool = False,
+                 batched: bool = True,
                  ) -> Callable[..., tuple[jax.Array, Any]]:
   """Checks the MAML options once; returns ``f(params, tasks, task_keys,
-  step_weights=None)``.
+  step_weights=None, inner_lr=None)``.
 
   ``f`` returns ``(meta_loss, aux stacked over tasks)`` (aux None without
-  ``has_aux``); ``task_keys`` is None or ``[num_tasks]`` keys.
+  ``has_aux``); ``task_keys`` is None or ``[num_tasks]`` keys. With
+  ``batched=False``, ``tasks`` is one task (no task axis, no ``vmap``) and
+  ``task_keys`` one key or None. ``inner_lr`` given to ``f`` replaces the
+  checked one (same structure: learned rates, differentiated).
   """
   num_inner_steps = checks.check_int(num_inner_steps, 'num_inner_steps', fn,
                                      min_value=0)
@@ -217,11 +221,12 @@ def meta_loss_fn(loss_fn: LossFn, params: Params, fn: str, *,
   mask = _inner.mask_leaves(adapt_mask, params, fn)
   value = _inner.loss_value(loss_fn, has_aux, fn, pass_step=pass_step)
 
-  def meta_loss(params, tasks, keys, step_weights=None):
+  def meta_loss(params, tasks, keys, step_weights=None, inner_lr=inner_lr):
     check_step_weights(step_weights, num_inner_steps, fn)
     if sequential_support:
       _inner.check_sequential_support(
-          tasks.support_x, tasks.support_y, num_inner_steps, fn, axis=1,
+          tasks.support_x, tasks.support_y, num_inner_steps, fn,
+          axis=1 if batched else 0,
           names=('tasks.support_x', 'tasks.support_y'))
 
     def per_task(task: Task, task_key: jax.Array | None):
@@ -245,6 +250,8 @@ def meta_loss_fn(loss_fn: LossFn, params: Params, fn: str, *,
       weights = jnp.asarray(step_weights, losses.dtype)
       return jnp.sum(weights * losses), jax.tree.map(lambda a: a[-1], aux)
 
+    if not batched:
+      return per_task(tasks, keys)
     losses, aux = jax.vmap(per_task)(tasks, keys)
     return jnp.mean(losses), aux
 
