@@ -1284,3 +1284,90 @@ class ContinualBaselinesInteropTest(chex.TestCase):
       np.testing.assert_array_equal(
           got, _herding_reference(features, num_exemplars))
     self.assertEqual(select._cache_size(), 1)
+
+
+class MetaContinualInteropTest(chex.TestCase):
+  """MER and La-MAML (sequential inner loops) on the three models."""
+
+  def _stream(self, steps=2, per_step=2):
+    x = _x(21, steps * per_step).reshape(steps, per_step, _SIDE, _SIDE, 1)
+    y = _labels(22, (steps, per_step))
+    return x, y, _x(23, 4), _labels(24, (4,))
+
+  @parameterized.named_parameters(*_CASES)
+  def test_mer_update_matches_hand_loop(self, make_case):
+    case = make_case()
+    loss_fn = _ce_loss_fn(case.apply_fn)
+    x, y, _, _ = self._stream()
+    got = jax.jit(lambda p: metacf.maml.mer_update(
+        loss_fn, p, x[None], y[None], inner_lr=_INNER_LR,
+        within_batch_rate=0.5, across_batch_rate=0.8))(case.params)
+    w = case.params
+    for j in range(x.shape[0]):
+      g = jax.grad(loss_fn)(w, x[j], y[j])
+      w = jax.tree.map(lambda p, gp: p - _INNER_LR * gp, w, g)
+    theta = jax.tree.map(lambda a, b: a + 0.5 * (b - a), case.params, w)
+    want = jax.tree.map(lambda a, b: a + 0.8 * (b - a), case.params, theta)
+    _assert_same_structure(got, case.params)
+    self.assertGreater(float(np.max(np.abs(_f64(want) - _f64(case.params)))),
+                       1e-5)
+    _assert_close(_flat(got), _f64(want), rtol=1e-5, atol=1e-7)
+
+  @parameterized.named_parameters(*_CASES)
+  def test_lamaml_update_matches_hand_unrolled(self, make_case):
+    case = make_case()
+    loss_fn = _ce_loss_fn(case.apply_fn)
+    x, y, meta_x, meta_y = self._stream()
+    rates = jax.tree.map(lambda p: jnp.full_like(p, _INNER_LR), case.params)
+    got = jax.jit(lambda p, a: metacf.maml.lamaml_update(
+        loss_fn, p, a, x, y, meta_x, meta_y, lr_learning_rate=0.3))(
+            case.params, rates)
+
+    def meta_loss(theta, alpha):
+      for j in range(x.shape[0]):
+        g = jax.grad(loss_fn)(theta, x[j], y[j])
+        theta = jax.tree.map(lambda p, a, gp: p - a * gp, theta, alpha, g)
+      return loss_fn(theta, meta_x, meta_y)
+
+    loss, (g, g_alpha) = jax.jit(jax.value_and_grad(meta_loss, (0, 1)))(
+        case.params, rates)
+    new_rates = jax.tree.map(lambda a, ga: a - 0.3 * ga, rates, g_alpha)
+    want = jax.tree.map(lambda p, a, gp: p - jnp.maximum(a, 0) * gp,
+                        case.params, new_rates, g)
+    _assert_same_structure(got.params, case.params)
+    _assert_same_structure(got.inner_lr, case.params)
+    _assert_close(got.loss, loss, rtol=1e-5)
+    _assert_close(_flat(got.inner_lr), _f64(new_rates), rtol=1e-5,
+                  atol=1e-7)
+    _assert_close(_flat(got.params), _f64(want), rtol=1e-5, atol=1e-7)
+    self.assertGreater(float(np.max(np.abs(_f64(new_rates) - _INNER_LR))),
+                       1e-6)
+
+  @parameterized.named_parameters(*_CASES)
+  def test_predicted_forgetting_gradient_matches_written_out(self, make_case):
+    # One function-space step on B, written out with jax.linearize and
+    # jax.vjp on the framework's pytree, differentiated (the forgetting-aware
+    # objective of experiments/meta_continual).
+    case = make_case()
+    (xa, ya), (xb, yb) = _batch(31), _batch(33)
+    ce = lambda f, y: jnp.mean(
+        optax.losses.softmax_cross_entropy_with_integer_labels(f, y))
+
+    def written_out(params):
+      f_a, jvp_a = jax.linearize(lambda p: case.apply_fn(p, xa), params)
+      f_b, vjp_b = jax.vjp(lambda p: case.apply_fn(p, xb), params)
+      (v,) = vjp_b(jax.grad(ce)(f_b, yb))
+      return ce(f_a - _LR * jvp_a(v), ya) - ce(f_a, ya)
+
+    def metacf_fn(params):
+      return metacf.jacobian.predicted_forgetting(
+          case.apply_fn, params, (xa, ya), (xb, yb), lr=_LR, num_steps=1,
+          loss='cross_entropy')
+
+    value, grads = jax.jit(jax.value_and_grad(metacf_fn))(case.params)
+    want_value, want = jax.jit(jax.value_and_grad(written_out))(case.params)
+    _assert_same_structure(grads, case.params)
+    _assert_close(value, want_value, rtol=1e-5, atol=1e-7)
+    self.assertGreater(float(np.max(np.abs(_f64(want)))), 1e-5)
+    _assert_close(_flat(grads), _f64(want), rtol=1e-4,
+                  atol=1e-6 * float(np.max(np.abs(_f64(want)))))
