@@ -149,15 +149,12 @@ def task_images(spec: TaskSpec, images: np.ndarray,
 
   Rotated (``predict_forgetting._tasks.rotate``: bilinear, zero fill) or
   permuted, then standardised with MNIST's pixel mean and std, the same
-  constants for every task.
+  constants for every task (``_tasks.to_vectors``).
   """
-  x = images[..., 0].astype(np.float32) / 255.0
-  if spec.permutation is None and spec.rotation % 360:
-    x = np.asarray(_tasks.rotate(x, spec.rotation))
-  x = x.reshape(x.shape[0], NUM_PIXELS)
   if spec.permutation is not None:
-    x = x[:, permutation(key, spec.permutation)]
-  return ((x - _tasks.PIXEL_MEAN) / _tasks.PIXEL_STD).astype(np.float32)
+    return _tasks.to_vectors(images,
+                             permutation=permutation(key, spec.permutation))
+  return _tasks.to_vectors(images, spec.rotation)
 
 
 def make_meta_pool(ocfg: OrthogonalityConfig, train: Mapping[str, np.ndarray],

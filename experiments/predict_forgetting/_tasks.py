@@ -74,6 +74,24 @@ def rotate(images: jax.typing.ArrayLike, degrees: float) -> jax.Array:
       im, coords, order=1, mode='constant', cval=0.0))(images)
 
 
+def to_vectors(images: np.ndarray, rotation: float = 0.0,
+               permutation: np.ndarray | None = None) -> np.ndarray:
+  """uint8 ``[N, 28, 28, 1]`` -> standardised float32 ``[N, 784]``, in NumPy.
+
+  Rotated by ``rotation`` degrees (:func:`rotate`; none for multiples of
+  360), then the pixels reordered by ``permutation`` (indices into the 784,
+  or None), then standardised with :data:`PIXEL_MEAN` and :data:`PIXEL_STD`.
+  The transformation of ``prevent_forgetting`` and ``meta_continual``.
+  """
+  x = images[..., 0].astype(np.float32) / 255.0
+  if rotation % 360:
+    x = np.asarray(rotate(x, rotation))
+  x = x.reshape(x.shape[0], NUM_PIXELS)
+  if permutation is not None:
+    x = x[:, permutation]
+  return ((x - PIXEL_MEAN) / PIXEL_STD).astype(np.float32)
+
+
 def partial_permutation(key: jax.Array, size: int,
                         fraction: float) -> np.ndarray:
   """A permutation of ``range(size)`` that moves ``round(fraction * size)``

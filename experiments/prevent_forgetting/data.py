@@ -29,22 +29,14 @@ class Benchmark(NamedTuple):
   y_test: np.ndarray   # [T, num_test], int32
 
 
-def _standardise(x: np.ndarray) -> np.ndarray:
-  return ((x - _tasks.PIXEL_MEAN) / _tasks.PIXEL_STD).astype(np.float32)
-
-
 def _transform(benchmark: str, task: int, images: np.ndarray,
                config: Config, key: jax.Array) -> np.ndarray:
   """uint8 ``[N, 28, 28, 1]`` -> standardised float32 ``[N, 784]``."""
-  x = images[..., 0].astype(np.float32) / 255.0
-  if benchmark == 'rotated' and task * config.rotation_step:
-    x = np.asarray(_tasks.rotate(x, task * config.rotation_step))
-  x = x.reshape(x.shape[0], NUM_PIXELS)
-  if benchmark == 'permuted':
-    perm = utils.numpy_rng(utils.name_key(key, 'permutation', task)
-                           ).permutation(NUM_PIXELS)
-    x = x[:, perm]
-  return _standardise(x)
+  rotation = task * config.rotation_step if benchmark == 'rotated' else 0.0
+  permutation = (utils.numpy_rng(utils.name_key(key, 'permutation', task)
+                                 ).permutation(NUM_PIXELS)
+                 if benchmark == 'permuted' else None)
+  return _tasks.to_vectors(images, rotation, permutation)
 
 
 def make_benchmark(benchmark: str, seed: int, config: Config,

@@ -355,14 +355,12 @@ def predicted_forgetting_low_rank(
       _check_forgetting_args(apply_fn, params, task_a, task_b, lr, num_steps,
                              loss, fn))
   k = _svd.check_rank(k, n_b * c, flat.size, fn)
-  _svd.check_svd_options(method, key, oversampling, num_power_iters, n_b * c,
-                         flat.size, fn, k=k, krylov_dim=krylov_dim,
-                         block_size=block_size)
+  resolved = _svd.check_svd_options(
+      method, key, oversampling, num_power_iters, n_b * c, flat.size, fn,
+      k=k, krylov_dim=krylov_dim, block_size=block_size).method
   if num_steps == 0:
     return _function_space_gd(apply_fn(params, x_a), y_a,
                               apply_fn(params, x_b), y_b, None, lr, 0, loss)
-  resolved = _svd.auto_svd_method(n_b * c, flat.size, has_key=key is not None
-                                 ) if method == 'auto' else method
   svd_params = (jax.lax.stop_gradient(params) if resolved == 'randomized'
                 else params)
   svd_b = _svd.jacobian_svd(apply_fn, svd_params, x_b, k, method=method,

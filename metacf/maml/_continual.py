@@ -229,7 +229,8 @@ def lamaml_update(loss_fn: LossFn, params: Params, inner_lr: Any, x: Any,
       first_order=first_order, adapt_mask=adapt_mask, has_aux=has_aux,
       sequential_support=True, batched=False)
   task = _loss.Task(x, y, meta_x, meta_y)
-  task_key = None if key is None else _loss.task_keys(key, 1)[0]
+  # Task 0's key, as maml_loss derives it.
+  task_key = None if key is None else jax.random.fold_in(key, 0)
 
   def objective(theta, rates):
     return meta_loss(theta, task, task_key, step_weights, inner_lr=rates)[0]

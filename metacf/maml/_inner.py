@@ -303,9 +303,10 @@ def adapt(value: Callable[..., Any], params: Params, x: Any, y: Any,
 
   ``per_step_lr``: ``inner_lr`` leaves have a leading step axis, step ``s``
   uses index ``s``. ``sequential``: ``x`` and ``y`` leaves have a leading
-  step axis, step ``s`` uses slice ``s``. ``after_step(params, k)``, if given, is evaluated on the
-  parameters after each step ``k = 1..num_steps`` and the result is
-  ``(adapted, outputs stacked over steps)``.
+  step axis, step ``s`` uses slice ``s``. ``after_step(params, k)``, if
+  given, is evaluated on the parameters after each step ``k =
+  1..num_steps`` and the result is ``(adapted, outputs stacked over
+  steps)``.
   """
   leaves, treedef = jax.tree.flatten(params)
   adapted_idx = [i for i, m in enumerate(mask) if m]
