@@ -467,3 +467,32 @@ class LaMamlUpdateTest(chex.TestCase):
     with self.assertRaisesRegex(ValueError, 'inner_lr'):
       maml.lamaml_update(_mse, params, alpha[:2], x, y, meta_x, meta_y,
                          lr_learning_rate=0.1)
+
+
+class UnderJitTest(chex.TestCase):
+  """Bad input raises the same errors under jit; same shapes compile once."""
+
+  def test_errors_under_jit_and_no_retrace(self):
+    params = _mlp_init(jax.random.key(0))
+    stream = _sequential_tasks(jax.random.key(20), num_tasks=2, steps=3)
+    x, y = stream.support_x, stream.support_y
+    with self.assertRaisesRegex(ValueError, 'within_batch_rate'):
+      jax.jit(lambda p: maml.mer_update(
+          _mse, p, x, y, inner_lr=0.1, within_batch_rate=0.0,
+          across_batch_rate=1.0))(params)
+    with self.assertRaisesRegex(ValueError, 'meta_x and meta_y'):
+      jax.jit(lambda p: maml.lamaml_update(
+          _mse, p, 0.01, x[0], y[0], stream.query_x[0],
+          stream.query_y[0, :2], lr_learning_rate=0.1))(params)
+    with self.assertRaisesRegex(
+        ValueError, re.escape('with sequential_support=True, x must be '
+                              '[num_inner_steps, ...]')):
+      jax.jit(lambda p: maml.inner_adapt(
+          _mse, p, x[0], y[0], inner_lr=0.01, num_inner_steps=2,
+          sequential_support=True))(params)
+    mer = jax.jit(lambda p, x, y: maml.mer_update(
+        _mse, p, x, y, inner_lr=0.01, within_batch_rate=0.5,
+        across_batch_rate=1.0))
+    out = mer(params, x, y)
+    mer(out, x + 1.0, y)
+    self.assertEqual(mer._cache_size(), 1)
