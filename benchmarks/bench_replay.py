@@ -22,12 +22,37 @@ class-balanced state is the one a stream of ``capacity`` items with labels
 interleaved in one loop (A B C A B C ...), after AOT compilation (timed
 apart) and warm-up.
 
+The capacity ratio (largest vs smallest capacity, same variant) is reported
+three ways, since a median ratio alone has been seen anywhere from 1.01 to
+1.30 for the same code: the ratio of the two medians; the per-round ratio
+(round ``i`` of one capacity over round ``i`` of the other, both timed in the
+same round of the interleaved loop) as median [min, max]; and, with
+``--repeats N``, the whole interleaved measurement run N times in one
+process, each run's ratio of medians listed with their min and max. Each
+record also carries the load average before and after and the process's
+minor page faults per timed call (all variants together).
+
+With ``--block 1`` (default) a call runs right after the other variants, on
+the caches they left; ``--block 2`` times the second of two back-to-back
+calls of a variant, its steady state. The smallest capacity's step is mostly
+fixed cost (dispatch, the random bits, the sort), which the other variants' calls
+inflate 2-4x (0.15-0.19 ms back to back, 0.39-0.66 ms interleaved, 10^3
+reservoir, 2026-12-07) while the largest capacity's extra cost (cache and TLB
+misses on the random rows) stays: so the cold ratio is lower than the warm
+one, and both move with the machine's load (see benchmarks/README.md).
+``--no-balanced --no-loop`` times the reservoir buffer alone (1e3, 1e6
+back to back), the least favourable ratio.
+
   python -m benchmarks.bench_replay [--capacities 1000 100000 1000000
-                                     --batch 128 --rounds 100]
+                                     --batch 128 --rounds 100 --repeats 1
+                                     --block 1]
 """
 
 import argparse
 import functools
+import os
+import resource
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -126,8 +151,18 @@ def _jax_variant(buffer, state, batch, batch_size, balanced):
   return run, compile_s
 
 
+def _minor_faults() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _spread(values) -> dict[str, float]:
+  return {'median': statistics.median(values), 'min': min(values),
+          'max': max(values)}
+
+
 def run(capacities: list[int], batch_size: int, num_classes: int, rounds: int,
-        balanced: bool) -> list[dict]:
+        balanced: bool, *, repeats: int = 1, block: int = 1,
+        loop: bool = True) -> list[dict]:
   batch = _batch(batch_size, num_classes)
   variants, compile_s, meta = {}, {}, {}
   for capacity in capacities:
@@ -145,27 +180,56 @@ def run(capacities: list[int], batch_size: int, num_classes: int, rounds: int,
           cb, _full_balanced_state(cb, capacity, num_classes), batch,
           batch_size, True)
       meta[name] = ('metacf_balanced', capacity)
-    loop = NumpyLoopReservoir(capacity)
+    if not loop:
+      continue
     name = f'numpy_loop@{capacity}'
 
-    def loop_step(loop=loop):
-      loop.add(batch['image'], batch['label'])
-      return loop.sample(batch_size)
+    def loop_step(reservoir=NumpyLoopReservoir(capacity)):
+      reservoir.add(batch['image'], batch['label'])
+      return reservoir.sample(batch_size)
 
     variants[name] = loop_step
     meta[name] = ('numpy_loop', capacity)
 
-  times = _timing.interleaved(variants, rounds=rounds)
-  stats = {n: _timing.summary_ms(t) for n, t in times.items()}
   smallest = min(capacities)
+  load_before = os.getloadavg()
+  samples = {name: [] for name in variants}  # all runs pooled
+  round_ratios = {name: [] for name in variants}
+  runs = {name: [] for name in variants}
+  for _ in range(repeats):
+    faults = _minor_faults()
+    times = _timing.interleaved(variants, rounds=rounds, block=block)
+    faults = _minor_faults() - faults
+    num_calls = sum(len(t) for t in times.values())
+    for name, (variant, _) in meta.items():
+      base = times[f'{variant}@{smallest}']
+      ratios = [t / b for t, b in zip(times[name], base)]
+      samples[name] += times[name]
+      round_ratios[name] += ratios
+      runs[name].append({
+          'median_ms': 1e3 * statistics.median(times[name]),
+          'ratio_of_medians': (statistics.median(times[name]) /
+                               statistics.median(base)),
+          'round_ratio': _spread(ratios),
+          'minor_faults_per_call': faults / num_calls,
+          'load1': os.getloadavg()[0]})
+  load_after = os.getloadavg()
+  stats = {n: _timing.summary_ms(t) for n, t in samples.items()}
   records = []
   for name, (variant, capacity) in meta.items():
     base = stats[f'{variant}@{smallest}']['median_ms']
+    run_ratios = [r['ratio_of_medians'] for r in runs[name]]
     rec = {'variant': variant, 'capacity': capacity, 'batch': batch_size,
-           'item': 'uint8[28,28,1]+int32', 'rounds': rounds, **stats[name],
+           'item': 'uint8[28,28,1]+int32', 'rounds': rounds,
+           'repeats': repeats, 'block': block, **stats[name],
            'compile_s': compile_s.get(name),
-           f'ratio_median_vs_{smallest}': stats[name]['median_ms'] / base}
-    if variant != 'numpy_loop':
+           f'ratio_median_vs_{smallest}': stats[name]['median_ms'] / base,
+           f'round_ratio_vs_{smallest}': _spread(round_ratios[name]),
+           f'run_ratio_vs_{smallest}': {**_spread(run_ratios),
+                                         'runs': run_ratios},
+           'runs': runs[name],
+           'load_before': list(load_before), 'load_after': list(load_after)}
+    if loop and variant != 'numpy_loop':
       rec['speedup_vs_numpy_loop'] = (
           stats[f'numpy_loop@{capacity}']['median_ms'] /
           stats[name]['median_ms'])
@@ -176,17 +240,29 @@ def run(capacities: list[int], batch_size: int, num_classes: int, rounds: int,
 
 
 def _print_table(records: list[dict], smallest: int) -> None:
-  print(f"{'variant':18s} {'capacity':>9s} {'median ms':>10s} {'min':>8s} "
-        f"{'max':>8s} {'compile s':>9s} {'vs ' + str(smallest):>9s} "
-        f"{'speedup':>8s}")
+  print(f"{'variant':18s} {'capacity':>9s} {'median ms [min, max]':>26s} "
+        f"{'compile s':>9s} {'vs ' + str(smallest):>6s} "
+        f"{'per-round ratio':>22s} {'runs min-max':>12s} {'speedup':>8s}")
   for rec in sorted(records, key=lambda r: (r['variant'], r['capacity'])):
     compile_s = rec['compile_s']
     speedup = rec.get('speedup_vs_numpy_loop')
-    print(f"{rec['variant']:18s} {rec['capacity']:9d} "
-          f"{rec['median_ms']:10.3f} {rec['min_ms']:8.3f} {rec['max_ms']:8.3f} "
+    rr = rec[f'round_ratio_vs_{smallest}']
+    runs = rec[f'run_ratio_vs_{smallest}']
+    times = (f"{rec['median_ms']:.3f} [{rec['min_ms']:.3f}, "
+             f"{rec['max_ms']:.3f}]")
+    print(f"{rec['variant']:18s} {rec['capacity']:9d} {times:>26s} "
           f"{'-' if compile_s is None else f'{compile_s:.2f}':>9s} "
-          f"{rec[f'ratio_median_vs_{smallest}']:9.3f} "
+          f"{rec[f'ratio_median_vs_{smallest}']:6.3f} "
+          f"{rr['median']:6.3f} [{rr['min']:.2f}, {rr['max']:.2f}] "
+          f"{runs['min']:5.3f}-{runs['max']:5.3f} "
           f"{'-' if speedup is None else f'{speedup:.1f}x':>8s}")
+  for rec in records:
+    if rec['capacity'] != smallest and rec['repeats'] > 1:
+      print(f"{rec['variant']}@{rec['capacity']} vs {smallest}, ratio of "
+            'medians per run: ' + ', '.join(
+                f'{r:.3f}' for r in rec[f'run_ratio_vs_{smallest}']['runs']))
+  print('load average before / after: '
+        f"{records[0]['load_before']} / {records[0]['load_after']}")
 
 
 def main() -> None:
@@ -196,12 +272,19 @@ def main() -> None:
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--num-classes', type=int, default=10)
   parser.add_argument('--rounds', type=int, default=100)
+  parser.add_argument('--repeats', type=int, default=1,
+                      help='run the interleaved measurement this many times')
+  parser.add_argument('--block', type=int, default=1,
+                      help='calls per turn, all but the first timed')
   parser.add_argument('--no-balanced', action='store_true')
+  parser.add_argument('--no-loop', action='store_true',
+                      help='leave out the numpy_loop variant')
   parser.add_argument('--no-save', action='store_true')
   args = parser.parse_args()
   print(f'device: {_timing.device_description()}, jax {jax.__version__}')
   records = run(args.capacities, args.batch, args.num_classes, args.rounds,
-                not args.no_balanced)
+                not args.no_balanced, repeats=args.repeats, block=args.block,
+                loop=not args.no_loop)
   _print_table(records, min(args.capacities))
   if not args.no_save:
     print('appended to', _timing.write_jsonl('replay', records))
