@@ -13,7 +13,8 @@ folder (``raw_dir=`` or ``$METACF_RAW_DIR``)::
 
 or, without one, from the original hosts through the tfds download manager,
 checked against the sha256 that tfds registers for its own builders. This is
-the only ``metacf`` module that imports ``tensorflow_datasets``;
+the only ``metacf`` module that imports ``tensorflow_datasets``, and only to
+prepare a dataset (a builder, or :func:`load_arrays` without its cache);
 ``import metacf`` does not import it.
 
 :func:`load_arrays` returns a whole split as arrays:
@@ -48,24 +49,27 @@ References:
   (Omniglot)
 """
 
-try:
-  import tensorflow_datasets as _tfds  # pylint: disable=unused-import
-except ImportError as e:  # pragma: no cover - exercised in a bare install
-  raise ImportError(
-      'metacf.data needs tensorflow-datasets, pillow, importlib_resources and '
-      "array_record: pip install 'metacf[data]'.") from e
+from typing import Any
 
 from metacf.data import _arrays
 from metacf.data._arrays import DatasetArrays as DatasetArrays
 from metacf.data._arrays import get_builder as get_builder
 from metacf.data._arrays import load_arrays as load_arrays
-from metacf.data._builders import MetacfFashionMnist as MetacfFashionMnist
-from metacf.data._builders import MetacfMnist as MetacfMnist
-from metacf.data._builders import MetacfOmniglot as MetacfOmniglot
 
 #: Dataset names accepted by :func:`load_arrays`, with their splits
 #: (``{'mnist': ('train', 'test'), 'fashion_mnist': ..., 'omniglot': ...}``).
 SPLITS = _arrays.SPLITS
+
+# The builders import tensorflow-datasets: loaded on first use, so that the
+# cached arrays load without it (see load_arrays).
+_LAZY_BUILDERS = ('MetacfFashionMnist', 'MetacfMnist', 'MetacfOmniglot')
+
+
+def __getattr__(name: str) -> Any:
+  if name in _LAZY_BUILDERS:
+    return getattr(_arrays.import_builders(), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
 
 __all__ = [
     'DatasetArrays',

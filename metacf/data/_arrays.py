@@ -7,6 +7,11 @@ as a ``.npz`` file inside the prepared dataset's folder
 (``<data_dir>/metacf_<name>/<version>/arrays_<split>.v1.npz``), so the cache
 is keyed by builder version and goes away with the dataset it was read from.
 
+A cache that is there is read with NumPy alone: tensorflow-datasets is only
+imported to build a missing one, so a machine without it (a lent GPU, say)
+loads the splits from a copied cache (``python -m benchmarks.gpu
+--prepare`` builds one in the repository).
+
 Reading the raw records and decoding them here is several times faster than
 tfds's default decoding (Pillow), and the cache then loads faster still (see
 the benchmarks page)."""
@@ -16,29 +21,38 @@ import tempfile
 import types
 import zipfile
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import tensorflow_datasets as tfds
-from tensorflow_datasets.proto import tf_example_pb2
 
-from metacf.data import _builders
-from metacf.data import _png
+if TYPE_CHECKING:
+  import tensorflow_datasets as tfds
 
 DATA_DIR_ENV = 'METACF_DATA_DIR'
+# tfds's own default data dir (tensorflow_datasets.core.constants.DATA_DIR).
+_TFDS_DATA_DIR_ENV = 'TFDS_DATA_DIR'
 
-_BUILDERS: Mapping[str, type[_builders._RawFileBuilder]] = {  # pylint: disable=protected-access
-    'mnist': _builders.MetacfMnist,
-    'fashion_mnist': _builders.MetacfFashionMnist,
-    'omniglot': _builders.MetacfOmniglot,
-}
+# Builder class name of each dataset (in metacf.data._builders, which needs
+# tfds and is imported only when a builder is asked for).
+_BUILDER_NAMES: Mapping[str, str] = types.MappingProxyType({
+    'mnist': 'MetacfMnist',
+    'fashion_mnist': 'MetacfFashionMnist',
+    'omniglot': 'MetacfOmniglot',
+})
+# The builders' VERSION (the cache's folder): tests check they agree.
+_BUILDER_VERSION = '1.0.0'
 
 SPLITS: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
     'mnist': ('train', 'test'),
     'fashion_mnist': ('train', 'test'),
-    'omniglot': tuple(_builders.OMNIGLOT_SPLITS),
+    # = tuple(_builders.OMNIGLOT_SPLITS), checked by the tests.
+    'omniglot': ('background', 'evaluation', 'small1', 'small2'),
 })
 """Dataset names accepted by :func:`load_arrays`, with their splits."""
+
+_DATA_EXTRA = ("metacf.data needs tensorflow-datasets, pillow, "
+               "importlib_resources and array_record to prepare a dataset: "
+               "pip install 'metacf[data]'.")
 
 _DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
 _CACHE_FORMAT = 1  # Bump when the cached arrays change meaning.
@@ -68,15 +82,49 @@ class DatasetArrays(NamedTuple):
 
 
 def _check_name(name: str, fn: str) -> None:
-  if not isinstance(name, str) or name not in _BUILDERS:
+  if not isinstance(name, str) or name not in _BUILDER_NAMES:
     raise ValueError(
-        f'{fn}: name must be one of {sorted(_BUILDERS)}, got {name!r}.')
+        f'{fn}: name must be one of {sorted(_BUILDER_NAMES)}, got {name!r}.')
+
+
+def import_builders() -> types.ModuleType:
+  """``metacf.data._builders`` (imports tfds); ImportError naming the extra."""
+  try:
+    from metacf.data import _builders  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f'{_DATA_EXTRA} ({type(e).__name__}: {e})') from e
+  return _builders
+
+
+def _resolve_data_dir(data_dir: os.PathLike[str] | str | None) -> str | None:
+  """``data_dir``, else ``$METACF_DATA_DIR``, else None (tfds's default)."""
+  if data_dir is None:
+    data_dir = os.environ.get(DATA_DIR_ENV) or None
+  return None if data_dir is None else os.fspath(data_dir)
+
+
+def cache_path(name: str, split: str,
+               data_dir: os.PathLike[str] | str | None = None) -> str:
+  """Where :func:`load_arrays` keeps a split's arrays, found without tfds.
+
+  ``<data_dir>/metacf_<name>/<version>/arrays_<split>.v1.npz``, the
+  prepared builder's ``data_dir`` (tfds's default data dir when neither
+  ``data_dir`` nor ``$METACF_DATA_DIR`` is set: ``$TFDS_DATA_DIR``, else
+  ``~/tensorflow_datasets``).
+  """
+  data_dir = _resolve_data_dir(data_dir)
+  if data_dir is None:
+    data_dir = os.environ.get(
+        _TFDS_DATA_DIR_ENV,
+        os.path.join(os.path.expanduser('~'), 'tensorflow_datasets'))
+  return os.path.join(data_dir, f'metacf_{name}', _BUILDER_VERSION,
+                      f'arrays_{split}.v{_CACHE_FORMAT}.npz')
 
 
 def get_builder(
     name: str, *, raw_dir: os.PathLike[str] | str | None = None,
     data_dir: os.PathLike[str] | str | None = None
-) -> tfds.core.GeneratorBasedBuilder:
+) -> 'tfds.core.GeneratorBasedBuilder':
   """Returns the (not yet prepared) ``array_record`` tfds builder of ``name``.
 
   Use it for random access without loading a whole split: after
@@ -102,17 +150,21 @@ def get_builder(
 
   Raises:
     ValueError: if ``name`` is unknown.
+    ImportError: if tensorflow-datasets (the ``[data]`` extra) is missing.
   """
   _check_name(name, 'get_builder')
-  if data_dir is None:
-    data_dir = os.environ.get(DATA_DIR_ENV) or None
-  return _BUILDERS[name](raw_dir=raw_dir, data_dir=data_dir,
-                         file_format='array_record')
+  builders = import_builders()
+  return getattr(builders, _BUILDER_NAMES[name])(
+      raw_dir=raw_dir, data_dir=_resolve_data_dir(data_dir),
+      file_format='array_record')
 
 
-def _read_split(builder: tfds.core.GeneratorBasedBuilder, name: str,
+def _read_split(builder: 'tfds.core.GeneratorBasedBuilder', name: str,
                 split: str) -> dict[str, np.ndarray]:
   """Reads a prepared split through its data source, as uint8 images."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+  from metacf.data import _png  # pylint: disable=g-import-not-at-top  # Pillow
   # tfds's own per-example parsing and Pillow decoding cost ~0.2 ms per
   # example; parsing the raw `tf.train.Example` records (tfds's on-disk
   # format) here and decoding the builders' PNGs with _png (one zlib call
@@ -181,7 +233,8 @@ def load_arrays(name: str, split: str, *,
   The first call prepares the dataset with tfds (``array_record`` files in
   ``data_dir``, from the raw files, no TensorFlow) and caches the decoded
   split as ``arrays_<split>.v1.npz`` next to the prepared files; later calls
-  read the cache. Examples keep the order of the raw files (Omniglot: by
+  read the cache, with NumPy alone (tensorflow-datasets need not be
+  installed then). Examples keep the order of the raw files (Omniglot: by
   character number, then drawer).
 
   For example, ``load_arrays('mnist', 'train', raw_dir='/data/raw',
@@ -207,7 +260,9 @@ def load_arrays(name: str, split: str, *,
   Raises:
     ValueError: if ``name``, ``split`` or ``dtype`` is not one of the above,
       or a raw file is corrupt (the message names the file).
-    FileNotFoundError: if a raw file is missing from ``raw_dir``.
+    FileNotFoundError: if a raw file is missing from ``raw_dir``, or the
+      split's cache is missing and tensorflow-datasets is not installed to
+      build it (the message names the cache file).
 
   References:
     LeCun et al., `Gradient-based learning applied to document recognition
@@ -232,10 +287,25 @@ def load_arrays(name: str, split: str, *,
     raise ValueError(
         f'{fn}: dtype must be np.uint8 or np.float32, got {got}.')
 
-  builder = get_builder(name, raw_dir=raw_dir, data_dir=data_dir)
-  cache = os.path.join(builder.data_dir,
-                       f'arrays_{split}.v{_CACHE_FORMAT}.npz')
+  cache = cache_path(name, split, data_dir)
   arrays = _read_cache(cache, name)
+  if arrays is None:
+    try:
+      builder = get_builder(name, raw_dir=raw_dir, data_dir=data_dir)
+    except ImportError as e:
+      raise FileNotFoundError(
+          f'{fn}: {cache} must hold the cached {name} {split!r} arrays, got '
+          f'no readable file, and it cannot be built here [{e}]. Build it on '
+          'a machine with the [data] extra (load_arrays(name, split, '
+          'data_dir=...) there; `python -m benchmarks.gpu --prepare` builds '
+          'the ones the GPU script needs into .gpu_data/), then point '
+          f'data_dir or ${DATA_DIR_ENV} at the folder holding '
+          f'metacf_{name}/.') from e
+    built_cache = os.path.join(builder.data_dir,
+                               f'arrays_{split}.v{_CACHE_FORMAT}.npz')
+    if built_cache != cache:  # tfds found the dataset in another data dir.
+      cache = built_cache
+      arrays = _read_cache(cache, name)
   if arrays is None:
     builder.download_and_prepare()
     arrays = _read_split(builder, name, split)
