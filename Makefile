@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 RAW_DIR ?= $(firstword $(wildcard ../shared/data))
 export METACF_RAW_DIR ?= $(if $(RAW_DIR),$(abspath $(RAW_DIR)),)
 
-.PHONY: demo distill forgetting-predict omniglot baselines paradigms lwf prevent meta-continual test docs doctest bench clean
+.PHONY: demo distill forgetting-predict omniglot baselines paradigms lwf prevent meta-continual test docs doctest bench gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,11 @@ bench: $(STAMP)  ## microbenchmarks; JSON lines go to benchmarks/results/
 	$(PY) -m benchmarks.bench_maml
 	$(PY) -m benchmarks.bench_meta_family
 	$(PY) -m benchmarks.bench_meta_continual
+
+# No venv step: a lent GPU has jax but no internet (benchmarks/gpu.sh uses .venv if present, else python3).
+# Prepare the data here first (`bash benchmarks/gpu.sh --prepare`) and carry .gpu_data; GPU_FLAGS=--tiny on a CPU.
+gpu:  ## every benchmark's GPU configuration, Omniglot MAML, meta-learning comparison, paradigms, prevent-forgetting, < 10 min; one JSON
+	bash benchmarks/gpu.sh $(GPU_FLAGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache docs/_build docs/api/_autosummary

@@ -11,7 +11,10 @@ from typing import Any
 
 import jax
 
-RESULTS_DIR = os.path.join(os.path.dirname(__file__), 'results')
+# $METACF_BENCH_RESULTS_DIR redirects the JSON lines (benchmarks/gpu.py gives
+# each run its own folder, so its records are read back apart).
+RESULTS_DIR = os.environ.get('METACF_BENCH_RESULTS_DIR') or os.path.join(
+    os.path.dirname(__file__), 'results')
 
 
 def device_description() -> str:
