@@ -11,8 +11,8 @@ with one inner SGD step and ``torch.optim.Adam`` as the outer optimizer:
 * ``torch_func``: ``torch.func``: ``functional_call`` + ``grad`` inner step +
   ``vmap`` over tasks + ``grad_and_value`` of the mean query loss.
 
-``bench_meta_family``'s iMAML peer, ``make_torchopt_imaml_step``, is
-TorchOpt's implicit-gradient recipe (``ImplicitMetaGradientModule``).
+``bench_meta_family``'s iMAML peer is in ``_torch_imaml`` (any model and
+loss).
 
 BatchNorm is transductive (batch statistics, no running averages), as in the
 MAML paper and in ``bench_maml``'s JAX model. Tensors are NCHW (PyTorch's
@@ -76,28 +76,10 @@ def to_nchw(x: np.ndarray) -> torch.Tensor:
 def make_torchopt_step(model: nn.Sequential, *, inner_lr: float,
                        outer_lr: float) -> Callable[..., torch.Tensor]:
   """TorchOpt MAML: ``step(sx, sy, qx, qy) -> mean query loss``."""
-  import torchopt  # pylint: disable=g-import-not-at-top
-
-  meta_opt = torch.optim.Adam(model.parameters(), lr=outer_lr)
-  inner_opt = torchopt.MetaSGD(model, lr=inner_lr)
-
-  def step(sx, sy, qx, qy):
-    num_tasks = sx.shape[0]
-    meta_opt.zero_grad()
-    total = 0.0
-    for i in range(num_tasks):
-      net_state = torchopt.extract_state_dict(model)
-      opt_state = torchopt.extract_state_dict(inner_opt)
-      inner_opt.step(F.cross_entropy(model(sx[i]), sy[i]))
-      loss = F.cross_entropy(model(qx[i]), qy[i]) / num_tasks
-      loss.backward()
-      total += float(loss.detach())
-      torchopt.recover_state_dict(model, net_state)
-      torchopt.recover_state_dict(inner_opt, opt_state)
-    meta_opt.step()
-    return total
-
-  return step
+  from benchmarks import _torch_maml  # pylint: disable=g-import-not-at-top
+  return _torch_maml.make_torchopt_step(
+      model, inner_lr=inner_lr, num_inner_steps=1, outer_lr=outer_lr,
+      loss=F.cross_entropy)
 
 
 def make_func_meta_loss(model: nn.Sequential, *, inner_lr: float
@@ -161,92 +143,3 @@ def torchopt_meta_gradient(model: nn.Sequential, inner_lr: float, sx, sy, qx,
     torchopt.recover_state_dict(model, net_state)
     torchopt.recover_state_dict(inner_opt, opt_state)
   return {k: v.grad.numpy().copy() for k, v in model.named_parameters()}
-
-
-def _imaml_inner_class(inner_lr: float, num_inner_steps: int, reg: float,
-                       cg_steps: int):
-  """TorchOpt's iMAML inner module (its ``examples/iMAML`` recipe).
-
-  ``solve`` runs ``num_inner_steps`` of SGD on the proximally regularised
-  support loss from the meta-parameters; the implicit meta-gradient solves
-  the optimality system by ``cg_steps`` of plain CG (``solve_cg``, started
-  from 0, no early stop), as ``metacf.maml.imaml_grad``. (TorchOpt's example
-  uses ``solve_normal_cg``, CG on the normal equations: other iterates.)
-  """
-  import copy  # pylint: disable=g-import-not-at-top
-  import torchopt  # pylint: disable=g-import-not-at-top
-
-  solver = torchopt.linear_solve.solve_cg(maxiter=cg_steps, rtol=0.0,
-                                          atol=0.0)
-
-  class InnerNet(torchopt.nn.ImplicitMetaGradientModule,
-                 linear_solve=solver):
-
-    def __init__(self, meta_net: nn.Module):
-      super().__init__()
-      self.meta_net = meta_net
-      self.net = copy.deepcopy(meta_net)
-      with torch.no_grad():
-        for p, meta_p in zip(self.parameters(), self.meta_parameters()):
-          p.data.copy_(meta_p.data)
-          p.detach_().requires_grad_()
-
-    def forward(self, x):
-      return self.net(x)
-
-    def objective(self, x, y):
-      loss = F.cross_entropy(self(x), y)
-      sq = sum(torch.sum(torch.square(p - meta_p)) for p, meta_p in
-               zip(self.parameters(), self.meta_parameters()))
-      return loss + 0.5 * reg * sq
-
-    def solve(self, x, y):
-      params = tuple(self.parameters())
-      inner_opt = torch.optim.SGD(params, lr=inner_lr)
-      with torch.enable_grad():
-        for _ in range(num_inner_steps):
-          inner_opt.zero_grad()
-          self.objective(x, y).backward(inputs=params)
-          inner_opt.step()
-      return self
-
-  return InnerNet
-
-
-def _imaml_meta_loss(inner_cls, model, sx, sy, qx, qy) -> torch.Tensor:
-  losses = []
-  for i in range(sx.shape[0]):
-    inner = inner_cls(model)
-    inner.solve(sx[i], sy[i])
-    losses.append(F.cross_entropy(inner(qx[i]), qy[i]))
-  return torch.stack(losses).mean()
-
-
-def make_torchopt_imaml_step(model: nn.Sequential, *, inner_lr: float,
-                             num_inner_steps: int, reg: float, cg_steps: int,
-                             outer_lr: float) -> Callable[..., float]:
-  """TorchOpt iMAML: ``step(sx, sy, qx, qy) -> mean query loss``."""
-  meta_opt = torch.optim.Adam(model.parameters(), lr=outer_lr)
-  inner_cls = _imaml_inner_class(inner_lr, num_inner_steps, reg, cg_steps)
-
-  def step(sx, sy, qx, qy):
-    meta_opt.zero_grad()
-    loss = _imaml_meta_loss(inner_cls, model, sx, sy, qx, qy)
-    loss.backward()
-    meta_opt.step()
-    return float(loss.detach())
-
-  return step
-
-
-def torchopt_imaml_meta_gradient(model: nn.Sequential, sx, sy, qx, qy, *,
-                                 inner_lr: float, num_inner_steps: int,
-                                 reg: float, cg_steps: int
-                                 ) -> tuple[dict[str, np.ndarray], float]:
-  """TorchOpt's iMAML meta-gradient (no outer update) and query loss."""
-  model.zero_grad()
-  inner_cls = _imaml_inner_class(inner_lr, num_inner_steps, reg, cg_steps)
-  loss = _imaml_meta_loss(inner_cls, model, sx, sy, qx, qy)
-  loss.backward()
-  return ({k: v.grad.numpy().copy() for k, v in model.named_parameters()},
-          float(loss.detach()))

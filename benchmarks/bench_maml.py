@@ -35,6 +35,37 @@ runtimes' (about 1 GB), far above the step's working set (about 1 MB here).
 
   python -m benchmarks.bench_maml [--inner-steps 1 5 --rounds 50]
 
+``--workloads family``: the rest of the MAML family on workload A's MLP and
+tasks, for each of ``--inner-steps``: Reptile (``maml.reptile_grad``), iMAML
+(``maml.imaml_grad``, lambda 1, 5 CG steps) and MAML with a sequential
+support set (``make_meta_train_step(..., sequential_support=True)``: support
+``[tasks, num_inner_steps, shots, 1]``, step ``s`` adapts on slice ``s``).
+Variants, interleaved as above:
+
+* ``metacf``: the function + ``optax.adam`` in one donated ``jax.jit``
+  (sequential: ``make_meta_train_step``, whose step also returns the
+  meta-gradient's norm; ``maml_loss`` is its meta-gradient without it).
+* ``plain``: what a user writes alone, same jit: Reptile as ``vmap`` over
+  tasks of an unrolled SGD loop and the mean of (theta - phi); iMAML as
+  ``jax.scipy.sparse.linalg.cg`` (same CG steps, from 0, no early stop) on
+  (I + H/lambda) v = g with Hessian-vector products by ``jvp`` of the
+  support gradient; sequential as the unrolled loop with step ``s`` on
+  support slice ``s``.
+* PyTorch peers: Reptile ``torch_func`` (``vmap`` of the SGD loop; TorchOpt
+  has no Reptile recipe); iMAML ``torchopt`` (``_torch_imaml``: its
+  ``ImplicitMetaGradientModule`` recipe with ``solve_cg``); sequential
+  ``torchopt`` (``torchopt.MetaSGD``, a loop over tasks) and
+  ``torch_func``.
+
+Each variant's first meta-gradient and Adam update are compared with
+metacf's (max relative difference) before timing. The JAX variants are
+timed in a pass of their own (``--family-rounds``, many: their ratios are
+near 1), then metacf with the PyTorch peers (``--family-peer-rounds``).
+
+  python -m benchmarks.bench_maml --workloads family [--algorithms reptile
+      imaml sequential --inner-steps 1 5 --family-rounds 200
+      --family-peer-rounds 10]
+
 ``--checks`` measures instead what metacf's runtime value checks cost when
 on (:mod:`metacf.checks`) on workload A: ``off`` = the step of
 ``make_meta_train_step`` (plain jit), ``on`` = ``jax.jit(checkify.checkify(
@@ -98,29 +129,41 @@ def _mse(params, x, y):
   return jnp.mean((_apply(params, x) - y) ** 2)
 
 
-def _tasks(key, num_tasks, shots):
+def _tasks(key, num_tasks, shots, support_steps=None):
+  """Sinusoid tasks; support ``[T, support_steps, shots, 1]`` if given."""
   k_amp, k_phase, k_s, k_q = jax.random.split(key, 4)
   amp = jax.random.uniform(k_amp, (num_tasks, 1, 1), jnp.float32, 0.1, 5.0)
   phase = jax.random.uniform(k_phase, (num_tasks, 1, 1), jnp.float32, 0.0,
                              np.pi)
-  xs = jax.random.uniform(k_s, (num_tasks, shots, 1), jnp.float32, -5.0, 5.0)
+  steps = () if support_steps is None else (support_steps,)
+  xs = jax.random.uniform(k_s, (num_tasks, *steps, shots, 1), jnp.float32,
+                          -5.0, 5.0)
   xq = jax.random.uniform(k_q, (num_tasks, shots, 1), jnp.float32, -5.0, 5.0)
-  return maml.Task(xs, amp * jnp.sin(xs - phase), xq,
+  s_amp, s_phase = ((amp, phase) if support_steps is None
+                    else (amp[:, None], phase[:, None]))
+  return maml.Task(xs, s_amp * jnp.sin(xs - s_phase), xq,
                    amp * jnp.sin(xq - phase))
 
 
-def _metacf_step(num_inner_steps, *, first_order=False, remat=False):
+def _metacf_step(num_inner_steps, *, first_order=False, remat=False,
+                 sequential_support=False):
   return maml.make_meta_train_step(
       _mse, optax.adam(OUTER_LR), inner_lr=INNER_LR,
-      num_inner_steps=num_inner_steps, first_order=first_order, remat=remat)
+      num_inner_steps=num_inner_steps, first_order=first_order, remat=remat,
+      sequential_support=sequential_support)
 
 
-def _plain_meta_loss(loss_fn, inner_lr, num_inner_steps):
-  """Mean query loss over ``vmap`` of an explicitly unrolled inner loop."""
+def _plain_meta_loss(loss_fn, inner_lr, num_inner_steps, sequential=False):
+  """Mean query loss over ``vmap`` of an explicitly unrolled inner loop.
+
+  ``sequential``: support leaves ``[T, num_inner_steps, ...]``, step ``s``
+  on slice ``s``.
+  """
 
   def task_loss(params, sx, sy, qx, qy):
-    for _ in range(num_inner_steps):
-      grads = jax.grad(loss_fn)(params, sx, sy)
+    for s in range(num_inner_steps):
+      x, y = (sx[s], sy[s]) if sequential else (sx, sy)
+      grads = jax.grad(loss_fn)(params, x, y)
       params = jax.tree.map(lambda p, g: p - inner_lr * g, params, grads)
     return loss_fn(params, qx, qy)
 
@@ -135,16 +178,21 @@ def _sinusoid_plain_meta_loss(num_inner_steps):
   return _plain_meta_loss(_mse, INNER_LR, num_inner_steps)
 
 
-def _plain_step(meta_loss):
-  """One ``jax.jit`` (params and state donated) of ``meta_loss``'s grad + Adam."""
+def _grad_step(grad_fn):
+  """``grad_fn(params, tasks) -> (loss, grads)`` + Adam, one donated jit."""
   optimizer = optax.adam(OUTER_LR)
 
   def step(params, opt_state, tasks):
-    loss, grads = jax.value_and_grad(meta_loss)(params, tasks)
+    loss, grads = grad_fn(params, tasks)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _plain_step(meta_loss):
+  """One ``jax.jit`` (params and state donated) of ``meta_loss``'s grad + Adam."""
+  return _grad_step(jax.value_and_grad(meta_loss))
 
 
 def _copy(tree):
@@ -179,6 +227,13 @@ def _torch():
   return torch, _torch_maml
 
 
+def _from_torch_mlp(tensors):
+  """The torch MLP's ``{'0.weight': ..., '0.bias': ...}`` in the JAX layout."""
+  names = list(tensors)
+  return [{'w': tensors[w].detach().numpy().T, 'b': tensors[b].detach().numpy()}
+          for w, b in zip(names[::2], names[1::2])]
+
+
 class _TorchRunner:
 
   def __init__(self, torch, torch_maml, params, tasks, num_inner_steps):
@@ -208,9 +263,7 @@ def _check_meta_gradients(params, tasks, num_inner_steps, torch, torch_maml):
     got = torch.func.grad(meta_loss)(
         torch_maml.params_from_jax(model, params),
         *[torch.tensor(np.asarray(t)) for t in tasks])
-    names = list(got)
-    grads['torch_func'] = [{'w': got[w].numpy().T, 'b': got[b].numpy()}
-                           for w, b in zip(names[::2], names[1::2])]
+    grads['torch_func'] = _from_torch_mlp(got)
   scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(ref))
   for name, g in grads.items():
     for got_leaf, ref_leaf in zip(jax.tree.leaves(g), jax.tree.leaves(ref)):
@@ -318,6 +371,306 @@ def bench_remat(inner_steps, rounds, num_tasks, shots):
           f'{_kib(stats["remat"]["temp_bytes"])}  no remat '
           f'{stats["no_remat"]["median_ms"]:7.3f} ms '
           f'{_kib(stats["no_remat"]["temp_bytes"])}')
+  return records
+
+
+# The MAML family on workload A (--workloads family): Reptile, iMAML and MAML
+# with a sequential support set (one support batch per inner step, as OML,
+# MER and La-MAML adapt), each against what a user writes alone in one
+# jax.jit and against a PyTorch peer.
+FAMILY = ('reptile', 'imaml', 'sequential')
+IMAML_REG = 1.0  # iMAML's proximal strength lambda (as bench_meta_family).
+CG_STEPS = 5     # iMAML's conjugate-gradient iterations (the paper's 5).
+# The PyTorch peers of each algorithm: Reptile has no TorchOpt recipe (it
+# differentiates nothing), so its peer is torch.func.
+FAMILY_PEERS = {'reptile': ('torch_func',), 'imaml': ('torchopt',),
+                'sequential': ('torchopt', 'torch_func')}
+
+
+def _family_tasks(algorithm, num_tasks, shots, num_inner_steps):
+  """Workload A's tasks; ``sequential``: ``shots`` support points per step."""
+  return _tasks(jax.random.key(1), num_tasks, shots,
+                num_inner_steps if algorithm == 'sequential' else None)
+
+
+def _metacf_family_grad(algorithm, n):
+  """metacf's ``(params, tasks) -> (loss, meta-gradient)`` (Reptile: loss 0)."""
+  if algorithm == 'reptile':
+    return lambda params, tasks: (jnp.zeros(()), maml.reptile_grad(
+        _mse, params, tasks, inner_lr=INNER_LR, num_inner_steps=n))
+  if algorithm == 'imaml':
+    return lambda params, tasks: maml.imaml_grad(
+        _mse, params, tasks, reg=IMAML_REG, inner_lr=INNER_LR,
+        num_inner_steps=n, cg_steps=CG_STEPS)
+  return jax.value_and_grad(lambda params, tasks: maml.maml_loss(
+      _mse, params, tasks, inner_lr=INNER_LR, num_inner_steps=n,
+      sequential_support=True))
+
+
+def _sgd_steps(loss_fn, params, n):
+  """``n`` unrolled SGD steps on ``loss_fn(params)`` (a Python ``for``)."""
+  for _ in range(n):
+    grads = jax.grad(loss_fn)(params)
+    params = jax.tree.map(lambda p, g: p - INNER_LR * g, params, grads)
+  return params
+
+
+def _plain_reptile_grad(n):
+  """Reptile as a user writes it: ``vmap`` of an unrolled SGD loop."""
+
+  def grad_fn(params, tasks):
+    adapted = jax.vmap(
+        lambda sx, sy: _sgd_steps(lambda p: _mse(p, sx, sy), params, n))(
+            tasks.support_x, tasks.support_y)
+    return jnp.zeros(()), jax.tree.map(lambda p, a: jnp.mean(p - a, axis=0),
+                                       params, adapted)
+
+  return grad_fn
+
+
+def _plain_imaml_grad(n):
+  """iMAML as a user writes it: ``jax.scipy.sparse.linalg.cg`` on
+  (I + H/lambda) v = g, HVPs by ``jvp`` of the support gradient."""
+
+  def task_grad(params, sx, sy, qx, qy):
+    def proximal(phi):
+      sq = sum(jnp.sum((a - b) ** 2) for a, b in
+               zip(jax.tree.leaves(phi), jax.tree.leaves(params)))
+      return _mse(phi, sx, sy) + 0.5 * IMAML_REG * sq
+
+    phi = _sgd_steps(proximal, params, n)
+    loss, query_grad = jax.value_and_grad(_mse)(phi, qx, qy)
+
+    def matvec(v):
+      hv = jax.jvp(lambda p: jax.grad(_mse)(p, sx, sy), (phi,), (v,))[1]
+      return jax.tree.map(lambda a, b: a + b / IMAML_REG, v, hv)
+
+    v, _ = jax.scipy.sparse.linalg.cg(matvec, query_grad, tol=0.0,
+                                      maxiter=CG_STEPS)
+    return loss, v
+
+  def grad_fn(params, tasks):
+    losses, grads = jax.vmap(task_grad, in_axes=(None, 0, 0, 0, 0))(params,
+                                                                   *tasks)
+    return jnp.mean(losses), jax.tree.map(lambda g: jnp.mean(g, axis=0),
+                                          grads)
+
+  return grad_fn
+
+
+def _plain_family_grad(algorithm, n):
+  if algorithm == 'reptile':
+    return _plain_reptile_grad(n)
+  if algorithm == 'imaml':
+    return _plain_imaml_grad(n)
+  return jax.value_and_grad(_plain_meta_loss(_mse, INNER_LR, n,
+                                             sequential=True))
+
+
+class _TorchFamilyRunner:
+  """A PyTorch peer's step; ``named`` are the leaf tensors it updates."""
+
+  def __init__(self, torch, algorithm, peer, params, tasks, n):
+    from benchmarks import _torch_maml  # pylint: disable=g-import-not-at-top
+    model = _torch_maml.make_mlp(WIDTHS)
+    named = _torch_maml.params_from_jax(model, params)
+    sequential = algorithm == 'sequential'
+    if peer == 'torchopt':
+      model.load_state_dict(named)
+      named = dict(model.named_parameters())
+      if algorithm == 'imaml':
+        import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+        from benchmarks import _torch_imaml  # pylint: disable=g-import-not-at-top
+        self.step = _torch_imaml.make_torchopt_imaml_step(
+            model, inner_lr=INNER_LR, num_inner_steps=n, reg=IMAML_REG,
+            cg_steps=CG_STEPS, outer_lr=OUTER_LR, loss=F.mse_loss)
+      else:
+        self.step = _torch_maml.make_torchopt_step(
+            model, inner_lr=INNER_LR, num_inner_steps=n, outer_lr=OUTER_LR,
+            sequential_support=sequential)
+    elif algorithm == 'reptile':
+      self.step = _torch_maml.make_reptile_step(
+          model, named, inner_lr=INNER_LR, num_inner_steps=n,
+          outer_lr=OUTER_LR)
+    else:
+      self.step = _torch_maml.make_meta_train_step(
+          model, named, inner_lr=INNER_LR, num_inner_steps=n,
+          outer_lr=OUTER_LR, sequential_support=sequential)
+    self.named = named
+    self.tasks = [torch.tensor(np.asarray(t)) for t in tasks]
+    self.compile_s = None  # Eager: nothing is compiled ahead.
+    self.temp_bytes = None
+
+  def __call__(self):
+    return self.step(*self.tasks)
+
+  def read(self):
+    """(parameters, last meta-gradient) in the JAX layout."""
+    return (_from_torch_mlp(self.named),
+            _from_torch_mlp({k: v.grad for k, v in self.named.items()}))
+
+
+def _relative_error(got, ref):
+  """Largest |got - ref| entry over the largest |ref| entry."""
+  scale = max(float(np.max(np.abs(r))) for r in jax.tree.leaves(ref))
+  return max(float(np.max(np.abs(np.asarray(g) - np.asarray(r))))
+             for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref))
+             ) / scale
+
+
+def _check_first_update(runners, grad_fns, params, tasks, tolerance):
+  """Runs each variant's first step; its meta-gradient and Adam update
+  against metacf's (max relative difference).
+
+  JAX variants' meta-gradients come from their ``grad_fns``, jitted; the
+  PyTorch peers' from the ``.grad`` their step left. A JAX variant's
+  meta-gradient off by more than ``tolerance`` raises; a peer's is reported:
+  float32 iMAML meta-gradients legitimately differ where CG meets a nearly
+  singular (I + H/lambda) (2 tasks of 3 points, 2 steps: TorchOpt 0.93 off
+  in float32, 1.8e-9 in float64).
+  """
+  errors, grads, updates = {}, {}, {}
+  for name, runner in runners.items():
+    jax.block_until_ready(runner())
+    if name in grad_fns:
+      grads[name] = jax.jit(grad_fns[name])(params, tasks)[1]
+      new = runner.params
+    else:
+      new, grads[name] = runner.read()
+    updates[name] = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b),
+                                 new, params)
+  for name in runners:
+    if name == 'metacf':
+      continue
+    errors[name] = {
+        'meta_gradient': _relative_error(grads[name], grads['metacf']),
+        'first_update': _relative_error(updates[name], updates['metacf'])}
+    print(f'  first update vs metacf: {name:10s} meta-gradient '
+          f'{errors[name]["meta_gradient"]:.1e}, Adam update '
+          f'{errors[name]["first_update"]:.1e} (max relative difference)',
+          flush=True)
+    if errors[name]['meta_gradient'] > tolerance and name in grad_fns:
+      raise AssertionError(
+          f'{name} meta-gradient disagrees with metacf\'s: '
+          f'{errors[name]["meta_gradient"]:.2e} > {tolerance}')
+  return errors
+
+
+def _family_pass(runners, rounds):
+  """Interleaved timing of ``runners``: (stats by name, paired ratios, wall s,
+  load averages before and after)."""
+  load_before = os.getloadavg()
+  t0 = time.perf_counter()
+  times = _timing.interleaved(runners, rounds=rounds, block=4)
+  wall_s = time.perf_counter() - t0
+  stats = {name: _summary(runners[name], t) for name, t in times.items()}
+  for name, t in times.items():
+    if name != 'metacf':
+      # metacf's k-th time over this variant's k-th (same round and turn).
+      stats[name]['paired_ratio_metacf_over'] = statistics.median(
+          a / b for a, b in zip(times['metacf'], t))
+  return stats, {'rounds': rounds, 'timed_per_round': 3, 'wall_s': wall_s,
+                 'load_average_before': [round(x, 2) for x in load_before],
+                 'load_average_after': [round(x, 2)
+                                        for x in os.getloadavg()]}
+
+
+def _print_family(stats, info):
+  for name, st in stats.items():
+    line = (f'  {name:10s} {st["median_ms"]:8.3f} ms [{st["min_ms"]:.3f}, '
+            f'{st["max_ms"]:.3f}]')
+    if st['compile_s'] is not None:
+      line += f'  compile {st["compile_s"]:.2f}s  {_kib(st["temp_bytes"])}'
+    if name != 'metacf':
+      ratio = stats['metacf']['median_ms'] / st['median_ms']
+      line += (f'  metacf/{name} {ratio:.3f} (paired '
+               f'{st["paired_ratio_metacf_over"]:.3f})')
+    print(line)
+  print(f'  ({info["rounds"]} rounds, {info["wall_s"]:.0f}s, load average '
+        f'{info["load_average_before"]} -> {info["load_average_after"]})',
+        flush=True)
+
+
+def bench_family(algorithms, inner_steps, rounds, peer_rounds, num_tasks,
+                 shots, threads, tolerance=1e-3, save=True):
+  """Reptile, iMAML, sequential MAML: metacf vs plain jit vs PyTorch peers.
+
+  Two interleaved passes per algorithm and number of inner steps: the JAX
+  variants alone for ``rounds`` rounds (metacf/plain is near 1 and needs
+  many samples on a shared machine), then metacf with the PyTorch peers
+  for ``peer_rounds`` (one or two orders of magnitude apart, and slow).
+  One record each, appended as soon as measured (unless ``save`` is False).
+  """
+  torch, _ = _torch()
+  has_torchopt = False
+  if torch is None:
+    print('torch is not installed: skipping the PyTorch peers.')
+  else:
+    torch.set_num_threads(threads)
+    try:
+      import torchopt  # pylint: disable=g-import-not-at-top,unused-import
+      has_torchopt = True
+    except ImportError:
+      print('torchopt is not installed: skipping it (pip install torchopt).')
+  params = _init_params(jax.random.key(0))
+  records = []
+  for algorithm in algorithms:
+    for n in inner_steps:
+      tasks = _family_tasks(algorithm, num_tasks, shots, n)
+      grad_fns = {'metacf': _metacf_family_grad(algorithm, n),
+                  'plain': _plain_family_grad(algorithm, n)}
+      metacf_step = (_metacf_step(n, sequential_support=True)
+                     if algorithm == 'sequential'
+                     else _grad_step(grad_fns['metacf']))
+      runners = {'metacf': _JaxRunner(metacf_step, params, tasks)}
+      if algorithm == 'sequential':
+        # make_meta_train_step's step also returns the meta-gradient's norm;
+        # maml_loss's meta-gradient + Adam alone, as plain, for comparison.
+        grad_fns['maml_loss'] = grad_fns['metacf']
+        runners['maml_loss'] = _JaxRunner(_grad_step(grad_fns['metacf']),
+                                          params, tasks)
+      runners['plain'] = _JaxRunner(_grad_step(grad_fns['plain']), params,
+                                    tasks)
+      peers = {}
+      for peer in FAMILY_PEERS[algorithm]:
+        if torch is not None and (peer != 'torchopt' or has_torchopt):
+          peers[peer] = _TorchFamilyRunner(torch, algorithm, peer, params,
+                                           tasks, n)
+      print(f'{algorithm}, {n} inner steps:', flush=True)
+      errors = _check_first_update({**runners, **peers}, grad_fns, params,
+                                   tasks, tolerance)
+      stats, info = _family_pass(runners, rounds)
+      rec = {'workload': 'A', 'kind': 'family', 'algorithm': algorithm,
+             'num_inner_steps': n, 'num_tasks': num_tasks, 'shots': shots,
+             'widths': list(WIDTHS), 'inner_lr': INNER_LR, **info,
+             'first_update_vs_metacf': errors, **stats}
+      if algorithm == 'imaml':
+        rec.update(imaml_reg=IMAML_REG, cg_steps=CG_STEPS)
+      if algorithm == 'sequential':
+        rec['support_per_step'] = shots
+      for name in stats:
+        if name != 'metacf':
+          rec[f'ratio_metacf_{name}'] = (stats['metacf']['median_ms']
+                                         / stats[name]['median_ms'])
+          rec[f'ratio_metacf_{name}_min'] = (stats['metacf']['min_ms']
+                                             / stats[name]['min_ms'])
+      _print_family(stats, info)
+      if peers:
+        peer_stats, peer_info = _family_pass(
+            {'metacf': runners['metacf'], **peers}, peer_rounds)
+        rec['with_peers'] = {**peer_info, **peer_stats}
+        for name in peers:
+          rec[f'ratio_metacf_{name}'] = (peer_stats['metacf']['median_ms']
+                                         / peer_stats[name]['median_ms'])
+        rec.update(torch=torch.__version__,
+                   torch_threads=torch.get_num_threads(),
+                   omp_wait_policy=os.environ.get('OMP_WAIT_POLICY'))
+        if has_torchopt:
+          rec['torchopt'] = torchopt.__version__
+        _print_family(peer_stats, peer_info)
+      records.append(rec)
+      if save:
+        _timing.write_jsonl('maml', [rec])
   return records
 
 
@@ -652,7 +1005,15 @@ def _kib(num_bytes):
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workloads', nargs='+', default=['A', 'B'],
-                      choices=['A', 'B'])
+                      choices=['A', 'B', 'family'])
+  parser.add_argument('--algorithms', nargs='+', default=list(FAMILY),
+                      choices=FAMILY, help='workload family: which ones')
+  parser.add_argument('--family-rounds', type=int, default=200,
+                      help='workload family: interleaved rounds of the JAX '
+                      'variants, 3 timed steps each')
+  parser.add_argument('--family-peer-rounds', type=int, default=10,
+                      help='workload family: interleaved rounds of metacf '
+                      'and the PyTorch peers, 3 timed steps each')
   parser.add_argument('--inner-steps', type=int, nargs='+', default=[1, 5])
   parser.add_argument('--remat-steps', type=int, nargs='+',
                       default=[1, 2, 5, 10, 20])
@@ -725,8 +1086,18 @@ def main() -> None:
             'torchopt']
         by_tasks[n] = names
       records += bench_memory(by_tasks, args.threads)
+  if 'family' in args.workloads:
+    print(f'\nworkload family: Reptile, iMAML (lambda {IMAML_REG}, '
+          f'{CG_STEPS} CG steps), MAML with a sequential support set '
+          f'({args.shots} points a step) on workload A ({args.num_tasks} '
+          f'tasks x {args.shots}+{args.shots} points); '
+          f'{args.family_rounds} interleaved rounds of 3 timed steps, '
+          f'{args.family_peer_rounds} with the PyTorch peers')
+    bench_family(args.algorithms, args.inner_steps, args.family_rounds,
+                 args.family_peer_rounds, args.num_tasks, args.shots,
+                 args.threads, save=not args.no_save)
   print(f'\ntotal {time.perf_counter() - start:.0f}s')
-  if not args.no_save:
+  if not args.no_save and records:
     print('appended to', _timing.write_jsonl('maml', records))
 
 

@@ -13,7 +13,7 @@ for each ``num_inner_steps`` in ``--inner-steps`` (default 1 5 20 100):
 * ``imaml``: ``metacf.maml.imaml_grad`` (``reg`` 1.0, 5 CG steps) + Adam,
   same jit.
 * ``torchopt_imaml``: the PyTorch peer, TorchOpt's implicit-gradient iMAML
-  (``benchmarks/_torch_conv4.make_torchopt_imaml_step``: its
+  (``benchmarks/_torch_imaml.make_torchopt_imaml_step``: its
   ``ImplicitMetaGradientModule`` recipe with ``solve_cg``, same inner steps,
   same 5 CG steps, no early stop). Its meta-gradient is checked against
   ``imaml_grad``'s on the same params and tasks (error relative to the
@@ -60,18 +60,6 @@ def _loss_fn():
   return bm._ce_loss(bm._conv4(True))  # pylint: disable=protected-access
 
 
-def _grad_step(grad_fn):
-  """``grad_fn(params, tasks) -> (loss, grads)`` + Adam, one donated jit."""
-  optimizer = optax.adam(bm.OUTER_LR)
-
-  def step(params, opt_state, tasks):
-    loss, grads = grad_fn(params, tasks)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return jax.jit(step, donate_argnums=(0, 1))
-
-
 def _imaml_grad_fn(n):
   loss_fn = _loss_fn()
   return lambda params, tasks: maml.imaml_grad(
@@ -89,10 +77,12 @@ def make_step(variant, n):
         remat=variant == 'maml_remat')
   if variant == 'reptile':
     # Reptile reads no query set and computes no loss: the step returns 0.
-    return _grad_step(lambda params, tasks: (jnp.zeros(()), maml.reptile_grad(
-        loss_fn, params, tasks, inner_lr=bm.INNER_LR_B, num_inner_steps=n)))
+    return bm._grad_step(  # pylint: disable=protected-access
+        lambda params, tasks: (jnp.zeros(()), maml.reptile_grad(
+            loss_fn, params, tasks, inner_lr=bm.INNER_LR_B,
+            num_inner_steps=n)))
   if variant == 'imaml':
-    return _grad_step(_imaml_grad_fn(n))
+    return bm._grad_step(_imaml_grad_fn(n))  # pylint: disable=protected-access
   raise ValueError(variant)
 
 
@@ -122,9 +112,10 @@ class _TorchoptImamlRunner:
 
   def __init__(self, torch, params, tasks, n):
     from benchmarks import _torch_conv4  # pylint: disable=g-import-not-at-top
+    from benchmarks import _torch_imaml  # pylint: disable=g-import-not-at-top
     self.model = _torch_conv4.make_conv4(bm.WAYS)
     _torch_conv4.load_jax_params(self.model, params)
-    self.step = _torch_conv4.make_torchopt_imaml_step(
+    self.step = _torch_imaml.make_torchopt_imaml_step(
         self.model, inner_lr=bm.INNER_LR_B, num_inner_steps=n, reg=REG,
         cg_steps=CG_STEPS, outer_lr=bm.OUTER_LR)
     self.tasks = bm._torch_tasks(torch, tasks)  # pylint: disable=protected-access
@@ -138,10 +129,11 @@ class _TorchoptImamlRunner:
 def check_imaml_against_torchopt(torch, params, tasks, n):
   """Largest |metacf - TorchOpt| iMAML meta-gradient entry / largest entry."""
   from benchmarks import _torch_conv4  # pylint: disable=g-import-not-at-top
+  from benchmarks import _torch_imaml  # pylint: disable=g-import-not-at-top
   loss, ours = jax.jit(_imaml_grad_fn(n))(params, tasks)
   model = _torch_conv4.make_conv4(bm.WAYS)
   _torch_conv4.load_jax_params(model, params)
-  got, torch_loss = _torch_conv4.torchopt_imaml_meta_gradient(
+  got, torch_loss = _torch_imaml.torchopt_imaml_meta_gradient(
       model, *bm._torch_tasks(torch, tasks), inner_lr=bm.INNER_LR_B,  # pylint: disable=protected-access
       num_inner_steps=n, reg=REG, cg_steps=CG_STEPS)
   theirs = bm._from_torch(got)  # pylint: disable=protected-access
@@ -161,6 +153,7 @@ def check_imaml_float64(n):
   """
   import torch  # pylint: disable=g-import-not-at-top
   from benchmarks import _torch_conv4  # pylint: disable=g-import-not-at-top
+  from benchmarks import _torch_imaml  # pylint: disable=g-import-not-at-top
 
   def cast(dtype):
     return lambda a: (a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating)
@@ -176,7 +169,7 @@ def check_imaml_float64(n):
     if dtype == jnp.float64:
       model = model.double()
     _torch_conv4.load_jax_params(model, p)
-    got, _ = _torch_conv4.torchopt_imaml_meta_gradient(
+    got, _ = _torch_imaml.torchopt_imaml_meta_gradient(
         model, *bm._torch_tasks(torch, t), inner_lr=bm.INNER_LR_B,  # pylint: disable=protected-access
         num_inner_steps=n, reg=REG, cg_steps=CG_STEPS)
     grads[f'metacf_{name}'] = jax.tree.map(np.asarray, ours)
