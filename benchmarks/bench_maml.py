@@ -66,6 +66,16 @@ near 1), then metacf with the PyTorch peers (``--family-peer-rounds``).
       imaml sequential --inner-steps 1 5 --family-rounds 200
       --family-peer-rounds 10]
 
+Workload B also reports each variant's FLOP rate (XLA's cost analysis of
+the step; every variant computes the same meta-gradient) as a fraction of
+the device's float32 matmul rate measured before and after the timed
+rounds, and with ``--profile`` where metacf's step spends its time by HLO
+instruction (``jax.profiler``; ``benchmarks/_xla_profile.py``): matmuls,
+concatenates, slices and pads, reductions, other element-wise work.
+
+  python -m benchmarks.bench_maml --workloads B --conv-tasks 4 --chunks 1 \
+      --no-memory --profile
+
 ``--checks`` measures instead what metacf's runtime value checks cost when
 on (:mod:`metacf.checks`) on workload A: ``off`` = the step of
 ``make_meta_train_step`` (plain jit), ``on`` = ``jax.jit(checkify.checkify(
@@ -91,6 +101,7 @@ import optax
 
 import metacf
 from benchmarks import _timing
+from benchmarks import _xla_profile
 from metacf import maml
 
 # torch's OpenMP threads spin-wait after each parallel region. On a shared
@@ -816,9 +827,29 @@ def _get(tree, path):
   return tree
 
 
+def _conv_flops(params, num_tasks):
+  """FLOPs of one workload-B meta-step over ``num_tasks`` tasks.
+
+  XLA's cost analysis of metacf's step on one task (its loop over task
+  chunks is counted once), times the tasks; the outer Adam update (about
+  1 MFLOP) is counted once per task, within rounding. Every variant computes
+  the same meta-gradient, so this is the work each of them does.
+  """
+  one = _conv_tasks(jax.random.key(1), 1)
+  state = optax.adam(OUTER_LR).init(params)
+  return num_tasks * _xla_profile.flops(_conv_metacf_step(1), params, state,
+                                        one)
+
+
 def bench_conv(num_tasks_list, rounds, chunk_sizes, plain_max_tasks,
-               func_max_tasks, threads):
-  """Workload B: metacf (chunked) vs plain lax.conv vs TorchOpt/torch.func."""
+               func_max_tasks, threads, profile=False):
+  """Workload B: metacf (chunked) vs plain lax.conv vs TorchOpt/torch.func.
+
+  Also the FLOP rate of each variant against this machine's matmul peak
+  (:func:`benchmarks._xla_profile.matmul_peak`, measured before and after
+  the timed rounds), and with ``profile`` where metacf's step spends its
+  time (:func:`benchmarks._xla_profile.breakdown`, first chunk size).
+  """
   torch, _ = _torch()
   if torch is None:
     print('torch is not installed: skipping the PyTorch peers.')
@@ -834,6 +865,7 @@ def bench_conv(num_tasks_list, rounds, chunk_sizes, plain_max_tasks,
   records = []
   for num_tasks in num_tasks_list:
     tasks = _conv_tasks(jax.random.key(1), num_tasks)
+    step_flops = _conv_flops(params, num_tasks)
     errors = (_check_conv_meta_gradients(params, tasks, torch, has_torchopt)
               if num_tasks <= plain_max_tasks else {})
     runners = {}
@@ -849,12 +881,30 @@ def bench_conv(num_tasks_list, rounds, chunk_sizes, plain_max_tasks,
     if torch is not None and num_tasks <= func_max_tasks:
       runners['torch_func'] = _TorchConvRunner('torch_func', torch, params,
                                                tasks)
+    peak_before = _xla_profile.matmul_peak()
     times = _timing.interleaved(runners, rounds=rounds, warmup=2)
+    peak_after = _xla_profile.matmul_peak()
+    peak = max(peak_before['median_gflops'], peak_after['median_gflops'])
     stats = {name: _summary(runners[name], t) for name, t in times.items()}
+    for stat in stats.values():
+      stat['gflops'] = step_flops / stat['median_ms'] / 1e6
+      stat['fraction_of_matmul_peak'] = stat['gflops'] / peak
     rec = {'workload': 'B', 'kind': 'variants', 'num_tasks': num_tasks,
            'ways': WAYS, 'shots': SHOTS_B, 'queries': QUERIES_B,
            'num_inner_steps': 1, 'second_order': True, 'rounds': rounds,
-           'meta_gradient_error': errors, **stats}
+           'meta_gradient_error': errors, 'step_gflop': step_flops / 1e9,
+           'matmul_peak_gflops': [peak_before['median_gflops'],
+                                  peak_after['median_gflops']],
+           'load_average': os.getloadavg(), **stats}
+    if profile:
+      name = next(n for n in runners if n.startswith('metacf'))
+      runner = runners[name]
+      prof = _xla_profile.breakdown(
+          runner.compiled, lambda r=runner: jax.block_until_ready(r()))
+      matmul_ms = prof['categories'].get('matmuls', 0.0)
+      rec['profile'] = {'variant': name, **prof,
+                        'matmul_gflops': step_flops / matmul_ms / 1e6
+                        if matmul_ms else None}
     peers = [n for n in ('torchopt', 'torch_func') if n in stats]
     if peers:
       rec['torch'] = torch.__version__
@@ -865,10 +915,13 @@ def bench_conv(num_tasks_list, rounds, chunk_sizes, plain_max_tasks,
           rec[f'speedup_{name}_vs_{fastest}'] = (
               stats[fastest]['median_ms'] / stats[name]['median_ms'])
     records.append(rec)
-    print(f'{num_tasks} tasks:')
+    print(f'{num_tasks} tasks: {step_flops / 1e9:.1f} GFLOP a step; float32 '
+          f'matmul peak {peak_before["median_gflops"]:.0f} / '
+          f'{peak_after["median_gflops"]:.0f} GFLOP/s (before / after)')
     for name, s in stats.items():
       line = (f'  {name:16s} {s["median_ms"]:9.1f} ms [{s["min_ms"]:.1f}, '
-              f'{s["max_ms"]:.1f}]')
+              f'{s["max_ms"]:.1f}]  {s["gflops"]:5.1f} GFLOP/s '
+              f'({100 * s["fraction_of_matmul_peak"]:.0f}% of peak)')
       if s['compile_s'] is not None:
         line += (f'  compile {s["compile_s"]:.1f}s  temp '
                  f'{s["temp_bytes"] / 2**30:.2f} GiB')
@@ -876,6 +929,16 @@ def bench_conv(num_tasks_list, rounds, chunk_sizes, plain_max_tasks,
     for key, value in rec.items():
       if key.startswith('speedup_'):
         print(f'  {key}: {value:.2f}x')
+    if profile:
+      prof = rec['profile']
+      print(f'  profile of {prof["variant"]} (op time summed over threads, '
+            f'{prof["total_ms"]:.0f} ms a step):')
+      for cat, ms in prof['categories'].items():
+        print(f'    {cat:20s} {ms:7.1f} ms  {100 * ms / prof["total_ms"]:4.1f}%')
+      if prof['matmul_gflops']:
+        print(f'    matmuls run at {prof["matmul_gflops"]:.0f} GFLOP/s')
+      for ms, shape, instr, op in prof['top']:
+        print(f'    {ms:7.1f} ms  {shape[:32]:32s} {instr:24s} {op[-50:]}')
   return records
 
 
@@ -1030,6 +1093,9 @@ def main() -> None:
                       help='run the lax.conv vmap reference up to this many '
                       'tasks (it takes minutes per step beyond)')
   parser.add_argument('--func-max-tasks', type=int, default=32)
+  parser.add_argument('--profile', action='store_true',
+                      help='workload B: where metacf\'s step spends its time '
+                      '(jax.profiler, by HLO instruction)')
   parser.add_argument('--no-memory', action='store_true',
                       help='workload B: skip the per-process peak RSS probes')
   parser.add_argument('--probe-memory', default=None, help=argparse.SUPPRESS)
@@ -1075,7 +1141,7 @@ def main() -> None:
           f'Adam; {args.conv_rounds} interleaved rounds')
     records += bench_conv(args.conv_tasks, args.conv_rounds, args.chunks,
                           args.plain_max_tasks, args.func_max_tasks,
-                          args.threads)
+                          args.threads, profile=args.profile)
     if not args.no_memory:
       print('\nworkload B peak memory (one process per variant)')
       by_tasks = {}
