@@ -13,6 +13,9 @@ with static output shapes, so they run inside a jitted input-pipeline step
 * :func:`text_infilling` (Lewis et al. 2020): spans of Poisson length
   removed, each replaced by one mask token; the model rebuilds the whole
   sequence.
+* :func:`token_masking` (Devlin et al. 2019, BERT): a fixed number of
+  uniformly chosen tokens each replaced by one mask token (optionally
+  BERT's 80/10/10 split); the model predicts them in place.
 
 Examples:
   A word-level toy vocabulary (ids below the sentinels):
@@ -39,6 +42,9 @@ against the NumPy recipe of HF's ``run_t5_mlm_flax.py``.
 """
 
 from metacf.noise._infilling import text_infilling
+from metacf.noise._masking import token_masking
+from metacf.noise._masking import token_masking_count
+from metacf.noise._masking import TokenMasking
 from metacf.noise._infilling import TextInfilling
 from metacf.noise._spans import random_spans_noise_mask
 from metacf.noise._spans import span_corruption
@@ -49,9 +55,12 @@ from metacf.noise._spans import SpanCorruption
 __all__ = [
     'SpanCorruption',
     'TextInfilling',
+    'TokenMasking',
     'random_spans_noise_mask',
     'span_corruption',
     'span_corruption_lengths',
     'span_corruption_tokens_length',
     'text_infilling',
+    'token_masking',
+    'token_masking_count',
 ]
