@@ -18,7 +18,15 @@ EOS), ``noise_density = 0.15``, ``mean_noise_span_length = 3``:
   on the batch, ``create_sentinel_ids`` and ``filter_input_ids`` for inputs
   and labels (NumPy, a ``np.random.Generator``);
 * ``metacf_text_infilling``: ``jax.jit(jax.vmap(text_infilling))`` on the
-  same batch (``mask_ratio = 0.3``, ``poisson_lambda = 3``), no peer.
+  same batch (``mask_ratio = 0.3``, ``poisson_lambda = 3``), no peer;
+* ``metacf_token_masking``: ``jax.jit(jax.vmap(token_masking))``, BERT's
+  setting (``mask_ratio = 0.15``, 80/10/10: ``random_token_ratio = 0.1``,
+  ``keep_ratio = 0.1``);
+* ``numpy_hf_bert``: HF's ``DataCollatorForLanguageModeling``
+  (``numpy_mask_tokens``) re-written from its description, on the batch:
+  Bernoulli(0.15) positions, of which Bernoulli(0.8) become the mask token
+  and half the rest random tokens (NumPy, a ``np.random.Generator``). Its
+  number of masked tokens varies per sequence; metacf's is fixed.
 
 All are checked first: every example's inputs and targets decode back to
 its tokens (an independent NumPy decoder), with the static T5 shapes.
@@ -318,6 +326,32 @@ def _compile_with(mode, fn, *args):
 # ----------------------------------------------------------------- main
 
 
+def numpy_bert_masking(input_ids: np.ndarray, rng: np.random.Generator, *,
+                       mask_id: int, vocab_size: int,
+                       probability: float = 0.15
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """HF ``numpy_mask_tokens`` on a batch: ``(inputs, targets_mask)``."""
+  inputs = input_ids.copy()
+  masked = rng.binomial(1, probability, size=inputs.shape).astype(bool)
+  replaced = rng.binomial(1, 0.8, size=inputs.shape).astype(bool) & masked
+  inputs[replaced] = mask_id
+  random = (rng.binomial(1, 0.5, size=inputs.shape).astype(bool) & masked
+            & ~replaced)
+  inputs[random] = rng.integers(0, vocab_size, size=int(random.sum()),
+                                dtype=inputs.dtype)
+  return inputs, masked
+
+
+def check_masking(tokens, inputs, targets_mask, ratio):
+  """Exact count per row; unchosen tokens unchanged."""
+  inputs, targets_mask = np.asarray(inputs), np.asarray(targets_mask)
+  n = noise.token_masking_count(tokens.shape[1], ratio)
+  if not (targets_mask.sum(axis=1) == n).all():
+    raise AssertionError('token_masking: wrong number of masked positions')
+  if not (inputs[~targets_mask] == tokens[~targets_mask]).all():
+    raise AssertionError('token_masking: an unchosen token changed')
+
+
 def _stats(times, reference=None):
   stats = {name: {**_timing.summary_ms(t), 'samples': len(t)}
            for name, t in times.items()}
@@ -348,8 +382,15 @@ def run_main(args) -> list[dict]:
         k, x, mask_id=1, pad_id=0))(jax.random.split(key, toks.shape[0]),
                                     toks)
 
+  def bert(key, toks):
+    return jax.vmap(lambda k, x: noise.token_masking(
+        k, x, mask_ratio=0.15, mask_id=2, random_token_ratio=0.1,
+        keep_ratio=0.1, vocab_size=VOCAB))(
+            jax.random.split(key, toks.shape[0]), toks)
+
   corrupt_exe, corrupt_c = _timing.compile_timed(jax.jit(corrupt), keys[0],
                                                  tokens)
+  bert_exe, bert_c = _timing.compile_timed(jax.jit(bert), keys[0], tokens)
   infill_exe, infill_c = _timing.compile_timed(jax.jit(infill), keys[0],
                                                tokens)
   counter = {'i': 0}
@@ -361,7 +402,9 @@ def run_main(args) -> list[dict]:
   check_t5(tokens_np, *corrupt_exe(keys[1], tokens), 'metacf')
   check_t5(tokens_np, *numpy_span_corruption(tokens_np, rng), 'numpy')
   check_infilling(tokens_np, *infill_exe(keys[2], tokens), 0.3)
-  print('  checked: every example decodes back to its tokens', flush=True)
+  check_masking(tokens_np, *bert_exe(keys[3], tokens), 0.15)
+  print('  checked: every example decodes back to its tokens; token '
+        'masking masks exactly round(0.15 L) tokens', flush=True)
 
   variants = {
       'metacf_span_corruption': lambda: corrupt_exe(next_key(), tokens),
@@ -369,13 +412,20 @@ def run_main(args) -> list[dict]:
           np.asarray(x) for x in corrupt_exe(next_key(), tokens_np)),
       'numpy_hf_loop': lambda: numpy_span_corruption(tokens_np, rng),
       'metacf_text_infilling': lambda: infill_exe(next_key(), tokens),
+      'metacf_token_masking': lambda: bert_exe(next_key(), tokens),
+      'numpy_hf_bert': lambda: numpy_bert_masking(
+          tokens_np, rng, mask_id=2, vocab_size=VOCAB),
   }
   compile_s = {'metacf_span_corruption': corrupt_c,
                'metacf_span_corruption_numpy_io': corrupt_c,
-               'numpy_hf_loop': None, 'metacf_text_infilling': infill_c}
+               'numpy_hf_loop': None, 'metacf_text_infilling': infill_c,
+               'metacf_token_masking': bert_c, 'numpy_hf_bert': None}
   times = _timing.interleaved(variants, rounds=args.rounds, warmup=2,
                               block=args.block)
   stats = _stats(times, 'numpy_hf_loop')
+  bert_ratio = (stats['numpy_hf_bert']['median_ms']
+                / stats['metacf_token_masking']['median_ms'])
+  stats['metacf_token_masking']['speedup_vs_numpy_hf_bert'] = bert_ratio
   in_len, tg_len = noise.span_corruption_lengths(length, eos=True)
   records = []
   for name, st in stats.items():
@@ -390,6 +440,8 @@ def run_main(args) -> list[dict]:
           f"{st['median_of_speedups']:5.2f})  compile "
           + (f'{compile_s[name]:.2f} s' if compile_s[name] else '-'),
           flush=True)
+  print(f'  token masking vs the NumPy BERT collator: {bert_ratio:.2f}x',
+        flush=True)
   return records
 
 
