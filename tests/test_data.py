@@ -446,7 +446,7 @@ def test_bad_arguments_raise(tmp_path, name, split, dtype, message):
 def test_get_builder_rejects_unknown_name():
   with pytest.raises(ValueError, match=re.escape(
       "get_builder: name must be one of ['fashion_mnist', 'mnist', "
-      "'omniglot'], got 'emnist'.")):
+      "'omniglot', 'tiny_shakespeare'], got 'emnist'.")):
     metacf.data.get_builder('emnist')
 
 

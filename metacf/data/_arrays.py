@@ -14,13 +14,16 @@ loads the splits from a copied cache (``python -m benchmarks.gpu
 
 Reading the raw records and decoding them here is several times faster than
 tfds's default decoding (Pillow), and the cache then loads faster still (see
-the benchmarks page)."""
+the benchmarks page).
+
+:func:`metacf.data.load_speeches` caches Tiny Shakespeare's speeches the same
+way (:func:`load_cached`, same folder and file name)."""
 
 import os
 import tempfile
 import types
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -38,7 +41,11 @@ _BUILDER_NAMES: Mapping[str, str] = types.MappingProxyType({
     'mnist': 'MetacfMnist',
     'fashion_mnist': 'MetacfFashionMnist',
     'omniglot': 'MetacfOmniglot',
+    'tiny_shakespeare': 'MetacfTinyShakespeare',
 })
+# The image datasets, which load_arrays loads (tiny_shakespeare: see
+# metacf.data._shakespeare.load_speeches).
+_IMAGE_NAMES = ('fashion_mnist', 'mnist', 'omniglot')
 # The builders' VERSION (the cache's folder): tests check they agree.
 _BUILDER_VERSION = '1.0.0'
 
@@ -47,8 +54,11 @@ SPLITS: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
     'fashion_mnist': ('train', 'test'),
     # = tuple(_builders.OMNIGLOT_SPLITS), checked by the tests.
     'omniglot': ('background', 'evaluation', 'small1', 'small2'),
+    # = _shakespeare.SPLITS, checked by the tests.
+    'tiny_shakespeare': ('train', 'validation', 'test'),
 })
-"""Dataset names accepted by :func:`load_arrays`, with their splits."""
+"""Dataset names with their splits: :func:`load_arrays` loads the image
+datasets, :func:`metacf.data.load_speeches` ``tiny_shakespeare``."""
 
 _DATA_EXTRA = ("metacf.data needs tensorflow-datasets, pillow, "
                "importlib_resources and array_record to prepare a dataset: "
@@ -81,10 +91,11 @@ class DatasetArrays(NamedTuple):
   alphabets: np.ndarray | None = None  # shape=[N], dtype=int32.
 
 
-def _check_name(name: str, fn: str) -> None:
-  if not isinstance(name, str) or name not in _BUILDER_NAMES:
+def _check_name(name: str, fn: str,
+                names: tuple[str, ...] = tuple(_BUILDER_NAMES)) -> None:
+  if not isinstance(name, str) or name not in names:
     raise ValueError(
-        f'{fn}: name must be one of {sorted(_BUILDER_NAMES)}, got {name!r}.')
+        f'{fn}: name must be one of {sorted(names)}, got {name!r}.')
 
 
 def import_builders() -> types.ModuleType:
@@ -134,9 +145,11 @@ def get_builder(
   :mod:`metacf.data`).
 
   Args:
-    name: One of ``'mnist'``, ``'fashion_mnist'``, ``'omniglot'``.
+    name: One of ``'mnist'``, ``'fashion_mnist'``, ``'omniglot'``,
+      ``'tiny_shakespeare'``.
     raw_dir: Folder with the raw files (``<raw_dir>/mnist/*.gz``,
-      ``<raw_dir>/fashion_mnist/*.gz``, ``<raw_dir>/omniglot/*.zip``).
+      ``<raw_dir>/fashion_mnist/*.gz``, ``<raw_dir>/omniglot/*.zip``,
+      ``<raw_dir>/tiny_shakespeare/input.txt``).
       Defaults to ``$METACF_RAW_DIR``; without either, the raw files are
       downloaded from their original hosts and checked against their
       registered sha256.
@@ -145,8 +158,8 @@ def get_builder(
       ``~/tensorflow_datasets``).
 
   Returns:
-    A ``metacf_mnist``, ``metacf_fashion_mnist`` or ``metacf_omniglot``
-    builder.
+    A ``metacf_mnist``, ``metacf_fashion_mnist``, ``metacf_omniglot`` or
+    ``metacf_tiny_shakespeare`` builder.
 
   Raises:
     ValueError: if ``name`` is unknown.
@@ -210,8 +223,17 @@ def _write_atomically(path: str, arrays: Mapping[str, np.ndarray]) -> None:
     raise
 
 
+# The arrays in each dataset's cache (default: 'images', 'labels').
+_CACHE_KEYS: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
+    'omniglot': ('images', 'labels', 'alphabets'),
+    # Speakers as fixed-width unicode; the texts' UTF-8 bytes concatenated,
+    # with each text's end offset (no pickled object arrays).
+    'tiny_shakespeare': ('speakers', 'text_utf8', 'text_ends', 'index'),
+})
+
+
 def _read_cache(path: str, name: str) -> dict[str, np.ndarray] | None:
-  keys = ('images', 'labels') + (('alphabets',) if name == 'omniglot' else ())
+  keys = _CACHE_KEYS.get(name, ('images', 'labels'))
   try:
     # Opened here: np.load(path) leaks the file if it is a truncated zip.
     with open(path, 'rb') as f, np.load(f, allow_pickle=False) as npz:
@@ -221,6 +243,59 @@ def _read_cache(path: str, name: str) -> dict[str, np.ndarray] | None:
   except (OSError, EOFError, ValueError, KeyError, TypeError,
           zipfile.BadZipFile):
     return None  # Unreadable (truncated, or not ours): rebuilt by the caller.
+
+
+def load_cached(
+    name: str, split: str, *, fn: str,
+    read_split: Callable[['tfds.core.GeneratorBasedBuilder'],
+                         dict[str, np.ndarray]],
+    raw_dir: os.PathLike[str] | str | None,
+    data_dir: os.PathLike[str] | str | None,
+    build_hint: str) -> dict[str, np.ndarray]:
+  """A split's cached arrays; prepares the dataset and writes them if missing.
+
+  Reads :func:`cache_path` with NumPy alone. On a miss (or an unreadable
+  cache), makes the builder (importing tfds), reads the cache of the data dir
+  tfds actually uses, and else prepares the dataset, calls
+  ``read_split(builder)`` and writes its arrays atomically.
+
+  Args:
+    name: A key of ``_BUILDER_NAMES``.
+    split: One of the builder's splits.
+    fn: The public function's name, for error messages.
+    read_split: Reads the prepared split as the arrays of
+      ``_CACHE_KEYS[name]``.
+    raw_dir: As in :func:`get_builder`.
+    data_dir: As in :func:`get_builder`.
+    build_hint: How to build the cache elsewhere, ending the message of the
+      FileNotFoundError raised when tfds is missing.
+
+  Raises:
+    FileNotFoundError: if the cache is missing and tensorflow-datasets is not
+      installed to build it (the message names the cache file).
+  """
+  cache = cache_path(name, split, data_dir)
+  arrays = _read_cache(cache, name)
+  if arrays is None:
+    try:
+      builder = get_builder(name, raw_dir=raw_dir, data_dir=data_dir)
+    except ImportError as e:
+      raise FileNotFoundError(
+          f'{fn}: {cache} must hold the cached {name} {split!r} arrays, got '
+          f'no readable file, and it cannot be built here [{e}]. Build it on '
+          f'a machine with the [data] extra ({build_hint}), then point '
+          f'data_dir or ${DATA_DIR_ENV} at the folder holding '
+          f'metacf_{name}/.') from e
+    built_cache = os.path.join(builder.data_dir,
+                               f'arrays_{split}.v{_CACHE_FORMAT}.npz')
+    if built_cache != cache:  # tfds found the dataset in another data dir.
+      cache = built_cache
+      arrays = _read_cache(cache, name)
+  if arrays is None:
+    builder.download_and_prepare()
+    arrays = read_split(builder)
+    _write_atomically(cache, arrays)
+  return arrays
 
 
 def load_arrays(name: str, split: str, *,
@@ -273,7 +348,7 @@ def load_arrays(name: str, split: str, *,
     induction <https://doi.org/10.1126/science.aab3050>`_, 2015 (Omniglot).
   """
   fn = 'load_arrays'
-  _check_name(name, fn)
+  _check_name(name, fn, _IMAGE_NAMES)
   if split not in SPLITS[name]:
     raise ValueError(
         f'{fn}: split must be one of {list(SPLITS[name])} for {name!r}, got '
@@ -287,29 +362,13 @@ def load_arrays(name: str, split: str, *,
     raise ValueError(
         f'{fn}: dtype must be np.uint8 or np.float32, got {got}.')
 
-  cache = cache_path(name, split, data_dir)
-  arrays = _read_cache(cache, name)
-  if arrays is None:
-    try:
-      builder = get_builder(name, raw_dir=raw_dir, data_dir=data_dir)
-    except ImportError as e:
-      raise FileNotFoundError(
-          f'{fn}: {cache} must hold the cached {name} {split!r} arrays, got '
-          f'no readable file, and it cannot be built here [{e}]. Build it on '
-          'a machine with the [data] extra (load_arrays(name, split, '
-          'data_dir=...) there; `python -m benchmarks.gpu --prepare` builds '
-          'the ones the GPU script needs into .gpu_data/), then point '
-          f'data_dir or ${DATA_DIR_ENV} at the folder holding '
-          f'metacf_{name}/.') from e
-    built_cache = os.path.join(builder.data_dir,
-                               f'arrays_{split}.v{_CACHE_FORMAT}.npz')
-    if built_cache != cache:  # tfds found the dataset in another data dir.
-      cache = built_cache
-      arrays = _read_cache(cache, name)
-  if arrays is None:
-    builder.download_and_prepare()
-    arrays = _read_split(builder, name, split)
-    _write_atomically(cache, arrays)
+  arrays = load_cached(
+      name, split, fn=fn,
+      read_split=lambda builder: _read_split(builder, name, split),
+      raw_dir=raw_dir, data_dir=data_dir,
+      build_hint='load_arrays(name, split, data_dir=...) there; `python -m '
+      'benchmarks.gpu --prepare` builds the ones the GPU script needs into '
+      '.gpu_data/')
   images = arrays['images']
   if np_dtype == np.float32:
     # One pass, same bits as `images.astype(np.float32) / 255`.

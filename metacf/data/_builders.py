@@ -1,19 +1,22 @@
-"""TFDS builders for MNIST, Fashion-MNIST and Omniglot that need no TensorFlow.
+"""TFDS builders for MNIST, Fashion-MNIST, Omniglot and Tiny Shakespeare.
 
 Each builder parses the original raw files (gzip IDX for MNIST and
-Fashion-MNIST, PNG zips for Omniglot) with Python and NumPy only, writes
-``array_record`` files and is read back with ``builder.as_data_source()``.
+Fashion-MNIST, PNG zips for Omniglot, a text file for Tiny Shakespeare) with
+Python and NumPy only, writes ``array_record`` files and is read back with
+``builder.as_data_source()``; none needs TensorFlow.
 The raw files come either from a local directory (``raw_dir=`` or
 ``$METACF_RAW_DIR``, laid out as ``<raw_dir>/mnist/*.gz``,
-``<raw_dir>/fashion_mnist/*.gz``, ``<raw_dir>/omniglot/*.zip``) or, when no
-directory is given, from the original hosts through the tfds download manager,
-which checks them against ``checksums.tsv`` (the URLs, sizes and sha256 that
-tfds registers for its own ``mnist``, ``fashion_mnist`` and ``omniglot``).
+``<raw_dir>/fashion_mnist/*.gz``, ``<raw_dir>/omniglot/*.zip``,
+``<raw_dir>/tiny_shakespeare/input.txt``) or, when no directory is given,
+from the original hosts through the tfds download manager, which checks them
+against ``checksums.tsv`` (the URLs, sizes and sha256 that tfds registers for
+its own ``mnist``, ``fashion_mnist``, ``omniglot`` and ``tiny_shakespeare``).
 Both paths feed the same parser.
 
-The builders are registered as ``metacf_mnist``, ``metacf_fashion_mnist`` and
-``metacf_omniglot`` so they never collide with tfds's own builders. Examples
-are written in file order (``disable_shuffling=True``).
+The builders are registered as ``metacf_mnist``, ``metacf_fashion_mnist``,
+``metacf_omniglot`` and ``metacf_tiny_shakespeare`` so they never collide
+with tfds's own builders. Examples are written in file order
+(``disable_shuffling=True``).
 """
 
 import os
@@ -26,6 +29,7 @@ import tensorflow_datasets as tfds
 from metacf.data import _idx
 from metacf.data import _omniglot
 from metacf.data import _png
+from metacf.data import _shakespeare
 
 RAW_DIR_ENV = 'METACF_RAW_DIR'
 
@@ -60,6 +64,16 @@ _OMNIGLOT_CITATION = """\
   number={6266},
   pages={1332--1338},
   year={2015}
+}
+"""
+
+
+_TINY_SHAKESPEARE_CITATION = """\
+@misc{karpathy2015charrnn,
+  author={Karpathy, Andrej},
+  title={char-rnn},
+  year={2015},
+  howpublished={\\url{https://github.com/karpathy/char-rnn}}
 }
 """
 
@@ -322,3 +336,101 @@ class MetacfOmniglot(_RawFileBuilder):
           'alphabet_char_id': entry.alphabet_char_id,
           'drawer': entry.drawer,
       }
+
+
+class MetacfTinyShakespeare(_RawFileBuilder):
+  """Tiny Shakespeare, one example per speech.
+
+  Karpathy's ``input.txt`` (1,115,394 characters, 40,000 lines from
+  Shakespeare's plays; the file tfds's own ``tiny_shakespeare`` downloads,
+  same URL and sha256) is a sequence of blocks separated by blank lines,
+  each a line ``SPEAKER:`` followed by the speech. It holds 7,222 speeches
+  by 309 speakers; 125 are empty (a speaker line directly followed by a
+  blank line: the speech's lines are missing from the corpus).
+
+  Features:
+
+  * ``speaker``: Text, the speaker line without its colon
+    (``'First Citizen'``, ``'KING RICHARD III'``).
+  * ``text``: Text, the speech's lines joined by ``'\\n'``, without the
+    speaker line and without a final newline (``''`` for an empty speech).
+  * ``index``: int32, the speech's position among the file's speeches,
+    0-based (also the example's key).
+
+  Splits are contiguous, by speech: 6,283 ``train``, 440 ``validation``
+  and 499 ``test`` speeches. A speech goes to the split of tfds's
+  ``tiny_shakespeare`` (the first 90 % of the characters, the next 5 %,
+  the last 5 %) in which its speaker line starts. Contiguous splits keep
+  the plays of one split out of the others, but for the play the cuts fall
+  in: train holds every play up to the start of *The Taming of the
+  Shrew*, validation the middle of the Shrew, test its end and the first
+  scenes of *The Tempest*. That limits the leakage a random split by
+  speech would have (the neighbouring lines of the same scene, the same
+  speaker's running thought); cutting where tfds cuts keeps the text
+  comparable with character-level results on tfds's splits. The price:
+  most speakers appear in one split only (of the 10 most frequent, all
+  but PETRUCHIO are train-only), so a speaker-attribution task draws its
+  own examples per speaker (from ``metacf.data.load_speeches('all')``).
+
+  References:
+    Karpathy, `char-rnn <https://github.com/karpathy/char-rnn>`_, 2015;
+    `The Unreasonable Effectiveness of Recurrent Neural Networks
+    <https://karpathy.github.io/2015/05/21/rnn-effectiveness/>`_, 2015
+  """
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Speeches of the original input.txt, no TF.'}
+  RAW_SUBDIR = 'tiny_shakespeare'
+  URL = ('https://raw.githubusercontent.com/karpathy/char-rnn/master/data/'
+         'tinyshakespeare/')
+  FILE_DESCRIPTION = 'Tiny Shakespeare text file'
+  _FILENAME = 'input.txt'
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description='Tiny Shakespeare (Karpathy 2015), the char-rnn corpus '
+        'of 40,000 lines from Shakespeare\'s plays, as speeches: speaker, '
+        'text and position in the file. Parsed without TensorFlow.',
+        features=tfds.features.FeaturesDict({
+            'speaker': tfds.features.Text(),
+            'text': tfds.features.Text(),
+            'index': np.int32,
+        }),
+        supervised_keys=('text', 'speaker'),
+        homepage='https://github.com/karpathy/char-rnn/blob/master/data/'
+        'tinyshakespeare/input.txt',
+        citation=_TINY_SHAKESPEARE_CITATION,
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    path = self._raw_paths(dl_manager, {'text': self._FILENAME})['text']
+    context = f'{self.name}: {path}'
+    # Parsed here, before tfds opens any output, so a bad file fails fast.
+    with open(path, 'rb') as f:
+      data = f.read()
+    try:
+      text = data.decode('utf-8')
+    except UnicodeDecodeError as e:
+      raise ValueError(
+          f'{context} must be UTF-8 text, got undecodable bytes ({e}).'
+      ) from e
+    speeches = _shakespeare.parse_speeches(text, context=context)
+    indices = _shakespeare.assign_splits(speeches, len(text))
+    counts = {split: len(ids) for split, ids in indices.items()}
+    if not all(counts.values()):  # tfds cannot write an empty split.
+      raise ValueError(
+          f'{context} must hold speeches starting in each split (the first '
+          f'90 %, the next 5 % and the last 5 % of its characters), got '
+          f'{counts} from {len(speeches)} speeches.')
+    return {split: self._generate_examples(speeches, indices[split])
+            for split in _shakespeare.SPLITS}
+
+  def _generate_examples(
+      self, speeches: list[_shakespeare.Speech],
+      indices: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    for index in indices:
+      speech = speeches[index]
+      yield index, {'speaker': speech.speaker, 'text': speech.text,
+                    'index': index}
