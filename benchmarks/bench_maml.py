@@ -902,6 +902,8 @@ def bench_conv(num_tasks_list, rounds, chunk_sizes, plain_max_tasks,
       prof = _xla_profile.breakdown(
           runner.compiled, lambda r=runner: jax.block_until_ready(r()))
       matmul_ms = prof['categories'].get('matmuls', 0.0)
+      # All of the step's FLOPs over the matmul time: an upper bound (XLA
+      # also counts element-wise FLOPs, a few % here).
       rec['profile'] = {'variant': name, **prof,
                         'matmul_gflops': step_flops / matmul_ms / 1e6
                         if matmul_ms else None}
