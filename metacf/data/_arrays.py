@@ -57,8 +57,8 @@ SPLITS: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
     # = _shakespeare.SPLITS, checked by the tests.
     'tiny_shakespeare': ('train', 'validation', 'test'),
 })
-"""Dataset names with their splits: :func:`load_arrays` loads the image
-datasets, :func:`metacf.data.load_speeches` ``tiny_shakespeare``."""
+"""Dataset names with their splits (image datasets: :func:`load_arrays`;
+tiny_shakespeare: :func:`load_speeches`)."""
 
 _DATA_EXTRA = ("metacf.data needs tensorflow-datasets, pillow, "
                "importlib_resources and array_record to prepare a dataset: "
