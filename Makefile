@@ -50,12 +50,12 @@ test: $(STAMP)  ## the test suite, on 2 processes (pytest-xdist; one class per p
 	$(PY) -m pytest -q -n 2 --dist loadscope
 
 docs: $(DOCS_STAMP)  ## HTML docs into docs/_build/html (offline; warnings are errors)
-	$(VENV)/bin/sphinx-build -W --keep-going -q -b html -j auto docs docs/_build/html
+	$(VENV)/bin/sphinx-build -E -W --keep-going -q -b html -j auto docs docs/_build/html
 	$(PY) docs/ext/check_build.py docs/_build/html
 	@echo "docs: open docs/_build/html/index.html"
 
 doctest: $(DOCS_STAMP)  ## runs the >>> examples of the docs pages and of the docstrings they render
-	$(VENV)/bin/sphinx-build -W --keep-going -q -b doctest docs docs/_build/doctest
+	$(VENV)/bin/sphinx-build -E -W --keep-going -q -b doctest docs docs/_build/doctest
 
 bench: $(STAMP)  ## microbenchmarks; JSON lines go to benchmarks/results/
 	$(PY) -m benchmarks.bench_distill

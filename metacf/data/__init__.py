@@ -77,10 +77,9 @@ from metacf.data._shakespeare import Speeches as Speeches
 from metacf.data._shakespeare import load_speeches as load_speeches
 from metacf.data._shakespeare import top_speakers as top_speakers
 
-#: Dataset names with their splits (``{'mnist': ('train', 'test'),
-#: 'fashion_mnist': ..., 'omniglot': ..., 'tiny_shakespeare': ('train',
-#: 'validation', 'test')}``): :func:`load_arrays` loads the image datasets,
-#: :func:`load_speeches` ``tiny_shakespeare``.
+#: Dataset names with their splits, e.g. ``SPLITS['mnist'] == ('train',
+#: 'test')``: :func:`load_arrays` loads the image datasets, and
+#: :func:`load_speeches` loads ``tiny_shakespeare``.
 SPLITS = _arrays.SPLITS
 
 # The builders import tensorflow-datasets: loaded on first use, so that the
