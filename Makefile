@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 RAW_DIR ?= $(firstword $(wildcard ../shared/data))
 export METACF_RAW_DIR ?= $(if $(RAW_DIR),$(abspath $(RAW_DIR)),)
 
-.PHONY: demo distill forgetting-predict omniglot baselines paradigms lwf prevent meta-continual test docs doctest bench gpu clean
+.PHONY: demo distill forgetting-predict omniglot baselines paradigms text-paradigms lwf prevent meta-continual test docs doctest bench gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ baselines: $(STAMP)  ## MAML, FOMAML, Reptile, iMAML, ProtoNets, ANIL, MAML++ on
 
 paradigms: $(STAMP)  ## fine-tuning paradigms (probe, full, LoRA, prompts, ...) vs forgetting, MNIST -> Fashion-MNIST
 	$(PY) -m experiments.finetune_paradigms.main --config=default --workdir=runs/finetune_paradigms
+
+text-paradigms: $(STAMP)  ## T5/BART/BERT-style pre-training on Tiny Shakespeare, then every paradigm on speaker attribution (~45 min CPU)
+	$(PY) -m experiments.text_paradigms.main --config=default --workdir=runs/text_paradigms
 
 lwf: $(STAMP)  ## LwF retention vs how much B's inputs observe A's Jacobian directions
 	$(PY) -m experiments.lwf_observability.main --config=default --workdir=runs/lwf_observability

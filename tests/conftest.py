@@ -7,6 +7,7 @@ end (see ``_temp_dirs_removed``).
 
 import atexit
 import contextlib
+import os
 import shutil
 import tempfile
 
@@ -36,6 +37,7 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 _SHARED_SPLITS = (('mnist', 'train'), ('mnist', 'test'),
                   ('fashion_mnist', 'train'), ('fashion_mnist', 'test'),
                   ('omniglot', 'background'), ('omniglot', 'evaluation'))
+_SHAKESPEARE_SPLITS = ('all', 'train', 'validation')
 
 
 @contextlib.contextmanager
@@ -77,6 +79,9 @@ def pytest_configure(config):
   with _temp_dirs_removed():
     for name, split in _SHARED_SPLITS:
       metacf.data.load_arrays(name, split, raw_dir=RAW_DIR)
+    if os.path.exists(os.path.join(RAW_DIR, 'tiny_shakespeare', 'input.txt')):
+      for split in _SHAKESPEARE_SPLITS:
+        metacf.data.load_speeches(split, raw_dir=RAW_DIR)
 
 
 @pytest.fixture(scope='module', autouse=True)

@@ -4,9 +4,14 @@ A ``System`` holds the model and the pre-trained parameters; for a variant
 it makes the trainable pytree and the functions of it that the training
 step, the evaluation and ``metacf.jacobian.predicted_forgetting`` share:
 
-* ``b_scores(t, tokens, mask) -> [N, 10]``: B's logits, the ten names'
-  decoder log-likelihoods given the speech (text to text), or the probe's
-  head on the frozen encoder's pooled states;
+* ``b_rows(t, tokens, mask, labels) -> ([R, C], [R], weights [R])``: what
+  B is trained on: the probe's head logits (one row per speech, 10 classes)
+  or, text to text, the decoder's logits at each token of the speaker's
+  name and EOS (one row per token, the vocabulary; padding rows weigh 0).
+  B's loss is the weighted mean cross-entropy of the rows;
+* ``b_scores(t, tokens, mask) -> [N, 10]``: B's prediction: the probe's
+  logits, or each of the ten names' decoder log-likelihood given the speech
+  (rank classification);
 * ``a_params(t)``: the single model deployed after adaptation, whose
   denoising loss measures the forgetting (LoRA merged; the pre-trained
   weights for the probe and the prompt, which leave them untouched).
@@ -139,6 +144,22 @@ class System:
     if kind == 'prompt':
       return self.name_scores(self.pretrained, tokens, mask, t['prompt'])
     return self.name_scores(self.a_params(t), tokens, mask)
+
+  def b_rows(self, t: Params, tokens: jax.Array, mask: jax.Array,
+             labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """B's training rows: ``(logits [R, C], labels [R], weights [R])``."""
+    if self.variant.kind == 'probe':
+      return (self.b_scores(t, tokens, mask), labels,
+              jnp.ones(labels.shape, jnp.float32))
+    targets = self.names[labels]                       # [N, T]
+    prompt = t['prompt'] if self.variant.kind == 'prompt' else None
+    params = (self.pretrained if self.variant.kind == 'prompt'
+              else self.a_params(t))
+    logits = self.apply(params, tokens,
+                        models.shift_right(targets, data_lib.BOS),
+                        input_mask=mask, prompt=prompt)
+    return (logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+            self.names_mask[labels].reshape(-1).astype(jnp.float32))
 
   def num_params(self, t: Params) -> dict[str, int]:
     """Trainable parameters, and parameters added per extra task."""

@@ -257,9 +257,10 @@ class Runner:
 
     def loss_fn(t, pre, batch, key, buffer_state):
       s = system.bind(pre)
-      scores = s.b_scores(t, batch['tokens'], batch['mask'])
-      loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-          scores, batch['label']))
+      logits, labels, weights = s.b_rows(t, batch['tokens'], batch['mask'],
+                                         batch['label'])
+      loss = masked_mean(optax.softmax_cross_entropy_with_integer_labels(
+          logits, labels), weights)
       if variant.kind == 'lwf':
         inputs, targets = train_batch(key, batch['tokens'], objective,
                                       self.sentinel_start)
@@ -442,11 +443,12 @@ class Runner:
     Task A: the first ``num_ntk_a`` validation windows under the objective's
     own corruption, one row per target token. Task B: the first
     ``ntk_b_per_speaker`` speeches per speaker of seed 0's order (in every
-    K's set), B's ten scores (padded to the vocabulary's width). For
+    K's set), the rows B is trained on (``System.b_rows``: the name tokens,
+    or the probe's ten logits padded to the vocabulary's width). For
     ``lwf`` and ``replay`` B's task also holds as many token rows of the
-    second loss term: the pre-trained model's argmax on the corrupted B
-    speeches (a hard-label stand-in for the distillation), or the replayed
-    windows' own targets. Full-batch gradient descent, learning rate
+    second loss term (so both terms weigh as in training): the pre-trained
+    model's argmax on the corrupted B speeches (a hard-label stand-in for
+    the distillation), or replayed windows' own targets. Full-batch gradient descent, learning rate
     divided by ``1 - momentum``, ``config.steps`` steps.
     """
     config = self.config
@@ -466,12 +468,17 @@ class Runner:
                                  systems.key_for(seed, 'shots'))
     b_tokens, b_mask = self.b_train['tokens'][rows], self.b_train['mask'][rows]
     y_b = self.b_train['label'][rows]
-    nb = len(rows)
-    # One output row per example of predicted_forgetting: a speech's ten
-    # scores, or a target token's logits. x names the rows; its key says
-    # which (static): 'a' (A's tokens), 'b' (B's speeches), 'mix' (B's
-    # speeches then the tokens of LwF's or replay's term).
-    x_b = {'b': {'index': jnp.arange(nb)}}
+    # One output row per example of predicted_forgetting: B's rows as its
+    # training loss sees them (System.b_rows: the probe's speeches, or the
+    # name tokens), or a denoising target token. x names the rows; its key
+    # says which (static): 'a' (A's tokens), 'b' (B's rows), 'mix' (B's rows
+    # then the tokens of LwF's or replay's term).
+    _, b_labels, b_weights = system.b_rows(t, b_tokens, b_mask, y_b)
+    b_keep = np.flatnonzero(np.asarray(b_weights) > 0)
+    width = self.data.vocab.size
+    nb = len(b_keep)
+    x_b = {'b': {'row': jnp.asarray(b_keep)}}
+    y_b = b_labels[b_keep]
     extra = None
     if variant.kind in ('lwf', 'replay'):
       if variant.kind == 'lwf':
@@ -479,30 +486,38 @@ class Runner:
       else:
         source = self.replay.sample(utils.name_key(key, 'sample'),
                                     self.buffer(systems.key_for(
-                                        seed, 'buffer')), nb).items
+                                        seed, 'buffer')),
+                                    config.replay_batch).items
       inputs, targets = train_batch(utils.name_key(key, 'noise'), source,
                                     self.objective, self.sentinel_start)
       valid = np.argwhere(np.asarray(targets) != data_lib.PAD)
       pick = valid[np.sort(utils.numpy_rng(utils.name_key(key, 'rows'))
-                           .choice(len(valid), size=nb, replace=False))]
+                           .choice(len(valid), size=min(nb, len(valid)),
+                                   replace=False))]
       if variant.kind == 'lwf':
         old = system.denoise_logits(self.pretrained, inputs, targets)
         y_extra = jnp.argmax(old[pick[:, 0], pick[:, 1]], -1)
       else:
         y_extra = targets[pick[:, 0], pick[:, 1]]
       extra = (inputs, targets)
+      n_extra = len(pick)
       x_b = {'mix': {
-          'token': jnp.asarray(np.repeat([False, True], nb)),
-          'index': jnp.asarray(np.concatenate([np.arange(nb), pick[:, 0]])),
+          'token': jnp.asarray(np.repeat([False, True], [nb, n_extra])),
+          'row': jnp.asarray(np.concatenate([b_keep, np.zeros(n_extra,
+                                                              int)])),
+          'index': jnp.asarray(np.concatenate([np.zeros(nb, int),
+                                               pick[:, 0]])),
           'pos': jnp.asarray(np.concatenate([np.zeros(nb, int),
                                              pick[:, 1]]))}}
       y_b = jnp.concatenate([y_b, y_extra.astype(y_b.dtype)])
     x_a = {'a': {'index': jnp.asarray(a_ex), 'pos': jnp.asarray(a_pos)}}
-    vocab_size = self.data.vocab.size
 
-    def scores(t, index):
-      return systems.pad_columns(system.b_scores(t, b_tokens, b_mask),
-                                 vocab_size)[index]
+    def b_out(t, row):
+      logits = system.b_rows(t, b_tokens, b_mask,
+                             self.b_train['label'][rows])[0]
+      if logits.shape[1] < width:
+        logits = systems.pad_columns(logits, width)
+      return logits[row]
 
     def tokens(t, batch, index, pos):
       return system.denoise_logits(system.a_params(t), *batch)[index, pos]
@@ -511,11 +526,11 @@ class Runner:
       if 'a' in x:
         return tokens(t, (a_in, a_tg), x['a']['index'], x['a']['pos'])
       if 'b' in x:
-        return scores(t, x['b']['index'])
+        return b_out(t, x['b']['row'])
       m = x['mix']
       return jnp.where(m['token'][:, None],
                        tokens(t, extra, m['index'], m['pos']),
-                       scores(t, jnp.minimum(m['index'], nb - 1)))
+                       b_out(t, m['row']))
 
     lr = variant.learning_rate / (1.0 - config.momentum)
     fn = jax.jit(lambda t, xa, ya, xb, yb: metacf.jacobian.predicted_forgetting(
