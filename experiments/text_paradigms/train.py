@@ -257,10 +257,9 @@ class Runner:
 
     def loss_fn(t, pre, batch, key, buffer_state):
       s = system.bind(pre)
-      logits, labels, weights = s.b_rows(t, batch['tokens'], batch['mask'],
-                                         batch['label'])
-      loss = masked_mean(optax.softmax_cross_entropy_with_integer_labels(
-          logits, labels), weights)
+      scores = s.b_scores(t, batch['tokens'], batch['mask'])
+      loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+          scores, batch['label']))
       if variant.kind == 'lwf':
         inputs, targets = train_batch(key, batch['tokens'], objective,
                                       self.sentinel_start)
@@ -443,8 +442,8 @@ class Runner:
     Task A: the first ``num_ntk_a`` validation windows under the objective's
     own corruption, one row per target token. Task B: the first
     ``ntk_b_per_speaker`` speeches per speaker of seed 0's order (in every
-    K's set), the rows B is trained on (``System.b_rows``: the name tokens,
-    or the probe's ten logits padded to the vocabulary's width). For
+    K's set), B's ten logits (``System.b_scores``) padded to the
+    vocabulary's width. For
     ``lwf`` and ``replay`` B's task also holds as many token rows of the
     second loss term (so both terms weigh as in training): the pre-trained
     model's argmax on the corrupted B speeches (a hard-label stand-in for
@@ -469,16 +468,14 @@ class Runner:
     b_tokens, b_mask = self.b_train['tokens'][rows], self.b_train['mask'][rows]
     y_b = self.b_train['label'][rows]
     # One output row per example of predicted_forgetting: B's rows as its
-    # training loss sees them (System.b_rows: the probe's speeches, or the
-    # name tokens), or a denoising target token. x names the rows; its key
+    # training loss sees them (a speech's ten logits), or a denoising target
+    # token. x names the rows; its key
     # says which (static): 'a' (A's tokens), 'b' (B's rows), 'mix' (B's rows
     # then the tokens of LwF's or replay's term).
-    _, b_labels, b_weights = system.b_rows(t, b_tokens, b_mask, y_b)
-    b_keep = np.flatnonzero(np.asarray(b_weights) > 0)
     width = self.data.vocab.size
-    nb = len(b_keep)
+    nb = len(rows)
+    b_keep = np.arange(nb)
     x_b = {'b': {'row': jnp.asarray(b_keep)}}
-    y_b = b_labels[b_keep]
     extra = None
     if variant.kind in ('lwf', 'replay'):
       if variant.kind == 'lwf':
@@ -513,11 +510,8 @@ class Runner:
     x_a = {'a': {'index': jnp.asarray(a_ex), 'pos': jnp.asarray(a_pos)}}
 
     def b_out(t, row):
-      logits = system.b_rows(t, b_tokens, b_mask,
-                             self.b_train['label'][rows])[0]
-      if logits.shape[1] < width:
-        logits = systems.pad_columns(logits, width)
-      return logits[row]
+      return systems.pad_columns(system.b_scores(t, b_tokens, b_mask),
+                                 width)[row]
 
     def tokens(t, batch, index, pos):
       return system.denoise_logits(system.a_params(t), *batch)[index, pos]

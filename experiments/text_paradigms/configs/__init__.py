@@ -25,8 +25,8 @@ class Variant:
       * ``'probe'``: feature extraction: the frozen encoder's mean-pooled
         states, a new linear head.
       * ``'full'``: every weight trained, text to text: the speech in, the
-        speaker's name out; the loss is the cross-entropy over the ten
-        names' decoder log-likelihoods (rank classification).
+        speaker's name out, read from the decoder's first step (the ten
+        names' initials are distinct; ``systems.System.b_scores``).
       * ``'lora'``: LoRA adapters on every attention (query, key, value,
         out) and MLP kernel of the encoder and the decoder, text to text.
       * ``'prompt'``: a soft prompt before the encoder input (Lester et al.
@@ -69,8 +69,8 @@ class Variant:
     return self.kind != 'few_shot'
 
 
-def default_variants(*, full_lr: float = 0.03, probe_lr: float = 0.3,
-                     lora_lr: float = 0.1, prompt_lr: float = 0.3
+def default_variants(*, full_lr: float = 0.003, probe_lr: float = 0.1,
+                     lora_lr: float = 0.03, prompt_lr: float = 0.3
                      ) -> tuple[Variant, ...]:
   """The variants of the study (learning rates: see README.md)."""
   return (
