@@ -245,7 +245,7 @@ class SmokeTest(_smoke_run.SmokeRunTestCase):
       self.assertEqual(per['denoising'][objective], per['before'])
       for name, p in per['predictions'].items():
         self.assertTrue(np.isfinite(p['predicted_forgetting']), name)
-        if name in ('probe', 'prompt_p5', 'prompt_p20'):
+        if name in ('probe', 'prompt_p5'):
           self.assertEqual(p['predicted_forgetting'], 0.0)
 
   def test_equal_compute_gives_t5_more_steps(self):
@@ -261,14 +261,12 @@ class SmokeTest(_smoke_run.SmokeRunTestCase):
     count = lambda name: cells[name]['shots']['all']['trainable_params']
     self.assertEqual(count('probe'), d * 10 + 10)
     self.assertEqual(count('prompt_p5'), 5 * d)
-    self.assertEqual(count('prompt_p20'), 20 * d)
-    self.assertEqual(count('zero_shot'), 0)
+    self.assertEqual(count('few_shot'), 0)
     # LoRA: q, k, v, out ([d, d] each as DenseGeneral) and fc1, fc2 per
     # block; encoder blocks have one attention, decoder blocks two.
     per_rank = (n * (4 * 2 * d + 2 * (d + m))
                 + n * (2 * 4 * 2 * d + 2 * (d + m)))
     self.assertEqual(count('lora_r1'), per_rank)
-    self.assertEqual(count('lora_r8'), 8 * per_rank)
     vocab = self.results['data']['vocab_size']
     attn = 4 * (d * d + d)
     mlp = d * m + m + m * d + d
@@ -294,6 +292,6 @@ class SmokeTest(_smoke_run.SmokeRunTestCase):
     self.assertEqual(saved['correlation'], self.results['correlation'])
     copy = self._copy_of_run()
     shutil.rmtree(os.path.join(copy, 'runs', 'bart', 'lora_r1'))
-    shutil.rmtree(os.path.join(copy, 'predictions', 't5'))
+    os.remove(os.path.join(copy, 'predictions', 't5', 'lwf.json'))
     again = _run(copy)
     self.assertEqual(_numbers(again), _numbers(self.results))

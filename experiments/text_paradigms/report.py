@@ -97,6 +97,11 @@ def format_table(results: Mapping[str, Any]) -> str:
     row = [name] + [stats.pct(summary[o][name]['shots'][k]['b_accuracy'])
                     for o in objectives for k in shots]
     lines.append('| ' + ' | '.join(row) + ' |')
+  if 'bag_of_words' in results:
+    row = ['bag of words (reference)'] + [
+        stats.pct(results['bag_of_words'][k]) for _ in objectives
+        for k in shots]
+    lines.append('| ' + ' | '.join(row) + ' |')
   return '\n'.join(lines)
 
 

@@ -139,7 +139,7 @@ class System:
     if kind == 'probe':
       feats = self.apply(self.pretrained, tokens, mask,
                          method='pooled_features')
-      return feats @ t['head']['kernel'] + t['head']['bias']
+      return feats @ t['head']['kernel'] + t['head']['bias'][None, :]
     if kind == 'prompt':
       return self.initial_scores(self.pretrained, tokens, mask, t['prompt'])
     return self.initial_scores(self.a_params(t), tokens, mask)

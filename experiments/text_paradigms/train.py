@@ -18,7 +18,6 @@ run and prediction a JSON record (``workdir/runs/``,
 ``workdir/predictions/``): a run started again resumes.
 """
 
-from collections.abc import Mapping
 import dataclasses
 import logging
 import os
@@ -31,10 +30,11 @@ import numpy as np
 import optax
 
 from experiments.common import loop
-from experiments.common import models
+from experiments.common import stats
 from experiments.common import utils
 from experiments.text_paradigms import corrupt
 from experiments.text_paradigms import data as data_lib
+from experiments.text_paradigms import reference
 from experiments.text_paradigms import report
 from experiments.text_paradigms import systems
 from experiments.text_paradigms.configs import Config
@@ -602,8 +602,20 @@ def train_and_evaluate(config: Config, workdir: str, *,
         'pretrain': meta, 'denoising': cross, 'before': runner.before,
         'predictions': {v.name: p for v, p in zip(gradient, predictions)},
         'runs': runs}
+  bow = {}
+  for k in config.shots:
+    accs = []
+    for seed in config.seeds:
+      rows = data_lib.shot_indices(data.b_train['label'], k,
+                                   systems.key_for(seed, 'shots'))
+      accs.append(reference.bag_of_words_accuracy(
+          data.b_train['text'][rows], data.b_train['label'][rows],
+          data.b_test['text'], data.b_test['label'],
+          length=config.b_length))
+    bow[report.shots_key(k)] = stats.mean_std(accs)
   results = {
       **utils.run_info(),
+      'bag_of_words': bow,
       'config': utils.jsonable(dataclasses.asdict(config)),
       'data': {'vocab_size': data.vocab.size,
                'pretrain_chars': len(data.pretrain_tokens),

@@ -1,6 +1,9 @@
-"""Smoke config: every objective and variant, tiny, for the tests."""
+"""Smoke config: every objective and every kind of variant, tiny, for the
+tests (one variant per kind: the ranks and prompt lengths of the default
+share their code)."""
 
 from experiments.text_paradigms.configs import Config
+from experiments.text_paradigms.configs import default_variants
 
 
 def get_config() -> Config:
@@ -11,4 +14,7 @@ def get_config() -> Config:
                 batch_size=4, replay_capacity=8, replay_batch=2,
                 context_length=48, query_chars=12, demo_chars=8,
                 num_valid=4, num_ntk_a=1, ntk_b_per_speaker=1,
-                eval_batch_size=16, progress_bar=False)
+                eval_batch_size=16, progress_bar=False,
+                variants=tuple(v for v in default_variants()
+                               if v.name not in ('lora_r8', 'prompt_p20',
+                                                 'zero_shot')))
