@@ -8,7 +8,6 @@ serves the staged files, so the registered URLs and sha256 are checked too.
 The edge cases use tiny raw files written by the tests themselves.
 """
 
-import contextlib
 import gzip
 import hashlib
 import io
@@ -22,9 +21,9 @@ import zipfile
 import numpy as np
 import pytest
 from PIL import Image
-from tensorflow_datasets.core.download import downloader
 from tensorflow_datasets.core.download import download_manager
 
+import _fake_http
 from _smoke_run import RAW_DIR
 import metacf.data
 from metacf.data import _omniglot
@@ -63,35 +62,17 @@ def _sha256(path):
     return hashlib.sha256(f.read()).hexdigest()
 
 
-class _Response:
-  """What tfds's downloader reads from a `requests` response."""
-
-  def __init__(self, url, size):
-    self.url = url
-    self.headers = {'Content-length': str(size)}
-
-
-@contextlib.contextmanager
 def _serve_raw_files(raw_dir, requested):
-  """Replaces tfds's HTTP layer: each known URL is served from ``raw_dir``."""
+  """Serves each known URL from ``raw_dir`` (see ``_fake_http``)."""
   hosts = {cls.URL: cls.RAW_SUBDIR for cls in (metacf.data.MetacfMnist,
                                                metacf.data.MetacfFashionMnist,
                                                metacf.data.MetacfOmniglot)}
 
-  @contextlib.contextmanager
-  def open_url(url, **kwargs):
-    del kwargs
-    requested.append(url)
+  def path_of(url):
     host, fname = url.rsplit('/', 1)
-    path = os.path.join(raw_dir, hosts[host + '/'], fname)
-    with open(path, 'rb') as f:
-      yield _Response(url, os.path.getsize(path)), iter(
-          lambda: f.read(1 << 20), b'')
+    return os.path.join(raw_dir, hosts[host + '/'], fname)
 
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(downloader, '_open_url', open_url)
-    mp.delenv('METACF_RAW_DIR', raising=False)
-    yield
+  return _fake_http.serve_files(path_of, requested)
 
 
 def _idx_bytes(magic, dims, payload):

@@ -11,7 +11,6 @@ registered URL, size and sha256. The no-tfds cases run in a subprocess whose
 as in ``tests/test_data_cache.py``.
 """
 
-import contextlib
 import hashlib
 import os
 import re
@@ -21,8 +20,8 @@ import textwrap
 
 import numpy as np
 import pytest
-from tensorflow_datasets.core.download import downloader
 
+import _fake_http
 from _smoke_run import RAW_DIR
 import metacf.data
 from metacf.data import _arrays
@@ -98,30 +97,9 @@ def _write_raw(raw_dir, text):
   return path
 
 
-class _Response:
-  """What tfds's downloader reads from a `requests` response."""
-
-  def __init__(self, url, size):
-    self.url = url
-    self.headers = {'Content-length': str(size)}
-
-
-@contextlib.contextmanager
 def _serve_raw_file(path, requested):
-  """Replaces tfds's HTTP layer: every URL is served ``path``."""
-
-  @contextlib.contextmanager
-  def open_url(url, **kwargs):
-    del kwargs
-    requested.append(url)
-    with open(path, 'rb') as f:
-      yield _Response(url, os.path.getsize(path)), iter(
-          lambda: f.read(1 << 20), b'')
-
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(downloader, '_open_url', open_url)
-    mp.delenv('METACF_RAW_DIR', raising=False)
-    yield
+  """Serves every URL the file ``path`` (see ``_fake_http``)."""
+  return _fake_http.serve_files(lambda url: path, requested)
 
 
 def _run_without_tfds(tmp_path, code, **env):

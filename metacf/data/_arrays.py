@@ -24,7 +24,7 @@ import tempfile
 import types
 import zipfile
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -172,22 +172,26 @@ def get_builder(
       file_format='array_record')
 
 
+def raw_features(builder: 'tfds.core.GeneratorBasedBuilder',
+                 split: str) -> list[Any]:
+  """Every example of a prepared split as its raw ``tf.train.Example``
+  feature map (tfds's on-disk records, parsed without tfds's decoders)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+  source = builder.as_data_source(
+      split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  return [tf_example_pb2.Example.FromString(record).features.feature
+          for record in source.__getitems__(list(range(len(source))))]
+
+
 def _read_split(builder: 'tfds.core.GeneratorBasedBuilder', name: str,
                 split: str) -> dict[str, np.ndarray]:
   """Reads a prepared split through its data source, as uint8 images."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,redefined-outer-name
-  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
   from metacf.data import _png  # pylint: disable=g-import-not-at-top  # Pillow
   # tfds's own per-example parsing and Pillow decoding cost ~0.2 ms per
-  # example; parsing the raw `tf.train.Example` records (tfds's on-disk
-  # format) here and decoding the builders' PNGs with _png (one zlib call
-  # each) costs ~0.03 ms.
-  source = builder.as_data_source(
-      split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-  features = [
-      tf_example_pb2.Example.FromString(record).features.feature
-      for record in source.__getitems__(list(range(len(source))))
-  ]
+  # example; parsing the raw records (raw_features) and decoding the
+  # builders' PNGs with _png (one zlib call each) costs ~0.03 ms.
+  features = raw_features(builder, split)
   arrays = {
       'images': np.stack([
           _png.decode_gray(f['image'].bytes_list.value[0]) for f in features

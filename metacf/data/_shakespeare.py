@@ -154,14 +154,7 @@ def assign_splits(speeches: list[Speech],
 def _read_split(builder: 'tfds.core.GeneratorBasedBuilder',
                 split: str) -> dict[str, np.ndarray]:
   """Reads a prepared split through its data source, as the cache's arrays."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,redefined-outer-name
-  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
-  source = builder.as_data_source(
-      split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-  features = [
-      tf_example_pb2.Example.FromString(record).features.feature
-      for record in source.__getitems__(list(range(len(source))))
-  ]
+  features = _arrays.raw_features(builder, split)
   speakers = [f['speaker'].bytes_list.value[0].decode('utf-8')
               for f in features]
   texts = [f['text'].bytes_list.value[0] for f in features]
