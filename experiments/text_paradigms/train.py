@@ -373,7 +373,6 @@ class Runner:
     by_speaker = [rows[data.b_train['label'][rows] == c]
                   for c in range(data_lib.NUM_SPEAKERS)]
     rng = utils.numpy_rng(key)
-    fmt_objective = self.objective
     names = [vocab.encode(s) for s in data.speakers]
     width = max(len(n) for n in names)
     enc_len = config.context_length + width + 2
@@ -394,13 +393,13 @@ class Runner:
           query_chars=config.query_chars, demo_chars=config.demo_chars)
       demos_used.append(used)
       for c, name in enumerate(names):
-        if fmt_objective == 't5':
+        if self.objective == 't5':
           s = self.sentinel_start
           e = np.concatenate([[s], rest, [data_lib.EOS]])
           d = np.concatenate([[s], name, [data_lib.EOS]])
           m = np.arange(len(d)) >= 1
         else:
-          holes = len(name) if fmt_objective == 'bert' else 1
+          holes = len(name) if self.objective == 'bert' else 1
           e = np.concatenate([np.full([holes], data_lib.MASK), rest])
           d = np.concatenate([name, rest[:1]])  # the name, then ':'
           m = np.ones([len(d)], bool)
