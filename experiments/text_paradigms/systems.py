@@ -20,13 +20,11 @@ step, the evaluation and ``metacf.jacobian.predicted_forgetting`` share:
   weights for the probe and the prompt, which leave them untouched).
 """
 
-from collections.abc import Callable
 import copy
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments.common import models
 from experiments.common import utils
@@ -150,11 +148,6 @@ class System:
     return {'trainable_params': n, 'params_per_task': n}
 
 
-def flat_rows(mask: np.ndarray) -> np.ndarray:
-  """Flat indices of the True entries (static rows for the NTK)."""
-  return np.flatnonzero(np.asarray(mask).reshape(-1))
-
-
 def pad_columns(scores: jax.Array, width: int) -> jax.Array:
   """``[N, C]`` to ``[N, width]`` with a constant -1e4 (probability 0):
   one output width for both of ``predicted_forgetting``'s tasks."""
@@ -166,5 +159,3 @@ def pad_columns(scores: jax.Array, width: int) -> jax.Array:
 def key_for(seed: int, *names: str | int) -> jax.Array:
   return utils.name_key(jax.random.key(seed), *[str(n) for n in names])
 
-
-ScoreFn = Callable[[Params, jax.Array, jax.Array], jax.Array]
